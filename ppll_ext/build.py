@@ -1,0 +1,128 @@
+"""From a Config to trainable local blocks: model, partition, aux heads, optimizers, schedules.
+
+Every runtime builds its blocks here, in the same order and with the same seeds, so the
+sequential, threaded and multi-process runs start from identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ppll_ext.config import Config, OptimConfig
+from ppll_ext.core import LocalBlock, build_aux_head, partition
+from ppll_ext.models import LayeredModel, build_model
+
+AUX_SEED_OFFSET = 7919
+
+
+def make_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named by cfg over `params`."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to zero (or constant), stepped once per optimizer step."""
+    warm = cfg.warmup_steps
+    cosine = cfg.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_layered(cfg: Config, *, in_channels: int, image_size: int, num_classes: int) -> LayeredModel:
+    """The model, initialised from cfg.train.seed (identical in every process)."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+
+
+def stage_boundaries(cfg: Config, layered: LayeredModel, example: torch.Tensor) -> list[int]:
+    """Where the K blocks start and end (cfg.local.partition on the model's layer list)."""
+    num_classes = _num_classes(layered, example)
+
+    # next-blocks heads depend on the cut itself; a conv head stands in for their cost while profiling.
+    kind = "conv" if cfg.local.aux == "next-blocks" else cfg.local.aux
+
+    def aux_factory(h: torch.Tensor) -> nn.Module:
+        return build_aux_head(kind, h, num_classes, hidden=cfg.local.aux_hidden)
+
+    return partition(layered.layers, cfg.local.stages, cfg.local.partition, example=example, aux_factory=aux_factory)
+
+
+def _num_classes(layered: LayeredModel, example: torch.Tensor) -> int:
+    with torch.no_grad():
+        was = layered.model.training
+        out = layered.model.eval()(example[:1])
+        layered.model.train(was)
+    return int(out.shape[-1])
+
+
+def build_blocks(
+    cfg: Config,
+    layered: LayeredModel,
+    example: torch.Tensor,
+    *,
+    total_steps: int,
+    boundaries: list[int] | None = None,
+    stages: Iterable[int] | None = None,
+) -> tuple[list[int], dict[int, LocalBlock]]:
+    """Cut the model at `boundaries` (computed if None) and build the blocks listed in `stages` (default all).
+
+    Each aux head is seeded by its stage index, so building a subset gives the same weights as building all.
+    """
+    k = cfg.local.stages
+    if boundaries is None:
+        boundaries = stage_boundaries(cfg, layered, example)
+    wanted = set(range(k) if stages is None else stages)
+    num_classes = _num_classes(layered, example)
+    loss_fn = nn.CrossEntropyLoss()
+    blocks: dict[int, LocalBlock] = {}
+    h = example
+    for s in range(k):
+        body = layered.sequential(boundaries[s], boundaries[s + 1])
+        with torch.no_grad():
+            was = body.training
+            h = body.eval()(h)
+            body.train(was)
+        if s not in wanted:
+            continue
+        aux = None
+        if s < k - 1:
+            torch.manual_seed(cfg.train.seed + AUX_SEED_OFFSET * (s + 1))
+            nxt = layered.layers[boundaries[s + 1]: boundaries[s + 1] + cfg.local.aux_next_blocks]
+            aux = build_aux_head(cfg.local.aux, h, num_classes, hidden=cfg.local.aux_hidden,
+                                 next_layers=nxt, final_head=layered.layers[-1])
+        block = LocalBlock(body, aux, loss_fn, index=s, grad_clip=cfg.optim.grad_clip, autocast=cfg.train.autocast)
+        block.optimizer = make_optimizer(cfg.optim, block.parameters())
+        block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)
+        blocks[s] = block
+    return boundaries, blocks
+
+
+def build_bp_block(cfg: Config, layered: LayeredModel, *, total_steps: int) -> LocalBlock:
+    """End-to-end backprop as a single block whose body is the whole, unsplit model."""
+    block = LocalBlock(layered.model, None, nn.CrossEntropyLoss(), index=0, grad_clip=cfg.optim.grad_clip,
+                       autocast=cfg.train.autocast)
+    block.optimizer = make_optimizer(cfg.optim, block.parameters())
+    block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)
+    return block

@@ -1,0 +1,174 @@
+"""Auxiliary heads: the small classifiers that give every non-last stage its own local loss.
+
+Every head is built from the shape of the activation it will receive (a dry forward of the
+stage's body gives it), so one kind works after any layer of a CNN (N, C, H, W) or a
+transformer (N, T, D).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ppll_ext.errors import ConfigError
+
+AUX_KINDS = ("conv", "mlp-sr", "vit", "next-blocks")
+
+
+class TokensToGrid(nn.Module):
+    """(N, T, D) transformer tokens -> (N, D, g, g) feature map; a leading class token is dropped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        side = math.isqrt(t)
+        if side * side != t:
+            x = x[:, 1:]
+            side = math.isqrt(t - 1)
+        return x.transpose(1, 2).reshape(n, d, side, side)
+
+
+class GridToTokens(nn.Module):
+    """(N, C, H, W) feature map -> (N, H*W, C) tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class TokenPool(nn.Module):
+    """Pools tokens to one vector: the class token (index 0) or the mean of all tokens."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.mode == "cls" else x.mean(dim=1)
+
+
+def _grid_channels(shape: Sequence[int]) -> tuple[nn.Module, int]:
+    """An adapter that turns the activation into a feature map, and that map's channel count."""
+    if len(shape) == 4:
+        return nn.Identity(), shape[1]
+    if len(shape) == 3:
+        t = shape[1]
+        if math.isqrt(t) ** 2 != t and math.isqrt(t - 1) ** 2 != t - 1:
+            raise ConfigError(f"cannot lay {t} tokens out as a square grid; use local.aux=vit for this model")
+        return TokensToGrid(), shape[2]
+    raise ConfigError(f"auxiliary heads need (N,C,H,W) or (N,T,D) activations, got shape {tuple(shape)}")
+
+
+def conv_head(shape: Sequence[int], num_classes: int, hidden: int) -> nn.Module:
+    """InfoPro's default head: 3x3 conv-BN-ReLU, global average pool, FC-ReLU-FC."""
+    to_grid, c = _grid_channels(shape)
+    width = max(c, 32)
+    return nn.Sequential(
+        to_grid,
+        nn.Conv2d(c, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def mlp_sr_head(shape: Sequence[int], num_classes: int, hidden: int) -> nn.Module:
+    """DGL's MLP-SR head: average pool to 2x2, a 1x1 conv stack, then a small MLP."""
+    to_grid, c = _grid_channels(shape)
+    width = max(c, 32)
+    return nn.Sequential(
+        to_grid,
+        nn.AdaptiveAvgPool2d(2),
+        nn.Conv2d(c, width, 1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(width * 4, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def vit_head(shape: Sequence[int], num_classes: int, pool: str = "cls") -> nn.Module:
+    """ViT-style head: LayerNorm, class-token (or mean) pooling, linear classifier."""
+    if len(shape) == 4:
+        c = shape[1]
+        return nn.Sequential(GridToTokens(), nn.LayerNorm(c), TokenPool("mean"), nn.Linear(c, num_classes))
+    if len(shape) == 3:
+        return nn.Sequential(nn.LayerNorm(shape[2]), TokenPool(pool), nn.Linear(shape[2], num_classes))
+    raise ConfigError(f"the vit head needs (N,C,H,W) or (N,T,D) activations, got shape {tuple(shape)}")
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with every parameter re-initialised (same architecture, independent weights)."""
+    clone = copy.deepcopy(module)
+    for m in clone.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    for p in clone.parameters(recurse=True):
+        p.requires_grad_(True)
+    return clone
+
+
+def next_blocks_head(
+    example: torch.Tensor, num_classes: int, next_layers: Sequence[nn.Module], final_head: nn.Module
+) -> nn.Module:
+    """FBA/MAN-style head: fresh copies of the next stage's first layers, then a fresh copy of the final head.
+
+    If the copied final head does not fit the copied layers' output (e.g. channel count), a
+    pool-and-linear classifier of the right width replaces it.
+    """
+    if not next_layers:
+        raise ConfigError("local.aux=next-blocks needs at least one following layer; use local.aux_next_blocks>=1")
+    layers = [_fresh_copy(m) for m in next_layers]
+    with torch.no_grad():
+        h = example
+        for m in layers:
+            h = m.eval()(h)
+        head = _fresh_copy(final_head)
+        try:
+            fits = tuple(head.eval()(h).shape) == (h.shape[0], num_classes)
+        except RuntimeError:
+            fits = False
+    if not fits:
+        if h.dim() == 4:
+            head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(h.shape[1], num_classes))
+        else:
+            head = vit_head(tuple(h.shape), num_classes)
+    return nn.Sequential(*layers, head)
+
+
+def build_aux_head(
+    kind: str,
+    example: torch.Tensor,
+    num_classes: int,
+    *,
+    hidden: int = 128,
+    next_layers: Sequence[nn.Module] = (),
+    final_head: nn.Module | None = None,
+) -> nn.Module:
+    """Build an auxiliary head of `kind` for activations shaped like `example` (a dry-forward output)."""
+    shape = tuple(example.shape)
+    if kind == "conv":
+        head = conv_head(shape, num_classes, hidden)
+    elif kind == "mlp-sr":
+        head = mlp_sr_head(shape, num_classes, hidden)
+    elif kind == "vit":
+        head = vit_head(shape, num_classes)
+    elif kind == "next-blocks":
+        if final_head is None:
+            raise ConfigError("local.aux=next-blocks needs the model's final head layer")
+        head = next_blocks_head(example, num_classes, next_layers, final_head)
+    else:
+        raise ConfigError(f"local.aux={kind!r} is not one of {', '.join(AUX_KINDS)}")
+    return head.to(device=example.device)

@@ -1,0 +1,164 @@
+"""Local-learning core: aux heads, partitioning, the local block, and LL(K=1) == backprop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ppll_ext.build import build_blocks, build_bp_block, build_layered
+from ppll_ext.config import ModelConfig, load_config
+from ppll_ext.core import LocalBlock, build_aux_head, partition
+from ppll_ext.core.partition import parameter_counts
+from ppll_ext.data import BatchLoader, load_dataset
+from ppll_ext.errors import ConfigError, PipelineError
+from ppll_ext.models import build_model
+from ppll_ext.runtime import SequentialRunner, StageStats
+
+
+def _resnet(name: str = "resnet32"):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name=name), in_channels=3, image_size=32, num_classes=10)
+
+
+def _vit():
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="vit", depth=3, hidden_dim=32, heads=2, mlp_dim=64)
+    return build_model(cfg, in_channels=3, image_size=32, num_classes=10)
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp-sr", "vit", "next-blocks"])
+@pytest.mark.parametrize("model", ["resnet", "vit"])
+def test_aux_head_shapes(kind: str, model: str) -> None:
+    layered = _resnet() if model == "resnet" else _vit()
+    x = torch.randn(4, 3, 32, 32)
+    for cut in (1, len(layered.layers) // 2, len(layered.layers) - 2):
+        with torch.no_grad():
+            h = layered.sequential(0, cut)(x)
+        head = build_aux_head(kind, h, 10, hidden=64, next_layers=layered.layers[cut:cut + 1],
+                              final_head=layered.layers[-1])
+        out = head(h)
+        assert out.shape == (4, 10), (kind, model, cut, tuple(h.shape))
+        out.sum().backward()
+        assert all(p.grad is not None for p in head.parameters())
+
+
+def test_next_blocks_head_is_a_fresh_copy() -> None:
+    layered = _resnet("resnet8")
+    h = layered.sequential(0, 2)(torch.randn(2, 3, 32, 32)).detach()
+    head = build_aux_head("next-blocks", h, 10, next_layers=layered.layers[2:3], final_head=layered.layers[-1])
+    original = {id(p) for p in layered.model.parameters()}
+    assert not any(id(p) in original for p in head.parameters())
+
+
+def test_unknown_aux_kind() -> None:
+    with pytest.raises(ConfigError, match="local.aux='nope'"):
+        build_aux_head("nope", torch.randn(2, 16, 8, 8), 10)
+
+
+def test_partition_methods() -> None:
+    layers = _resnet("resnet110").layers
+    assert len(layers) == 56
+    for method in ("uniform", "parameters"):
+        b = partition(layers, 4, method)
+        assert b[0] == 0 and b[-1] == 56 and len(b) == 5 and all(x < y for x, y in zip(b, b[1:]))
+    assert partition(layers, 4, "uniform") == [0, 14, 28, 42, 56]
+    assert partition(layers, 3, "0,10,30") == [0, 10, 30, 56]
+
+
+def test_parameter_partition_balance_resnet110_k4() -> None:
+    layers = _resnet("resnet110").layers
+    counts = parameter_counts(layers)
+    b = partition(layers, 4, "parameters")
+    blocks = [sum(counts[b[i]:b[i + 1]]) for i in range(4)]
+    ideal = sum(counts) / 4
+    assert max(blocks) <= 1.5 * ideal, (blocks, ideal)
+
+
+def test_profile_partition_counts_aux_cost() -> None:
+    layered = _resnet("resnet8")
+    x = torch.randn(8, 3, 32, 32)
+    b = partition(layered.layers, 2, "profile", example=x,
+                  aux_factory=lambda h: build_aux_head("conv", h, 10))
+    assert len(b) == 3 and b[0] == 0 and b[-1] == len(layered.layers) and 0 < b[1] < b[2]
+
+
+@pytest.mark.parametrize("k, spec", [(0, "uniform"), (99, "parameters"), (2, "0,5,9"), (3, "1,5,9"),
+                                     (3, "0,9,5"), (2, "a,b")])
+def test_bad_partition(k: int, spec: str) -> None:
+    with pytest.raises(ConfigError):
+        partition(_resnet("resnet8").layers, k, spec)
+
+
+def test_micro_batch_accumulation_equals_full_batch() -> None:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+    aux = nn.Linear(8, 3)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    full = LocalBlock(body, aux, nn.CrossEntropyLoss())
+    twin = LocalBlock(copy.deepcopy(body), copy.deepcopy(aux), nn.CrossEntropyLoss())
+    for blk in (full, twin):
+        blk.optimizer = torch.optim.SGD(blk.parameters(), lr=0.5)
+    full.train_step(x, y, n_micro=1)
+    sent = []
+    for xm, ym in zip(x.chunk(3), y.chunk(3)):
+        out, _ = twin.train_step(xm, ym, n_micro=3, on_output=sent.append)
+        assert out.requires_grad is False
+    assert twin.steps == 1 and full.steps == 1
+    assert len(sent) == 3
+    for a, b in zip(full.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_names_stage() -> None:
+    blk = LocalBlock(nn.Linear(2, 2), None, nn.CrossEntropyLoss(), index=3)
+    with pytest.raises(PipelineError, match="stage 3"):
+        blk.check_finite(float("nan"))
+
+
+def _train(cfg, blocks, steps: int) -> None:
+    ds = load_dataset(cfg.data, "train")
+    loader = BatchLoader(ds, cfg.train.batch_size, shuffle=True, augment=True, seed=cfg.train.seed)
+    runner = SequentialRunner(blocks, cfg.local.micro_batches)
+    stats = [StageStats(b.index) for b in blocks]
+    for i, (x, y) in enumerate(loader):
+        if i == steps:
+            break
+        runner.train_batch(x, y, stats)
+
+
+def test_local_learning_k1_equals_backprop_exactly() -> None:
+    cfg = load_config(None, ["local.stages=1", "train.batch_size=32"])
+    ds = load_dataset(cfg.data, "test")
+    example = torch.zeros(2, ds.in_channels, ds.image_size, ds.image_size)
+    ll_model = build_layered(cfg, in_channels=1, image_size=8, num_classes=10)
+    _, blocks = build_blocks(cfg, ll_model, example, total_steps=100)
+    bp_model = build_layered(cfg, in_channels=1, image_size=8, num_classes=10)
+    bp = build_bp_block(cfg, bp_model, total_steps=100)
+    _train(cfg, [blocks[0]], 5)
+    _train(cfg, [bp], 5)
+    ll_state, bp_state = ll_model.model.state_dict(), bp_model.model.state_dict()
+    assert ll_state.keys() == bp_state.keys()
+    for k in ll_state:
+        assert torch.equal(ll_state[k], bp_state[k]), k
+    init = build_layered(cfg, in_channels=1, image_size=8, num_classes=10).model.state_dict()
+    changed = sum(not torch.equal(init[k], bp_state[k]) for k in init)
+    assert changed > len(init) // 2
+
+
+def test_sequential_local_learning_lowers_every_stage_loss() -> None:
+    cfg = load_config(None, ["local.stages=3", "train.batch_size=32", "optim.lr=0.05"])
+    layered = build_layered(cfg, in_channels=1, image_size=8, num_classes=10)
+    _, by_index = build_blocks(cfg, layered, torch.zeros(2, 1, 8, 8), total_steps=1000)
+    blocks = [by_index[i] for i in range(3)]
+    ds = load_dataset(cfg.data, "train")
+    loader = BatchLoader(ds, 32, shuffle=True, augment=False, seed=0)
+    runner = SequentialRunner(blocks)
+    first = runner.train_epoch(loader)
+    loader.set_epoch(1)
+    second = runner.train_epoch(loader)
+    for a, b in zip(first.stages, second.stages):
+        assert b.mean_loss < a.mean_loss
+    assert all(s.steps == len(loader) for s in second.stages)
