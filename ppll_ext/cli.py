@@ -25,12 +25,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from ppll_ext.config import load_config
-    from ppll_ext.train import run_training
+    from ppll_ext.runtime.launch import spawn_torchrun, under_launcher
+    from ppll_ext.train import prepare, run_training
 
     overrides = list(args.overrides)
     if args.runtime:
         overrides.append(f"local.runtime={args.runtime}")
     cfg = load_config(args.config, overrides)
+    if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
+        prepare(cfg)
+        forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
+        return spawn_torchrun(cfg.local.stages, forwarded)
     run_training(cfg)
     return 0
 

@@ -73,8 +73,10 @@ class LocalConfig:
     """M: micro-batches per mini-batch; each stage accumulates their gradients and steps once."""
     queue_depth: int = 2
     """Bound of every queue between stages (pipeline runtimes)."""
-    runtime: str = "sequential"
-    """Where stages run: sequential (one process, in turn) | threads | processes."""
+    runtime: str = "processes"
+    """Where stages run: sequential (one process, in turn) | threads | processes (one process per stage)."""
+    timeout_s: float = 300.0
+    """Longest wait for a neighbour stage before the run stops with an error."""
 
 
 @dataclass

@@ -6,17 +6,29 @@ Run as `ppll train ...` or `python -m ppll_ext.train ...` (the form launchers su
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn, TextIO
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from ppll_ext.build import build_blocks, build_bp_block, build_layered
+from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_boundaries
 from ppll_ext.config import Config
+from ppll_ext.core import LocalBlock
+from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset
+from ppll_ext.models import LayeredModel
 from ppll_ext.runtime import EpochStats, EvalResult, SequentialRunner, StageStats
+from ppll_ext.runtime.launch import init_distributed
+from ppll_ext.runtime.processes import ProcessRunner
+from ppll_ext.runtime.threads import ThreadRunner
+
+Runner = SequentialRunner | ThreadRunner | ProcessRunner
 
 
 @dataclass
@@ -64,10 +76,21 @@ def epoch_line(epoch: int, epochs: int, stats: EpochStats, ev: EvalResult) -> st
     )
 
 
-def run_training(cfg: Config, *, out=sys.stdout) -> Summary:
-    """Train as `cfg` says in this process (sequential runtime or BP) and return the summary."""
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+@dataclass
+class Job:
+    """Everything a run needs before the blocks are built: loaders, the model and an example input."""
+
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    layered: LayeredModel
+    example: torch.Tensor
+
+
+def prepare(cfg: Config) -> Job:
+    """Load the data and build the model; raises ConfigError/DataError on bad input before any training.
+
+    Also run in the parent before spawning stage processes, so bad input fails once, clearly.
+    """
     train_ds = load_dataset(cfg.data, "train")
     test_ds = load_dataset(cfg.data, "test")
     train_loader = BatchLoader(train_ds, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment,
@@ -75,40 +98,99 @@ def run_training(cfg: Config, *, out=sys.stdout) -> Summary:
     test_loader = BatchLoader(test_ds, cfg.train.eval_batch_size, shuffle=False, augment=False)
     layered = build_layered(cfg, in_channels=train_ds.in_channels, image_size=train_ds.image_size,
                             num_classes=train_ds.num_classes)
-    total_steps = cfg.train.epochs * len(train_loader)
+    if cfg.train.method == "local":
+        check_stages(len(layered.layers), cfg.local.stages)
     example = next(iter(test_loader))[0][: min(8, cfg.train.batch_size)]
+    return Job(train_loader, test_loader, layered, example)
+
+
+def _make_runner(cfg: Config, blocks: list[LocalBlock], runtime: str) -> Runner:
+    m = cfg.local.micro_batches if cfg.train.method == "local" else 1
+    if runtime == "threads":
+        return ThreadRunner(blocks, m, cfg.local.queue_depth, cfg.local.timeout_s)
+    if runtime == "processes":
+        return ProcessRunner(blocks[0], micro_batches=m, queue_depth=cfg.local.queue_depth,
+                             timeout_s=cfg.local.timeout_s)
+    return SequentialRunner(blocks, m)
+
+
+def _fail_fast(rank: int, exc: BaseException) -> NoReturn:
+    """A failed rank says which stage failed and why, then exits at once (no teardown that could hang)."""
+    print(f"ppll: error: stage {rank} (rank {rank}) failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def run_training(cfg: Config, *, out: TextIO = sys.stdout,
+                 on_finish: Callable[[dict[int, LocalBlock]], None] | None = None) -> Summary | None:
+    """Train as `cfg` says; returns the summary on the driving rank (None on the other ranks).
+
+    `on_finish(blocks)` receives this process's trained blocks, by stage index.
+    """
+    runtime = cfg.local.runtime if cfg.train.method == "local" else "sequential"
+    rank, device = 0, torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
+    owns_group = False
+    if runtime == "processes":
+        rank, owns_group, device = init_distributed(cfg.local.stages, cfg.train.device, cfg.local.timeout_s)
+    threads = cfg.train.threads or (1 if runtime == "processes" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    job = prepare(cfg)
+    train_loader, test_loader, layered, example = job.train_loader, job.test_loader, job.layered, job.example
+    total_steps = cfg.train.epochs * len(train_loader)
     if cfg.train.method == "bp":
-        blocks = [build_bp_block(cfg, layered, total_steps=total_steps)]
+        blocks = {0: build_bp_block(cfg, layered, total_steps=total_steps)}
         boundaries = [0, len(layered.layers)]
-        runtime = "sequential"
+    elif runtime == "processes":
+        # Rank 0 decides the cut (profiling differs between processes) and everyone follows it.
+        shared = [stage_boundaries(cfg, layered, example) if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total_steps, boundaries=shared[0],
+                                          stages=[rank])
     else:
-        boundaries, by_index = build_blocks(cfg, layered, example, total_steps=total_steps)
-        blocks = [by_index[i] for i in sorted(by_index)]
-        runtime = cfg.local.runtime
-    runner = SequentialRunner(blocks, cfg.local.micro_batches if cfg.train.method == "local" else 1)
-    print(f"training {cfg.model.name} on {cfg.data.name} ({len(train_ds)} train / {len(test_ds)} test), "
-          f"method={cfg.train.method}, stages={len(blocks)} at layers {boundaries}", file=out)
+        boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total_steps)
+    for k, block in blocks.items():
+        on_gpu = device.type == "cuda" and runtime == "threads"
+        block.to(torch.device("cuda", k) if on_gpu else device)
+    runner = _make_runner(cfg, [blocks[k] for k in sorted(blocks)], runtime)
+    try:
+        summary = _drive(cfg, runner, runtime, boundaries, train_loader, test_loader, out) if rank == 0 else None
+        if isinstance(runner, ProcessRunner) and rank != 0:
+            runner.serve()
+    except BaseException as exc:
+        if runtime == "processes":
+            _fail_fast(rank, exc)
+        raise
+    if on_finish is not None:
+        on_finish(blocks)
+    if owns_group:
+        dist.destroy_process_group()
+    return summary
+
+
+def _drive(cfg: Config, runner: Runner, runtime: str, boundaries: list[int], train_loader: BatchLoader,
+           test_loader: BatchLoader, out: TextIO) -> Summary:
+    """The epoch loop on the driving rank: progress bar, per-epoch line, final summary."""
+    n_train = len(train_loader.dataset)
+    print(f"training {cfg.model.name} on {cfg.data.name} ({n_train} train / {len(test_loader.dataset)} test), "
+          f"method={cfg.train.method}, runtime={runtime}, stages={len(boundaries) - 1} at layers {boundaries}",
+          file=out, flush=True)
     start = time.perf_counter()
-    stats = None
-    ev = None
+    stats = ev = None
     for epoch in range(cfg.train.epochs):
         train_loader.set_epoch(epoch)
-        bar = tqdm(total=len(train_ds), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="img",
+        bar = tqdm(total=n_train, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="img",
                    disable=not cfg.train.progress, leave=False, file=out)
-
-        def on_batch(n: int, st: list[StageStats], bar: tqdm = bar) -> None:
-            bar.update(n)
-            bar.set_postfix_str(f"loss {st[-1].mean_loss:.3f}", refresh=False)
-
-        stats = runner.train_epoch(train_loader, on_batch)
+        stats = runner.train_epoch(train_loader, bar.update)
         bar.close()
         ev = runner.evaluate(test_loader)
         print(epoch_line(epoch, cfg.train.epochs, stats, ev), file=out, flush=True)
-    assert stats is not None and ev is not None
-    summary = Summary(cfg.train.method, runtime, len(blocks), boundaries, cfg.train.epochs, ev.accuracy,
+    if not isinstance(runner, SequentialRunner):
+        runner.close()
+    summary = Summary(cfg.train.method, runtime, len(boundaries) - 1, boundaries, cfg.train.epochs, ev.accuracy,
                       ev.aux_accuracy, stats.samples_per_s, time.perf_counter() - start, stats.stages)
     for line in summary.lines():
-        print(line, file=out)
+        print(line, file=out, flush=True)
     return summary
 
 

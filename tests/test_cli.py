@@ -22,7 +22,7 @@ def ppll(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Compl
 def test_train_tiny_config_end_to_end(tmp_path: Path) -> None:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("model: {name: resnet8, width: 8}\ndata: {name: digits, train_subset: 600}\n"
-                   "local: {stages: 3, aux: mlp-sr}\ntrain: {epochs: 3, batch_size: 50}\n")
+                   "local: {stages: 3, aux: mlp-sr, runtime: sequential}\ntrain: {epochs: 3, batch_size: 50}\n")
     res = ppll("train", "--config", str(cfg), "--set", "optim.lr=0.1", "--set", "train.progress=false")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()

@@ -161,4 +161,4 @@ def test_sequential_local_learning_lowers_every_stage_loss() -> None:
     second = runner.train_epoch(loader)
     for a, b in zip(first.stages, second.stages):
         assert b.mean_loss < a.mean_loss
-    assert all(s.steps == len(loader) for s in second.stages)
+    assert all(s.steps == 2 * len(loader) for s in second.stages)

@@ -418,3 +418,11 @@ def test_loader_leaves_global_rng_alone(digits):
     state = torch.get_rng_state()
     list(BatchLoader(digits, 128, shuffle=True, augment=True, seed=1))
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_svhn_name_on_an_image_folder_copy_uses_its_constants(tmp_path):
+    written = write_image_tree(tmp_path, "train", {"0": 2, "1": 3}, seed=3)
+    write_image_tree(tmp_path, "test", {"0": 1, "1": 1}, seed=4)
+    ds = load_dataset(DataConfig(name="svhn", root=str(tmp_path)), "train")
+    assert torch.equal(ds.images, torch.from_numpy(_stack_chw(written)))
+    assert ds.mean == (0.4377, 0.4438, 0.4728) and not ds.flip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -225,6 +226,9 @@ def _load_torchvision(cfg: DataConfig, split: str) -> ArrayDataset:
     root = _root(cfg, spec.title, spec.expected)
     cls: Any = _torchvision_classes()[cfg.name]
     missing = _missing(root, cls.required(split))
+    if missing and (root / "train").is_dir() and (root / "test").is_dir():
+        # An image-folder copy of the same data set (such as a re-encoded CIFAR-10): its usual constants apply.
+        return dataclasses.replace(_load_imagefolder(cfg, split), mean=spec.mean, std=spec.std, flip=spec.flip)
     if missing and not cfg.download:
         raise DataError(f"{spec.title} not found under {str(root)!r} (expected {spec.expected}, missing {missing[0]}); "
                         f"set data.root to the folder holding it or pass --set data.download=true")

@@ -15,7 +15,7 @@ from ppll_ext.core import LocalBlock
 from ppll_ext.runtime.base import EpochStats, EvalResult, StageStats, split_micro
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-OnBatch = Callable[[int, list[StageStats]], None]
+OnBatch = Callable[[int], None]
 
 
 class SequentialRunner:
@@ -38,11 +38,11 @@ class SequentialRunner:
                 st.add_loss(value, len(ym))
                 outputs.append((out, ym))
             micro = outputs
-            st.steps += 1
+            st.steps = block.steps
             st.busy_s += time.perf_counter() - start
 
     def train_epoch(self, batches: Batches, on_batch: OnBatch | None = None) -> EpochStats:
-        """Train on every batch of `batches`; `on_batch(batch_size, stats)` after each (progress bars)."""
+        """Train on every batch of `batches`; `on_batch(batch_size)` after each (progress bars)."""
         stats = [StageStats(b.index) for b in self.blocks]
         for b in self.blocks:
             b.train()
@@ -52,7 +52,7 @@ class SequentialRunner:
             self.train_batch(x, y, stats)
             samples += len(y)
             if on_batch is not None:
-                on_batch(len(y), stats)
+                on_batch(len(y))
         return EpochStats(time.perf_counter() - start, samples, stats)
 
     def evaluate(self, batches: Batches) -> EvalResult:

@@ -1,0 +1,52 @@
+"""Process-group set-up for the processes runtime, and spawning torchrun when no launcher started us."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ppll_ext.errors import ConfigError
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def under_launcher() -> bool:
+    """True when torchrun, the deepspeed launcher or accelerate launch started this process."""
+    return all(v in os.environ for v in ("RANK", "WORLD_SIZE"))
+
+
+def spawn_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run `python -m ppll_ext.train argv` as `nproc` local ranks under torchrun; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ppll_ext.train", *argv]
+    # One torch thread per stage process (torchrun would set it too, with a banner saying so).
+    return subprocess.call(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
+
+
+def init_distributed(expected_world: int, device: str, timeout_s: float) -> tuple[int, bool, torch.device]:
+    """Join the launcher's process group (gloo on CPU, NCCL on CUDA); check world size == stages.
+
+    Returns (rank, whether this call created the process group, this rank's device).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != expected_world:
+        raise ConfigError(f"the launcher started {world} processes but local.stages={expected_world}; "
+                          f"start one process per stage (e.g. torchrun --nproc_per_node {expected_world}) "
+                          f"or set local.stages={world}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), created, dev

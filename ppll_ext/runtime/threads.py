@@ -1,0 +1,139 @@
+"""PPLL in one process: one thread per stage, bounded `queue.Queue`s between neighbours.
+
+Stage k runs on `devices[k]` (all "cpu", or cuda:0..K-1). torch releases the GIL inside its
+kernels, so stages really run in parallel; any stage's exception stops every stage and is
+raised in the caller, naming the stage.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from ppll_ext.core import LocalBlock
+from ppll_ext.errors import PipelineError
+from ppll_ext.runtime.base import EpochStats, EvalResult
+from ppll_ext.runtime.stage import EvalCounts, Kind, Msg, Report, StageWorker, eval_messages, train_messages
+
+_POLL_S = 0.05
+
+
+class _Stopped(Exception):
+    """Raised inside a stage thread when another stage failed: unwinds quietly."""
+
+
+class ThreadRunner:
+    """Streams micro-batches through stage threads; same interface as SequentialRunner."""
+
+    def __init__(self, blocks: list[LocalBlock], micro_batches: int = 1, queue_depth: int = 2,
+                 timeout_s: float = 300.0) -> None:
+        self.blocks = blocks
+        self.micro_batches = micro_batches
+        self.timeout_s = timeout_s
+        self._inboxes: list[queue.Queue[Msg]] = [queue.Queue(maxsize=queue_depth) for _ in blocks]
+        self._reports: queue.Queue[Report] = queue.Queue()
+        self._failure: tuple[int, BaseException] | None = None
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run_stage, args=(k,), name=f"ppll-stage-{k}", daemon=True)
+            for k in range(len(blocks))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _check(self, what: str, started: float) -> None:
+        if self._failure is not None:
+            k, exc = self._failure
+            raise PipelineError(f"stage {k} failed: {type(exc).__name__}: {exc}") from exc
+        if self._stop.is_set():
+            raise _Stopped
+        if time.monotonic() - started > self.timeout_s:
+            raise PipelineError(f"{what} made no progress for {self.timeout_s:.0f} s; "
+                                f"a stage is stuck (raise local.timeout_s if a step really takes this long)")
+
+    def _put(self, q: queue.Queue[Msg], msg: Msg, what: str) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                q.put(msg, timeout=_POLL_S)
+                return
+            except queue.Full:
+                self._check(what, started)
+
+    def _inbox(self, k: int) -> Iterator[Msg]:
+        q = self._inboxes[k]
+        while True:
+            started = time.monotonic()
+            while True:
+                try:
+                    yield q.get(timeout=_POLL_S)
+                    break
+                except queue.Empty:
+                    self._check(f"stage {k} waiting for input", started)
+
+    def _run_stage(self, k: int) -> None:
+        block = self.blocks[k]
+        nxt = self._inboxes[k + 1] if k + 1 < len(self.blocks) else None
+        send: Callable[[Msg], None] | None = None
+        if nxt is not None:
+            def send(msg: Msg) -> None:
+                self._put(nxt, msg, f"stage {k} sending to stage {k + 1}")
+        try:
+            StageWorker(block, send).serve(self._inbox(k), self._reports.put)
+        except _Stopped:
+            return
+        except BaseException as exc:  # noqa: BLE001 - any failure must stop the pipeline and reach the caller
+            if self._failure is None:
+                self._failure = (k, exc)
+            self._stop.set()
+
+    def _feed(self, messages: Iterable[Msg]) -> None:
+        for msg in messages:
+            self._put(self._inboxes[0], msg, "feeding stage 0")
+
+    def _collect(self) -> list[Report]:
+        reports: list[Report] = []
+        started = time.monotonic()
+        while len(reports) < len(self.blocks):
+            try:
+                reports.append(self._reports.get(timeout=_POLL_S))
+            except queue.Empty:
+                self._check("waiting for the stages' reports", started)
+        return sorted(reports, key=lambda r: r.index)
+
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    on_batch: Callable[[int], None] | None = None) -> EpochStats:
+        """Stream one epoch through the pipeline; returns once every stage has finished it."""
+        start = time.perf_counter()
+        self._feed(train_messages(batches, self.micro_batches, on_batch))
+        stats = self._collect()
+        return EpochStats(time.perf_counter() - start, stats[0].samples, stats)  # type: ignore[union-attr]
+
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> EvalResult:
+        """Pipelined evaluation: each stage scores its own classifier (aux head or final layer)."""
+        self._feed(eval_messages(batches))
+        return eval_result(self._collect())  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Stop the stage threads (after they finish what they hold)."""
+        if self._failure is None and not self._stop.is_set():
+            self._feed([Msg(Kind.STOP)])
+            self._collect_stop()
+        self._stop.set()
+
+    def _collect_stop(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._failure is not None:
+                self._check("stopping", time.monotonic())
+
+
+def eval_result(counts: list[EvalCounts]) -> EvalResult:
+    """Combine the stages' EvalCounts (in stage order) into the run's accuracies."""
+    n = max(1, counts[-1].samples)
+    return EvalResult(counts[-1].correct / n, counts[-1].loss / n, [c.correct / n for c in counts[:-1]], n)

@@ -1,0 +1,118 @@
+"""PPLL runtimes equal sequential local learning, weight for weight; failures stop every stage."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from equivalence_cases import DEPTHS, VARIANTS, case_config
+from safetensors.torch import load_file
+
+from ppll_ext.errors import PipelineError
+from ppll_ext.runtime.processes import decode_header, encode_header
+from ppll_ext.runtime.stage import Kind, Msg
+from ppll_ext.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+_REFERENCE: dict[tuple[str, int], dict[int, dict[str, torch.Tensor]]] = {}
+
+
+def _states(cfg) -> dict[int, dict[str, torch.Tensor]]:
+    got: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(blocks) -> None:
+        got.update({k: {n: t.detach().clone() for n, t in b.state_dict().items()} for k, b in blocks.items()})
+
+    run_training(cfg, out=io.StringIO(), on_finish=keep)
+    return got
+
+
+def reference(variant: str, stages: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Sequential local learning, the ground truth (computed once per case)."""
+    if (variant, stages) not in _REFERENCE:
+        _REFERENCE[variant, stages] = _states(case_config(variant, stages, "sequential"))
+    return _REFERENCE[variant, stages]
+
+
+def assert_same(ref: dict[int, dict[str, torch.Tensor]], got: dict[int, dict[str, torch.Tensor]], where: str) -> None:
+    assert sorted(got) == sorted(ref), where
+    for k in ref:
+        assert got[k].keys() == ref[k].keys(), (where, k)
+        for name, t in ref[k].items():
+            assert torch.allclose(got[k][name].float(), t.float(), atol=1e-6, rtol=0), f"{where} stage {k} {name}"
+            assert torch.equal(got[k][name], t), f"{where} stage {k} {name}: close but not bit-exact"
+
+
+def test_reference_actually_trains() -> None:
+    frozen = case_config("resnet_m1", 2, "sequential")
+    frozen.optim.lr = 0.0
+    start = _states(frozen)
+    trained = reference("resnet_m1", 2)
+    moved = [n for n, t in trained[0].items() if t.is_floating_point() and not torch.equal(t, start[0][n])]
+    assert len(moved) > len(trained[0]) // 2
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_threads_equal_sequential(variant: str, stages: int, depth: int) -> None:
+    got = _states(case_config(variant, stages, "threads", depth))
+    assert_same(reference(variant, stages), got, f"threads {variant} K={stages} depth={depth}")
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_processes_equal_sequential(stages: int, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stages}",
+           str(REPO / "tests" / "dist" / "equivalence_worker.py"), str(tmp_path), str(stages)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    for variant in VARIANTS:
+        for depth in DEPTHS:
+            folder = tmp_path / f"{variant}-d{depth}"
+            got = {k: load_file(str(folder / f"stage{k}.safetensors")) for k in range(stages)}
+            assert_same(reference(variant, stages), got, f"processes {variant} K={stages} depth={depth}")
+
+
+def test_header_round_trip() -> None:
+    x = torch.randn(3, 5, 7).to(torch.bfloat16)
+    kind, n_micro, dtype, shape, n_labels = decode_header(encode_header(Msg(Kind.TRAIN, x, torch.arange(3), 4)))
+    assert (kind, n_micro, dtype, shape, n_labels) == (Kind.TRAIN, 4, torch.bfloat16, [3, 5, 7], 3)
+    assert decode_header(encode_header(Msg(Kind.EPOCH_END)))[0] is Kind.EPOCH_END
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_threads_stage_exception_is_raised_with_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PPLL_FAULT", "1:3:raise")
+    with pytest.raises(PipelineError, match=r"stage 1 failed: RuntimeError: fault injected by PPLL_FAULT at step 3"):
+        run_training(case_config("resnet_m1", 3, "threads"), out=io.StringIO())
+
+
+@pytest.mark.parametrize("kind", ["raise", "kill"])
+def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
+    cmd = [sys.executable, "-m", "ppll_ext.train", "--set", "local.stages=3", "--set", "train.epochs=50",
+           "--set", "train.progress=false", "--set", "local.runtime=processes"]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(PPLL_FAULT=f"1:5:{kind}"), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 60 + 30, elapsed  # 60 s for the failure, plus process start-up
+    if kind == "raise":
+        assert "stage 1 (rank 1) failed: RuntimeError: fault injected by PPLL_FAULT at step 5" in err, err[-3000:]
+    else:
+        assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
+    assert "summary:" not in out
