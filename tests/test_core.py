@@ -162,3 +162,14 @@ def test_sequential_local_learning_lowers_every_stage_loss() -> None:
     for a, b in zip(first.stages, second.stages):
         assert b.mean_loss < a.mean_loss
     assert all(s.steps == 2 * len(loader) for s in second.stages)
+
+
+def test_profile_refinement_keeps_valid_boundaries() -> None:
+    from ppll_ext.core.partition import refine_boundaries
+
+    layered = _resnet("resnet20")
+    x = torch.randn(8, 3, 32, 32)
+    for start in ([0, 1, 11], [0, 9, 10, 11], [0, 5, 11]):
+        b = refine_boundaries(layered.layers, start, x, lambda h: build_aux_head("conv", h, 10), repeats=1)
+        assert len(b) == len(start) and b[0] == 0 and b[-1] == 11 and all(p < q for p, q in zip(b, b[1:]))
+    assert refine_boundaries(layered.layers, [0, 1, 11], x, repeats=1)[1] > 1

@@ -114,6 +114,58 @@ def profile_costs(
     return layer_t, aux_t
 
 
+def refine_boundaries(
+    layers: Sequence[nn.Module],
+    bounds: list[int],
+    example: torch.Tensor,
+    aux_factory: Callable[[torch.Tensor], nn.Module] | None = None,
+    repeats: int = 3,
+) -> list[int]:
+    """Hill-climb from `bounds` on measured whole-stage times (body + aux head, input detached as in training).
+
+    Per-layer sums miss cache and fusion effects between layers; moving one boundary by one layer
+    while the slowest stage gets faster corrects for them at a cost of a few stage timings.
+    """
+    n = len(layers)
+    with torch.no_grad():
+        acts = [example]
+        for m in layers:
+            acts.append(m(acts[-1]))
+    cache: dict[tuple[int, int], float] = {}
+
+    def stage_time(i: int, j: int) -> float:
+        if (i, j) not in cache:
+            parts = list(layers[i:j])
+            if aux_factory is not None and j < n:
+                parts.append(aux_factory(acts[j]))
+            stage = nn.Sequential(*parts)
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                stage(acts[i]).float().sum().backward()
+                times.append(time.perf_counter() - start)
+            stage.zero_grad(set_to_none=True)
+            cache[i, j] = statistics.median(times[1:])
+        return cache[i, j]
+
+    def cost(b: list[int]) -> float:
+        return max(stage_time(b[k], b[k + 1]) for k in range(len(b) - 1))
+
+    best, best_cost = list(bounds), cost(bounds)
+    for _ in range(2 * len(bounds)):
+        moves = []
+        for t in range(1, len(best) - 1):
+            for delta in (-1, 1):
+                cand = list(best)
+                cand[t] += delta
+                if cand[t - 1] < cand[t] < cand[t + 1]:
+                    moves.append((cost(cand), cand))
+        if not moves or min(moves)[0] >= best_cost:
+            break
+        best_cost, best = min(moves)
+    return best
+
+
 def parse_explicit(spec: str, num_layers: int, k: int) -> list[int]:
     """'0,5,9' (start layer of each block) -> boundaries [0, 5, 9, num_layers], validated."""
     try:
@@ -151,5 +203,5 @@ def partition(
         if example is None:
             raise ConfigError("local.partition=profile needs an example input batch to time the layers")
         layer_t, aux_t = profile_costs(layers, example, aux_factory)
-        return balanced_boundaries(layer_t, k, aux_t)
+        return refine_boundaries(layers, balanced_boundaries(layer_t, k, aux_t), example, aux_factory)
     return parse_explicit(method, n, k)
