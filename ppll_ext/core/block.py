@@ -34,6 +34,7 @@ class LocalBlock(nn.Module):
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         grad_clip: float | None = None,
         autocast: str = "none",
+        scale_grads: bool = True,
     ) -> None:
         super().__init__()
         self.body = body
@@ -44,6 +45,7 @@ class LocalBlock(nn.Module):
         self.lr_scheduler = lr_scheduler
         self.grad_clip = grad_clip
         self.autocast_dtype = _AUTOCAST[autocast]
+        self.scale_grads = scale_grads
         self.steps = 0
         self._pending = 0
         self._scaler: torch.amp.GradScaler | None = None
@@ -84,6 +86,8 @@ class LocalBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one micro-batch: returns (detached output, detached loss); steps after `n_micro` calls.
 
+        The loss is divided by `n_micro` (gradients = mean over micro-batches) unless scale_grads=False (sum).
+
         `on_output` receives the detached output right after the forward pass, before the local
         backward, so a pipeline can send it downstream early; its value does not depend on this step.
         """
@@ -94,7 +98,7 @@ class LocalBlock(nn.Module):
             on_output(out)
         with self._autocast():
             loss = self.loss_fn(h if self.aux is None else self.aux(h), y)
-        scaled = loss / n_micro
+        scaled = loss / n_micro if self.scale_grads else loss
         if self.autocast_dtype is torch.float16:
             if self._scaler is None:
                 self._scaler = torch.amp.GradScaler(self.device.type)

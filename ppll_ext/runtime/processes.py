@@ -91,6 +91,51 @@ class LinkSender:
             self._wait_oldest()
 
 
+def receive_payload(head: torch.Tensor, peer: int, group: dist.ProcessGroup | None, timeout_s: float,
+                    device: torch.device) -> Msg:
+    """The message a received header announces, with its tensors received into fresh buffers."""
+    kind, n_micro, dtype, shape, n_labels = decode_header(head.cpu())
+    msg = Msg(kind, n_micro=n_micro)
+    if kind in (Kind.TRAIN, Kind.EVAL):
+        msg.x = torch.empty(shape, dtype=dtype, device=device)
+        msg.y = torch.empty(n_labels, dtype=torch.int64, device=device)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        works = [dist.irecv(msg.x, peer, group=group, tag=_TAG_X), dist.irecv(msg.y, peer, group=group, tag=_TAG_Y)]
+        for w in works:
+            w.wait(timeout)
+    return msg
+
+
+class InlineReceiver:
+    """Receives in the caller's thread; only the next header's receive is posted ahead.
+
+    For pipelines with no end-of-stream marker (SchedulePPLL): a receive left pending at exit is harmless,
+    whereas a thread blocked in one aborts the process when the process group is destroyed.
+    """
+
+    def __init__(self, peer: int, group: dist.ProcessGroup | None, timeout_s: float, device: torch.device,
+                 rank: int) -> None:
+        self.peer, self.group, self.rank, self.timeout_s, self.device = peer, group, rank, timeout_s, device
+        self._post()
+
+    def _post(self) -> None:
+        self._head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._work = dist.irecv(self._head, self.peer, group=self.group, tag=_TAG_HEADER)
+
+    def messages(self) -> Iterator[Msg]:
+        """The received stream; raises PipelineError if the link failed or stayed silent past the timeout."""
+        while True:
+            try:
+                self._work.wait(datetime.timedelta(seconds=self.timeout_s))
+                head = self._head
+                self._post()
+                msg = receive_payload(head, self.peer, self.group, self.timeout_s, self.device)
+            except RuntimeError as exc:
+                raise PipelineError(f"rank {self.rank}: receiving from rank {self.peer} failed (it exited, crashed "
+                                    f"or sent nothing for {self.timeout_s:.0f} s): {exc}") from exc
+            yield msg
+
+
 class LinkReceiver:
     """A thread that receives messages from the previous rank into a bounded queue."""
 
@@ -112,15 +157,9 @@ class LinkReceiver:
             while True:
                 head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
                 self._recv(head, _TAG_HEADER)
-                kind, n_micro, dtype, shape, n_labels = decode_header(head.cpu())
-                msg = Msg(kind, n_micro=n_micro)
-                if kind in (Kind.TRAIN, Kind.EVAL):
-                    msg.x = torch.empty(shape, dtype=dtype, device=self.device)
-                    msg.y = torch.empty(n_labels, dtype=torch.int64, device=self.device)
-                    self._recv(msg.x, _TAG_X)
-                    self._recv(msg.y, _TAG_Y)
+                msg = receive_payload(head, self.peer, self.group, self.timeout_s, self.device)
                 self._put(msg)
-                if kind is Kind.STOP:
+                if msg.kind is Kind.STOP:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the stage thread, which raises it
             self._put(exc)
@@ -151,6 +190,32 @@ class LinkReceiver:
         self._closing.set()
 
 
+Receiver = LinkReceiver | InlineReceiver
+
+
+def open_links(ranks: list[int], index: int, depth: int, timeout_s: float, device: torch.device,
+               group: dist.ProcessGroup | None = None) -> tuple[LinkSender | None, Receiver | None]:
+    """The sender to stage index+1 and the receiver from stage index-1, for a pipeline whose stage k is on
+    global rank ranks[k].
+
+    Without `group`, every link gets its own two-rank group (a collective call: every rank of the world
+    must make it) and a receiver thread prefetches the next message, so the two threads never share a
+    communicator. With `group`, both directions use it from the caller's thread (InlineReceiver).
+    """
+    if group is None:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        links = [dist.new_group([ranks[k], ranks[k + 1]], timeout=timeout) for k in range(len(ranks) - 1)]
+    else:
+        links = [group] * (len(ranks) - 1)
+    me = ranks[index]
+    sender = LinkSender(ranks[index + 1], links[index], depth, timeout_s, device) if index + 1 < len(ranks) else None
+    receiver: Receiver | None = None
+    if index > 0:
+        receiver = (LinkReceiver(ranks[index - 1], links[index - 1], depth, timeout_s, device, me) if group is None
+                    else InlineReceiver(ranks[index - 1], group, timeout_s, device, me))
+    return sender, receiver
+
+
 class ProcessRunner:
     """This rank's stage in a multi-process pipeline. Rank 0 drives (feeds data, collects reports);
     the other ranks call `serve()` until rank 0 closes the pipeline."""
@@ -163,15 +228,11 @@ class ProcessRunner:
         self.block = block
         self.micro_batches = micro_batches
         self.timeout_s = timeout_s
-        device = block.device
-        timeout = datetime.timedelta(seconds=timeout_s)
-        # One group per link and one for reports: concurrent threads never share a communicator.
-        links = [dist.new_group([k, k + 1], timeout=timeout) for k in range(self.world - 1)]
-        self.control = dist.new_group(list(range(self.world)), timeout=timeout, backend="gloo")
-        self.sender = (LinkSender(self.rank + 1, links[self.rank], queue_depth, timeout_s, device)
-                       if self.rank + 1 < self.world else None)
-        self.receiver = (LinkReceiver(self.rank - 1, links[self.rank - 1], queue_depth, timeout_s, device, self.rank)
-                         if self.rank > 0 else None)
+        # Reports travel in their own group, apart from the links' groups.
+        self.control = dist.new_group(list(range(self.world)), timeout=datetime.timedelta(seconds=timeout_s),
+                                      backend="gloo")
+        self.sender, self.receiver = open_links(list(range(self.world)), self.rank, queue_depth, timeout_s,
+                                                block.device)
         self.worker = StageWorker(block, self.sender.send if self.sender else None)
 
     @property

@@ -98,6 +98,7 @@ class StageWorker:
         self.device = device or block.device
         self.stats = StageStats(block.index)
         self.counts = EvalCounts(block.index)
+        self.last_loss: torch.Tensor | None = None
         fault = parse_fault(os.environ.get("PPLL_FAULT"))
         self._fault = fault if fault is not None and fault[0] == block.index else None
 
@@ -127,6 +128,7 @@ class StageWorker:
             _, loss = self.block.train_step(
                 x, y, msg.n_micro, on_output=lambda out: self._emit(Msg(Kind.TRAIN, out, y, msg.n_micro))
             )
+            self.last_loss = loss
             value = float(loss)
             self.block.check_finite(value)
             self.stats.add_loss(value, len(y))

@@ -1,0 +1,141 @@
+"""`SchedulePPLL`: local learning as a drop-in schedule for `torch.distributed.pipelining`.
+
+Replace the `ScheduleGPipe(stage, n_microbatches=M, loss_fn=loss_fn)` line of a training script with
+
+    SchedulePPLL(stage, n_microbatches=M, loss_fn=loss_fn, aux_head=aux, optimizer=opt)
+
+and drop the script's own `optimizer.step()`: every stage now trains on its own loss (aux head on
+all but the last stage) and steps its optimizer after its M micro-batches, never waiting for a
+later stage. The training step is ppll_ext's LocalBlock run by the runtime's StageWorker; the
+activations travel over ppll_ext's links (a small header per message carries shape and dtype, so
+batches of any size work and no shape-inference pass touches the weights or BatchNorm statistics).
+
+Tested with torch 2.13–2.14 (`PipelineScheduleSingle` and `PipelineStage` attributes used here:
+`submod`, `stage_index`, `num_stages`, `is_first`, `is_last`, `group`, `device`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+from ppll_ext.core import LocalBlock
+from ppll_ext.errors import ConfigError, PipelineError
+from ppll_ext.runtime.base import split_micro
+from ppll_ext.runtime.processes import open_links
+from ppll_ext.runtime.stage import Kind, Msg, StageWorker
+
+__all__ = ["SchedulePPLL"]
+
+
+class _SingleOutput(nn.Module):
+    """Unwraps a one-element tuple output (as graph-split stages return) to the tensor sent downstream."""
+
+    def __init__(self, submod: nn.Module) -> None:
+        super().__init__()
+        self.submod = submod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.submod(x)
+        if isinstance(out, (tuple, list)):
+            if len(out) != 1:
+                raise PipelineError(f"stage output has {len(out)} tensors; SchedulePPLL sends one tensor per stage")
+            out = out[0]
+        return out
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> None:
+    covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, module in modules.items():
+        missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise ConfigError(f"the optimizer does not cover {len(missing)} parameter(s) of the {name} "
+                              f"(e.g. {missing[0]!r}); build it over stage_mod.parameters() and aux_head.parameters()")
+
+
+class SchedulePPLL(PipelineScheduleSingle):
+    """One stage of a local-learning pipeline (one stage per rank), streaming with no flush between steps."""
+
+    def __init__(
+        self,
+        stage,
+        n_microbatches: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        aux_head: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scale_grads: bool = True,
+        queue_depth: int = 2,
+        timeout_s: float = 300.0,
+    ) -> None:
+        super().__init__(stage, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+        if loss_fn is None:
+            raise ConfigError("SchedulePPLL needs loss_fn: every stage trains on its own loss")
+        if stage.is_last and aux_head is not None:
+            raise ConfigError(f"stage {stage.stage_index} is the last stage: pass aux_head=None "
+                              f"(its own output is the model's prediction)")
+        if not stage.is_last and aux_head is None:
+            raise ConfigError(f"stage {stage.stage_index} of {stage.num_stages} needs an aux_head (a module mapping "
+                              f"its output to class scores), e.g. ppll_ext.core.build_aux_head('conv', out, classes)")
+        modules = {"stage module": stage.submod, **({"aux head": aux_head} if aux_head is not None else {})}
+        _check_optimizer(optimizer, modules)
+        self.block = LocalBlock(_SingleOutput(stage.submod), aux_head, loss_fn, index=stage.stage_index,
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, scale_grads=scale_grads)
+        group = stage.group if stage.group is not None else dist.group.WORLD
+        ranks = [dist.get_global_rank(group, i) for i in range(stage.num_stages)]
+        device = torch.device(stage.device)
+        self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group=group)
+        self._inbox = receiver.messages() if receiver is not None else None
+        self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device)
+
+    def step(self, *args, target: torch.Tensor | None = None, losses: list | None = None, **kwargs) -> None:
+        """Train this stage on one mini-batch (first stage: `step(x, target=y)`); returns without waiting
+        for later stages. `losses` is extended with this stage's per-micro-batch losses."""
+        index = self._stage.stage_index
+        arg_mbs = target_mbs = None
+        if self._stage.is_first:
+            if len(args) != 1 or kwargs or target is None:
+                raise ConfigError("the first stage takes step(x, target=y): one input tensor and its labels")
+            if args[0].shape[0] % self._n_microbatches:
+                raise ConfigError(f"batch size {args[0].shape[0]} is not divisible by n_microbatches="
+                                  f"{self._n_microbatches}; use a multiple of it")
+            micro = split_micro(args[0], target, self._n_microbatches)
+            arg_mbs, target_mbs = [(xm,) for xm, _ in micro], [ym for _, ym in micro]
+        elif args or kwargs:
+            raise ConfigError(f"stage {index} receives its input from the previous stage; call step() without "
+                              f"inputs (losses= and, on the last stage, target= are allowed)")
+        elif target is not None:
+            target_mbs = [target]
+        self._step_microbatches(arg_mbs, None, target_mbs, losses)
+
+    def _step_microbatches(self, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None, *args, **kwargs):
+        """Run one mini-batch given as micro-batches: first stage from `arg_mbs`/`target_mbs`, later stages
+        from their input link (a `target_mbs` given there must equal the labels that arrived)."""
+        index = self._stage.stage_index
+        device = self._worker.device
+        if self._stage.is_first:
+            messages = [Msg(Kind.TRAIN, a[0].to(device), t.to(device), len(arg_mbs))
+                        for a, t in zip(arg_mbs, target_mbs, strict=True)]
+        else:
+            first = next(self._inbox)
+            messages = [first, *(next(self._inbox) for _ in range(first.n_micro - 1))]
+            if any(m.kind is not Kind.TRAIN for m in messages):
+                raise PipelineError(f"stage {index}: expected training micro-batches from stage {index - 1}")
+            if target_mbs is not None and not torch.equal(torch.cat([m.y for m in messages]).cpu(),
+                                                          torch.cat(list(target_mbs)).cpu()):
+                raise PipelineError(f"stage {index}: target= differs from the labels that arrived with the "
+                                    f"activations; feed every rank the same data order")
+        for msg in messages:
+            self._worker.handle(msg)
+            if losses is not None:
+                losses.append(self._worker.last_loss)
+
+    def flush(self) -> None:
+        """Block until everything this stage sent has been received downstream."""
+        if self._sender is not None:
+            self._sender.flush()

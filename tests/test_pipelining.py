@@ -1,0 +1,108 @@
+"""SchedulePPLL: a stock ScheduleGPipe script converted by its schedule line runs under torchrun, and
+each stage's weights equal sequential local learning computed in one process."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ppll_ext.core import LocalBlock
+from ppll_ext.runtime import SequentialRunner, StageStats
+
+REPO = Path(__file__).resolve().parents[1]
+DIST = REPO / "tests" / "dist"
+sys.path.insert(0, str(DIST))
+import pipelining_ppll as script  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc: int, path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(path),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+
+
+def test_conversion_changes_only_the_schedule_aux_head_and_optimizer() -> None:
+    gpipe = (DIST / "pipelining_gpipe.py").read_text().split('"""', 2)[2].splitlines()
+    ppll = (DIST / "pipelining_ppll.py").read_text().split('"""', 2)[2].splitlines()
+    removed = [line[1:].strip() for line in difflib.unified_diff(gpipe, ppll, lineterm="", n=0)
+               if line.startswith("-") and not line.startswith("---")]
+    assert removed == [
+        "from torch.distributed.pipelining import PipelineStage, ScheduleGPipe",
+        "optimizer = torch.optim.SGD(stage_mod.parameters(), lr=0.05, momentum=0.9)",
+        "schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=loss_fn)",
+    ]
+
+
+def test_stock_gpipe_script_runs() -> None:
+    res = torchrun(2, DIST / "pipelining_gpipe.py", "--steps", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def reference(stages: int, micro: int, steps: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Sequential local learning of the script's stages, aux heads and optimizer in this process."""
+    mods = script.stage_modules(stages)
+    blocks = []
+    for k, mod in enumerate(mods):
+        aux = script.aux_head(stages, k)
+        params = list(mod.parameters()) + (list(aux.parameters()) if aux is not None else [])
+        blocks.append(LocalBlock(mod, aux, nn.CrossEntropyLoss(), index=k,
+                                 optimizer=torch.optim.SGD(params, lr=0.05, momentum=0.9)))
+    runner = SequentialRunner(blocks, micro)
+    stats = [StageStats(k) for k in range(stages)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for x, y in script.batches(steps, 64):
+            runner.train_batch(x, y, stats)
+    finally:
+        torch.set_num_threads(threads)
+    out = {}
+    for k, b in enumerate(blocks):
+        state = {f"stage.{n}": t for n, t in b.body.state_dict().items()}
+        if b.aux is not None:
+            state.update({f"aux.{n}": t for n, t in b.aux.state_dict().items()})
+        out[k] = state
+    return out
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("micro", [1, 4])
+def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, tmp_path: Path) -> None:
+    steps = 12
+    res = torchrun(stages, DIST / "pipelining_ppll.py", "--steps", str(steps), "--microbatches", str(micro),
+                   "--save", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "terminate called" not in res.stderr
+    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1}")]
+    assert len(losses) == steps and losses[-1] < losses[0]
+    ref = reference(stages, micro, steps)
+    for k in range(stages):
+        got = load_file(str(tmp_path / f"stage{k}.safetensors"))
+        assert got.keys() == ref[k].keys()
+        for name, t in ref[k].items():
+            assert torch.allclose(got[name].float(), t.float(), atol=1e-6, rtol=0), (stages, micro, k, name)
+            assert torch.equal(got[name], t), ("close but not bit-exact", stages, micro, k, name)
+
+
+def test_argument_errors() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, str(DIST / "pipelining_errors.py")], capture_output=True, text=True,
+                         timeout=120, env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
+    assert len(oks) == 5, res.stdout
