@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
+from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
 
 from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_boundaries
 from ppll_ext.config import Config, load_config
@@ -30,7 +26,6 @@ from ppll_ext.runtime.launch import init_distributed
 from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.threads import ThreadRunner
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("bp", "sequential", "threads", "processes")
 MODELS = {
     "resnet32": ["model.name=resnet32", "local.aux=conv"],
@@ -108,17 +103,8 @@ def run_method(model: str, method: str, stages: int, batch: int, warmup: int, st
     args = ["--worker", method, "--model", model, "--stages", str(stages), "--batch-size", str(batch),
             "--warmup", str(warmup), "--steps", str(steps), "--partition", partition]
     script = str(Path(__file__).resolve())
-    if method == "processes":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stages}", script,
-               *args]
-    else:
-        cmd = [sys.executable, script, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"{model}/{method} failed:\n{res.stderr[-2000:]}")
-    line = [x for x in res.stdout.splitlines() if x.startswith("{")][-1]
-    return json.loads(line)
+    cmd = torchrun_cmd(stages, script, *args) if method == "processes" else [sys.executable, script, *args]
+    return run_json(cmd, f"{model}/{method}")
 
 
 def main() -> None:
@@ -131,7 +117,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
-    p.add_argument("--out", default=str(RESULTS / "runtime"), help="file stem of the JSON / Markdown results")
+    p.add_argument("--out", default="runtime", help="file stem of the results under benchmarks/results/")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", default="profile", help=argparse.SUPPRESS)
@@ -153,47 +139,13 @@ def main() -> None:
                 runs[model][method].append(r)
                 print(f"{model:9s} rep {rep + 1}/{a.repeats} {method:10s} {r['samples_per_s']:8.1f} samples/s",
                       flush=True)
-    write_results(runs, a)
-
-
-def write_results(runs: dict[str, dict[str, list[dict]]], a: argparse.Namespace) -> None:
-    """Print the table and write <out>.json and <out>.md."""
-    rows = []
-    for model, by_method in runs.items():
-        med = {m: statistics.median(r["samples_per_s"] for r in rs) for m, rs in by_method.items()}
-        for method, rs in by_method.items():
-            rows.append({
-                "model": model, "method": method, "median_samples_per_s": med[method],
-                "runs": [r["samples_per_s"] for r in rs],
-                "vs_sequential_ll": med[method] / med["sequential"], "vs_bp": med[method] / med["bp"],
-                "boundaries": rs[-1]["boundaries"],
-                "busy_fraction": [round(b, 3) for b in rs[-1]["busy_fraction"]],
-            })
-    meta = {
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "python": platform.python_version(), "stages": a.stages,
-        "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
-        "command": "python benchmarks/runtime_bench.py " + " ".join(sys.argv[1:]),
-        "data": "synthetic CIFAR-10-shaped batches (3x32x32, 10 classes)",
-        "processes": "bp / sequential / threads: 1 process; processes: K processes (torchrun, gloo); 1 torch "
-                     "thread per process",
-    }
-    header = "| model | method | samples/s (median) | runs | x sequential LL | x BP | stage busy |"
-    lines = [header, "|---|---|---:|---|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['median_samples_per_s']:.1f} | "
-                     f"{', '.join(f'{v:.0f}' for v in r['runs'])} | {r['vs_sequential_ll']:.2f} | "
-                     f"{r['vs_bp']:.2f} | {', '.join(f'{b:.0%}' for b in r['busy_fraction'])} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    md = [f"# PPLL runtime throughput ({meta['date']})", "", f"Command: `{meta['command']}`", "",
-          f"Machine: {meta['machine']}; torch {meta['torch']}; Python {meta['python']}. {meta['processes']}. "
-          f"K = {a.stages}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, "
-          f"{a.repeats} interleaved repeats, median. Data: {meta['data']}.", "", table, ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    meta = {**machine(), "stages": a.stages, "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup,
+            "repeats": a.repeats}
+    note = (f"bp / sequential / threads: 1 process; processes: {a.stages} processes (torchrun, gloo); 1 torch thread "
+            f"per process. K = {a.stages}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, "
+            f"{a.repeats} interleaved repeats, median. Data: synthetic CIFAR-10-shaped batches.")
+    baselines = ["sequential", "bp"]
+    write_results(a.out, "PPLL runtime throughput", note, ratio_rows(runs, baselines), baselines, meta)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         group = stage.group if stage.group is not None else dist.group.WORLD
         ranks = [dist.get_global_rank(group, i) for i in range(stage.num_stages)]
         device = torch.device(stage.device)
-        self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group=group)
+        self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
         self._inbox = receiver.messages() if receiver is not None else None
         self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device)
 

@@ -81,9 +81,9 @@ def test_processes_equal_sequential(stages: int, tmp_path: Path) -> None:
 
 def test_header_round_trip() -> None:
     x = torch.randn(3, 5, 7).to(torch.bfloat16)
-    kind, n_micro, dtype, shape, n_labels = decode_header(encode_header(Msg(Kind.TRAIN, x, torch.arange(3), 4)))
-    assert (kind, n_micro, dtype, shape, n_labels) == (Kind.TRAIN, 4, torch.bfloat16, [3, 5, 7], 3)
-    assert decode_header(encode_header(Msg(Kind.EPOCH_END)))[0] is Kind.EPOCH_END
+    kind, n_micro, shape, resent = decode_header(encode_header(Msg(Kind.TRAIN, x, torch.arange(3), 4), True))
+    assert (kind, n_micro, shape, resent) == (Kind.TRAIN, 4, ((3, 5, 7), torch.bfloat16, 3), True)
+    assert decode_header(encode_header(Msg(Kind.EPOCH_END))) == (Kind.EPOCH_END, 1, None, False)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -1,19 +1,22 @@
 """PPLL with one process per stage over torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
 
 Rank k runs stage k. Each message crosses a link as a fixed-size int64 header (kind, micro-batch
-count, dtype and shape of the activation, length of the labels) followed by the tensors, so a
-smaller last batch needs no special case. A receiver thread posts the next receive as soon as the
-previous message is handed over (receives are posted ahead) into a bounded queue; the stage
-keeps at most `queue_depth` sends in flight. Reports are gathered on rank 0 over a separate
-group at EPOCH_END / EVAL_END, the only synchronisation points.
+count, dtype and shape of the activation, label count) plus the activation and label tensors, so
+a smaller last batch needs no special case.
+
+Receives are posted ahead without a receiver thread (a thread blocked in a gloo wait aborts the
+process at exit): after each data message the receiver posts the next header *and* the next
+payload, guessing it has the same shape. Sender and receiver track the same guess, so when the
+shape changes (last batch, evaluation, control message) the sender fills the guessed buffers with
+a placeholder and sends the real tensors on a second pair of tags. The stage keeps at most
+`queue_depth` sends in flight. Reports are gathered on rank 0 over a separate group at
+EPOCH_END / EVAL_END, the only synchronisation points.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -27,63 +30,87 @@ from ppll_ext.runtime.stage import Kind, Msg, Report, StageWorker, eval_messages
 from ppll_ext.runtime.threads import eval_result
 
 HEADER_LEN = 16
-MAX_DIMS = HEADER_LEN - 5
-_TAG_HEADER, _TAG_X, _TAG_Y = 0, 1, 2
+MAX_DIMS = HEADER_LEN - 6
+_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_X_RESENT, _TAG_Y_RESENT = 0, 1, 2, 3, 4
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
-_POLL_S = 0.1
+
+Shape = tuple[tuple[int, ...], torch.dtype, int]
 
 
-def encode_header(msg: Msg) -> torch.Tensor:
-    """[kind, n_micro, dtype code, ndim, label count, *shape, 0...] as int64."""
+def payload_shape(msg: Msg) -> Shape | None:
+    """(activation shape, dtype, label count) of a data message; None for control messages."""
+    return (tuple(msg.x.shape), msg.x.dtype, msg.y.numel()) if msg.x is not None else None
+
+
+def encode_header(msg: Msg, resent: bool = False) -> torch.Tensor:
+    """[kind, n_micro, dtype code, ndim, label count, resent flag, *shape, 0...] as int64."""
     head = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    head[0], head[1] = int(msg.kind), msg.n_micro
+    head[0], head[1], head[5] = int(msg.kind), msg.n_micro, int(resent)
     if msg.x is not None:
         if msg.x.dim() > MAX_DIMS:
             raise PipelineError(f"activations with {msg.x.dim()} dimensions cannot be sent (at most {MAX_DIMS})")
         head[2], head[3], head[4] = DTYPES.index(msg.x.dtype), msg.x.dim(), msg.y.numel()
-        head[5:5 + msg.x.dim()] = torch.tensor(msg.x.shape)
+        head[6:6 + msg.x.dim()] = torch.tensor(msg.x.shape)
     return head
 
 
-def decode_header(head: torch.Tensor) -> tuple[Kind, int, torch.dtype, list[int], int]:
-    """Inverse of encode_header: kind, n_micro, dtype, shape, label count."""
-    values = head.tolist()
-    ndim = values[3]
-    return Kind(values[0]), values[1], DTYPES[values[2]], values[5:5 + ndim], values[4]
+def decode_header(head: torch.Tensor) -> tuple[Kind, int, Shape | None, bool]:
+    """Inverse of encode_header: kind, n_micro, payload shape (None without payload), resent flag."""
+    v = head.tolist()
+    kind = Kind(v[0])
+    shape = (tuple(v[6:6 + v[3]]), DTYPES[v[2]], v[4]) if kind in (Kind.TRAIN, Kind.EVAL) else None
+    return kind, v[1], shape, bool(v[5])
+
+
+def _link_error(rank: int, peer: int, verb: str, timeout_s: float, exc: Exception) -> PipelineError:
+    return PipelineError(f"rank {rank}: {verb} rank {peer} failed (it exited, crashed or stalled for "
+                         f"{timeout_s:.0f} s; local.timeout_s sets the limit): {exc}")
 
 
 class LinkSender:
     """Sends messages to the next rank with at most `depth` messages in flight."""
 
     def __init__(self, peer: int, group: dist.ProcessGroup | None, depth: int, timeout_s: float,
-                 device: torch.device) -> None:
-        self.peer, self.group, self.depth = peer, group, depth
-        self.timeout = datetime.timedelta(seconds=timeout_s)
+                 device: torch.device, rank: int) -> None:
+        self.peer, self.group, self.depth, self.rank = peer, group, depth, rank
+        self.timeout_s = timeout_s
         self.device = device
+        self._guess: Shape | None = None
         self._inflight: collections.deque[tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = collections.deque()
 
     def _wait_oldest(self) -> None:
         works, _ = self._inflight.popleft()
-        for w in works:
-            try:
-                w.wait(self.timeout)
-            except RuntimeError as exc:
-                raise PipelineError(f"sending to rank {self.peer} failed (it exited, crashed or stalled for "
-                                    f"{self.timeout.total_seconds():.0f} s): {exc}") from exc
+        try:
+            for w in works:
+                w.wait(datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise _link_error(self.rank, self.peer, "sending to", self.timeout_s, exc) from exc
+
+    def _isend(self, tensor: torch.Tensor, tag: int) -> dist.Work:
+        return dist.isend(tensor, self.peer, group=self.group, tag=tag)
 
     def send(self, msg: Msg) -> None:
         """Start sending `msg`; blocks only while `depth` earlier messages are still in flight."""
         while len(self._inflight) >= self.depth:
             self._wait_oldest()
-        head = encode_header(msg).to(self.device)
-        tensors: tuple[torch.Tensor, ...] = (head,)
-        works = [dist.isend(head, self.peer, group=self.group, tag=_TAG_HEADER)]
-        if msg.x is not None:
-            x, y = msg.x.contiguous(), msg.y.to(torch.int64).contiguous()
-            works.append(dist.isend(x, self.peer, group=self.group, tag=_TAG_X))
-            works.append(dist.isend(y, self.peer, group=self.group, tag=_TAG_Y))
-            tensors = (head, x, y)
-        self._inflight.append((works, tensors))
+        shape = payload_shape(msg)
+        resent = shape is not None and shape != self._guess
+        head = encode_header(msg, resent).to(self.device)
+        tensors: list[torch.Tensor] = [head]
+        works = [self._isend(head, _TAG_HEADER)]
+        if self._guess is not None:
+            if shape == self._guess:
+                tensors += [msg.x.contiguous(), msg.y.to(torch.int64).contiguous()]
+            else:  # the receiver posted buffers of the guessed shape: fill them with a placeholder
+                g_shape, g_dtype, g_labels = self._guess
+                tensors += [torch.zeros(g_shape, dtype=g_dtype, device=self.device),
+                            torch.zeros(g_labels, dtype=torch.int64, device=self.device)]
+            works += [self._isend(tensors[-2], _TAG_X), self._isend(tensors[-1], _TAG_Y)]
+        if resent:
+            tensors += [msg.x.contiguous(), msg.y.to(torch.int64).contiguous()]
+            works += [self._isend(tensors[-2], _TAG_X_RESENT), self._isend(tensors[-1], _TAG_Y_RESENT)]
+        self._guess = shape
+        self._inflight.append((works, tuple(tensors)))
 
     def flush(self) -> None:
         """Wait until every message sent so far has been received."""
@@ -91,128 +118,68 @@ class LinkSender:
             self._wait_oldest()
 
 
-def receive_payload(head: torch.Tensor, peer: int, group: dist.ProcessGroup | None, timeout_s: float,
-                    device: torch.device) -> Msg:
-    """The message a received header announces, with its tensors received into fresh buffers."""
-    kind, n_micro, dtype, shape, n_labels = decode_header(head.cpu())
-    msg = Msg(kind, n_micro=n_micro)
-    if kind in (Kind.TRAIN, Kind.EVAL):
-        msg.x = torch.empty(shape, dtype=dtype, device=device)
-        msg.y = torch.empty(n_labels, dtype=torch.int64, device=device)
-        timeout = datetime.timedelta(seconds=timeout_s)
-        works = [dist.irecv(msg.x, peer, group=group, tag=_TAG_X), dist.irecv(msg.y, peer, group=group, tag=_TAG_Y)]
-        for w in works:
-            w.wait(timeout)
-    return msg
-
-
-class InlineReceiver:
-    """Receives in the caller's thread; only the next header's receive is posted ahead.
-
-    For pipelines with no end-of-stream marker (SchedulePPLL): a receive left pending at exit is harmless,
-    whereas a thread blocked in one aborts the process when the process group is destroyed.
-    """
+class LinkReceiver:
+    """Receives messages from the previous rank in the caller's thread, the next one always posted ahead."""
 
     def __init__(self, peer: int, group: dist.ProcessGroup | None, timeout_s: float, device: torch.device,
                  rank: int) -> None:
         self.peer, self.group, self.rank, self.timeout_s, self.device = peer, group, rank, timeout_s, device
-        self._post()
+        self._guess: tuple[torch.Tensor, torch.Tensor, list[dist.Work]] | None = None
+        self._post(None)
 
-    def _post(self) -> None:
+    def _irecv(self, tensor: torch.Tensor, tag: int) -> dist.Work:
+        return dist.irecv(tensor, self.peer, group=self.group, tag=tag)
+
+    def _post(self, shape: Shape | None) -> None:
+        """Post the next header, and the next payload if the last message carried one of `shape`."""
         self._head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._work = dist.irecv(self._head, self.peer, group=self.group, tag=_TAG_HEADER)
+        self._head_work = self._irecv(self._head, _TAG_HEADER)
+        self._guess = None
+        if shape is not None:
+            x = torch.empty(shape[0], dtype=shape[1], device=self.device)
+            y = torch.empty(shape[2], dtype=torch.int64, device=self.device)
+            self._guess = (x, y, [self._irecv(x, _TAG_X), self._irecv(y, _TAG_Y)])
+
+    def _wait(self, works: list[dist.Work]) -> None:
+        for w in works:
+            w.wait(datetime.timedelta(seconds=self.timeout_s))
+
+    def _receive(self) -> Msg:
+        self._wait([self._head_work])
+        kind, n_micro, shape, resent = decode_header(self._head.cpu())
+        msg = Msg(kind, n_micro=n_micro)
+        guess, self._guess = self._guess, None
+        if guess is not None:
+            self._wait(guess[2])
+            msg.x, msg.y = guess[0], guess[1]
+        if resent:
+            msg.x = torch.empty(shape[0], dtype=shape[1], device=self.device)
+            msg.y = torch.empty(shape[2], dtype=torch.int64, device=self.device)
+            self._wait([self._irecv(msg.x, _TAG_X_RESENT), self._irecv(msg.y, _TAG_Y_RESENT)])
+        if shape is None:
+            msg.x = msg.y = None
+        if kind is not Kind.STOP:
+            self._post(shape)
+        return msg
 
     def messages(self) -> Iterator[Msg]:
         """The received stream; raises PipelineError if the link failed or stayed silent past the timeout."""
         while True:
             try:
-                self._work.wait(datetime.timedelta(seconds=self.timeout_s))
-                head = self._head
-                self._post()
-                msg = receive_payload(head, self.peer, self.group, self.timeout_s, self.device)
+                msg = self._receive()
             except RuntimeError as exc:
-                raise PipelineError(f"rank {self.rank}: receiving from rank {self.peer} failed (it exited, crashed "
-                                    f"or sent nothing for {self.timeout_s:.0f} s): {exc}") from exc
+                raise _link_error(self.rank, self.peer, "receiving from", self.timeout_s, exc) from exc
             yield msg
 
 
-class LinkReceiver:
-    """A thread that receives messages from the previous rank into a bounded queue."""
-
-    def __init__(self, peer: int, group: dist.ProcessGroup | None, depth: int, timeout_s: float,
-                 device: torch.device, rank: int) -> None:
-        self.peer, self.group, self.rank = peer, group, rank
-        self.timeout_s = timeout_s
-        self.device = device
-        self._queue: queue.Queue[Msg | BaseException] = queue.Queue(maxsize=depth)
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"ppll-recv-{rank}", daemon=True)
-        self._thread.start()
-
-    def _recv(self, tensor: torch.Tensor, tag: int) -> None:
-        dist.irecv(tensor, self.peer, group=self.group, tag=tag).wait(datetime.timedelta(seconds=self.timeout_s))
-
-    def _run(self) -> None:
-        try:
-            while True:
-                head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-                self._recv(head, _TAG_HEADER)
-                msg = receive_payload(head, self.peer, self.group, self.timeout_s, self.device)
-                self._put(msg)
-                if msg.kind is Kind.STOP:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the stage thread, which raises it
-            self._put(exc)
-
-    def _put(self, item: Msg | BaseException) -> None:
-        while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-
-    def messages(self) -> Iterator[Msg]:
-        """The received stream; raises PipelineError if the link failed or stayed silent past the timeout."""
-        while True:
-            try:
-                item = self._queue.get(timeout=self.timeout_s)
-            except queue.Empty:
-                raise PipelineError(f"rank {self.rank}: no message from rank {self.peer} for {self.timeout_s:.0f} s "
-                                    f"(raise local.timeout_s if a stage really takes this long)") from None
-            if isinstance(item, BaseException):
-                raise PipelineError(f"rank {self.rank}: receiving from rank {self.peer} failed (it exited or "
-                                    f"crashed): {item}") from item
-            yield item
-
-    def close(self) -> None:
-        """Let the receiver thread exit (it is a daemon; pending receives die with the process group)."""
-        self._closing.set()
-
-
-Receiver = LinkReceiver | InlineReceiver
-
-
 def open_links(ranks: list[int], index: int, depth: int, timeout_s: float, device: torch.device,
-               group: dist.ProcessGroup | None = None) -> tuple[LinkSender | None, Receiver | None]:
-    """The sender to stage index+1 and the receiver from stage index-1, for a pipeline whose stage k is on
-    global rank ranks[k].
-
-    Without `group`, every link gets its own two-rank group (a collective call: every rank of the world
-    must make it) and a receiver thread prefetches the next message, so the two threads never share a
-    communicator. With `group`, both directions use it from the caller's thread (InlineReceiver).
-    """
-    if group is None:
-        timeout = datetime.timedelta(seconds=timeout_s)
-        links = [dist.new_group([ranks[k], ranks[k + 1]], timeout=timeout) for k in range(len(ranks) - 1)]
-    else:
-        links = [group] * (len(ranks) - 1)
+               group: dist.ProcessGroup | None = None) -> tuple[LinkSender | None, LinkReceiver | None]:
+    """The sender to stage index+1 and the receiver from stage index-1 of a pipeline whose stage k runs on
+    global rank ranks[k], communicating over `group` (default: the default group)."""
     me = ranks[index]
-    sender = LinkSender(ranks[index + 1], links[index], depth, timeout_s, device) if index + 1 < len(ranks) else None
-    receiver: Receiver | None = None
-    if index > 0:
-        receiver = (LinkReceiver(ranks[index - 1], links[index - 1], depth, timeout_s, device, me) if group is None
-                    else InlineReceiver(ranks[index - 1], group, timeout_s, device, me))
+    sender = (LinkSender(ranks[index + 1], group, depth, timeout_s, device, me) if index + 1 < len(ranks)
+              else None)
+    receiver = LinkReceiver(ranks[index - 1], group, timeout_s, device, me) if index > 0 else None
     return sender, receiver
 
 
@@ -280,6 +247,4 @@ class ProcessRunner:
     def _finish(self) -> None:
         if self.sender is not None:
             self.sender.flush()
-        if self.receiver is not None:
-            self.receiver.close()
         dist.barrier(group=self.control)

@@ -1,0 +1,138 @@
+"""SchedulePPLL against torch's ScheduleGPipe and Schedule1F1B on the same stages, micro-batches and batch.
+
+Two processes (torchrun, gloo) x one torch thread; the model's layer list is cut once by measured
+time (the same cut for every schedule); methods are interleaved and the median of the repeats is
+reported. Stock schedules step every stage's optimizer after each `step()` (a flush per step);
+SchedulePPLL steps each stage on its own and streams.
+
+    python benchmarks/pipelining_bench.py             # ResNet-32 and ViT, 3 repeats
+    python benchmarks/pipelining_bench.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
+from runtime_bench import MODELS, bench_config, profiled_partition, synthetic_batches
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from ppll_ext.build import build_layered, make_optimizer
+from ppll_ext.core import build_aux_head
+from ppll_ext.pipelining import SchedulePPLL
+
+METHODS = ("gpipe", "1f1b", "ppll")
+
+
+class Contiguous(nn.Module):
+    """gloo sends only contiguous tensors; torchvision's ViT blocks return a transposed view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
+def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> dict | None:
+    """This rank's stage of `model` trained with `method`; rank 0 returns the timing."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    cfg = bench_config(model, "processes", world, batch, partition)
+    layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
+    bounds = [int(b) for b in partition.split(",")] + [len(layered.layers)]
+    stage_mod = nn.Sequential(layered.sequential(bounds[rank], bounds[rank + 1]), Contiguous())
+    stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=torch.device("cpu"))
+    loss_fn = nn.CrossEntropyLoss()
+    if method == "ppll":
+        aux = None
+        if rank < world - 1:
+            with torch.no_grad():
+                h = layered.sequential(0, bounds[rank + 1]).eval()(torch.zeros(2, 3, 32, 32))
+            aux = build_aux_head(cfg.local.aux, h, 10, hidden=cfg.local.aux_hidden)
+        params = list(stage_mod.parameters()) + (list(aux.parameters()) if aux is not None else [])
+        optimizer = make_optimizer(cfg.optim, params)
+        schedule = SchedulePPLL(stage, n_microbatches=micro, loss_fn=loss_fn, aux_head=aux, optimizer=optimizer)
+    else:
+        optimizer = make_optimizer(cfg.optim, stage_mod.parameters())
+        cls = ScheduleGPipe if method == "gpipe" else Schedule1F1B
+        schedule = cls(stage, n_microbatches=micro, loss_fn=loss_fn)
+
+    def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for x, y in data:
+            if rank == 0:
+                schedule.step(x, target=y)
+            elif rank == world - 1:
+                schedule.step(target=y)
+            else:
+                schedule.step()
+            if method != "ppll":
+                optimizer.step()
+                optimizer.zero_grad()
+        if method == "ppll":
+            schedule.flush()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    run(synthetic_batches(warmup, batch, seed=2))
+    seconds = run(synthetic_batches(steps, batch, seed=3))
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds}
+
+
+def main() -> None:
+    """Parse arguments; as a worker print one JSON line, otherwise run the comparison and write results."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
+    p.add_argument("--out", default="pipelining", help="file stem of the results under benchmarks/results/")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--partition", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition)
+        if result is not None:
+            print(json.dumps(result), flush=True)
+        return
+    if a.quick:
+        a.steps, a.warmup = 6, 2
+    script = str(Path(__file__).resolve())
+    runs: dict[str, dict[str, list[dict]]] = {m: {k: [] for k in METHODS} for m in a.models}
+    for model in a.models:
+        partition = profiled_partition(model, 2, a.batch_size // a.microbatches)
+        print(f"{model}: stages start at layers {partition} (profiled)", flush=True)
+        for rep in range(a.repeats):
+            for method in METHODS:
+                args = ["--worker", method, "--model", model, "--batch-size", str(a.batch_size), "--microbatches",
+                        str(a.microbatches), "--warmup", str(a.warmup), "--steps", str(a.steps), "--partition",
+                        partition]
+                r = run_json(torchrun_cmd(2, script, *args), f"{model}/{method}")
+                runs[model][method].append(r)
+                print(f"{model:9s} rep {rep + 1}/{a.repeats} {method:6s} {r['samples_per_s']:8.1f} samples/s",
+                      flush=True)
+    meta = {**machine(), "batch_size": a.batch_size, "microbatches": a.microbatches, "steps": a.steps,
+            "warmup": a.warmup, "repeats": a.repeats}
+    note = (f"2 processes (torchrun, gloo) x 1 torch thread, the same 2 stages for every schedule; batch "
+            f"{a.batch_size}, {a.microbatches} micro-batches, {a.steps} timed steps after {a.warmup} warm-up, "
+            f"{a.repeats} interleaved repeats, median. Data: synthetic CIFAR-10-shaped batches.")
+    baselines = ["gpipe", "1f1b"]
+    write_results(a.out, "SchedulePPLL vs torch pipelining schedules", note, ratio_rows(runs, baselines), baselines,
+                  meta)
+
+
+if __name__ == "__main__":
+    main()
