@@ -16,13 +16,17 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_json(cmd: list[str], what: str, timeout: float = 1800) -> dict:
-    """Run `cmd` (one torch thread per process) and return the last JSON line it printed."""
+def run_json(*cmds: list[str], what: str, timeout: float = 1800) -> list[dict]:
+    """Run the commands at the same time (one torch thread per process); the last JSON line each printed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
-    return json.loads([x for x in res.stdout.splitlines() if x.startswith("{")][-1])
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed:\n{err[-3000:]}")
+        results.append(json.loads([x for x in out.splitlines() if x.startswith("{")][-1]))
+    return results
 
 
 def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:

@@ -120,7 +120,7 @@ def main() -> None:
                 args = ["--worker", method, "--model", model, "--batch-size", str(a.batch_size), "--microbatches",
                         str(a.microbatches), "--warmup", str(a.warmup), "--steps", str(a.steps), "--partition",
                         partition]
-                r = run_json(torchrun_cmd(2, script, *args), f"{model}/{method}")
+                r = run_json(torchrun_cmd(2, script, *args), what=f"{model}/{method}")[0]
                 runs[model][method].append(r)
                 print(f"{model:9s} rep {rep + 1}/{a.repeats} {method:6s} {r['samples_per_s']:8.1f} samples/s",
                       flush=True)

@@ -3,7 +3,9 @@
 Every method trains the same model on the same CIFAR-10-shaped batches (synthetic pixels: this
 measures speed, not accuracy) in a fresh process with one torch thread per process; methods are
 interleaved (A B C D, A B C D, ...) so machine drift hits all of them alike, and the median of
-the repeats is reported with ratios.
+the repeats is reported with ratios. "2x-sequential" runs two independent copies of sequential
+LL at once and adds their throughputs: the most two processes can do on this machine with no
+dependency between them, i.e. the ceiling of a 2-stage pipeline here.
 
     python benchmarks/runtime_bench.py                    # ResNet-32 and ViT, K=2, 3 repeats
     python benchmarks/runtime_bench.py --quick            # smaller, for a smoke run
@@ -26,7 +28,7 @@ from ppll_ext.runtime.launch import init_distributed
 from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.threads import ThreadRunner
 
-METHODS = ("bp", "sequential", "threads", "processes")
+METHODS = ("bp", "sequential", "threads", "processes", "2x-sequential")
 MODELS = {
     "resnet32": ["model.name=resnet32", "local.aux=conv"],
     "vit": ["model.name=vit", "model.patch_size=4", "model.depth=6", "model.hidden_dim=192", "model.heads=3",
@@ -103,8 +105,14 @@ def run_method(model: str, method: str, stages: int, batch: int, warmup: int, st
     args = ["--worker", method, "--model", model, "--stages", str(stages), "--batch-size", str(batch),
             "--warmup", str(warmup), "--steps", str(steps), "--partition", partition]
     script = str(Path(__file__).resolve())
-    cmd = torchrun_cmd(stages, script, *args) if method == "processes" else [sys.executable, script, *args]
-    return run_json(cmd, f"{model}/{method}")
+    if method == "processes":
+        return run_json(torchrun_cmd(stages, script, *args), what=f"{model}/{method}")[0]
+    if method == "2x-sequential":
+        # Two independent copies at once: what two processes can do on this machine with no dependency at all.
+        args[1] = "sequential"
+        both = run_json([sys.executable, script, *args], [sys.executable, script, *args], what=f"{model}/{method}")
+        return {**both[0], "samples_per_s": sum(r["samples_per_s"] for r in both), "busy_fraction": []}
+    return run_json([sys.executable, script, *args], what=f"{model}/{method}")[0]
 
 
 def main() -> None:
@@ -118,7 +126,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="runtime", help="file stem of the results under benchmarks/results/")
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=METHODS[:-1], help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", default="profile", help=argparse.SUPPRESS)
     a = p.parse_args()

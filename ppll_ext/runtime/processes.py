@@ -195,17 +195,12 @@ class ProcessRunner:
         self.block = block
         self.micro_batches = micro_batches
         self.timeout_s = timeout_s
-        # Reports travel in their own group, apart from the links' groups.
+        # Reports travel in their own group, so collectives never mix with the links' point-to-point traffic.
         self.control = dist.new_group(list(range(self.world)), timeout=datetime.timedelta(seconds=timeout_s),
                                       backend="gloo")
         self.sender, self.receiver = open_links(list(range(self.world)), self.rank, queue_depth, timeout_s,
                                                 block.device)
         self.worker = StageWorker(block, self.sender.send if self.sender else None)
-
-    @property
-    def is_driver(self) -> bool:
-        """Rank 0 feeds the data and prints; the others serve."""
-        return self.rank == 0
 
     def _gather(self, report: Report) -> list[Report]:
         if self.sender is not None:

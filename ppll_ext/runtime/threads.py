@@ -122,10 +122,10 @@ class ThreadRunner:
         """Stop the stage threads (after they finish what they hold)."""
         if self._failure is None and not self._stop.is_set():
             self._feed([Msg(Kind.STOP)])
-            self._collect_stop()
+            self._join()
         self._stop.set()
 
-    def _collect_stop(self) -> None:
+    def _join(self) -> None:
         deadline = time.monotonic() + self.timeout_s
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
