@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     train.add_argument("--runtime", choices=("sequential", "threads", "processes"),
                        help="shortcut for --set local.runtime=...")
+    train.add_argument("--save-dir", help="run directory for checkpoints (= --set train.save_dir=...)")
+    train.add_argument("--save-every", type=int, help="checkpoint every N steps (= --set train.save_every=N)")
+    train.add_argument("--keep", type=int, help="keep the N newest checkpoints (= --set train.keep=N)")
+    train.add_argument("--resume", help="checkpoint or run directory to resume from (= --set train.resume=...)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -29,8 +33,11 @@ def _train(args: argparse.Namespace) -> int:
     from ppll_ext.train import prepare, run_training
 
     overrides = list(args.overrides)
-    if args.runtime:
-        overrides.append(f"local.runtime={args.runtime}")
+    for key, value in (("local.runtime", args.runtime), ("train.save_dir", args.save_dir),
+                       ("train.save_every", args.save_every), ("train.keep", args.keep),
+                       ("train.resume", args.resume)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
         prepare(cfg)

@@ -123,6 +123,16 @@ class TrainConfig:
     """torch threads per process (0 = leave torch's default)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    save_dir: str | None = None
+    """Run directory for checkpoints (step-N/ folders); None = save nothing."""
+    save_every: int = 0
+    """Save a checkpoint every N optimizer steps (0 = only at the end, when save_dir is set)."""
+    keep: int = 2
+    """How many of the newest checkpoints to keep in save_dir."""
+    resume: str | None = None
+    """Resume from this checkpoint (or the newest one in this run directory); another K re-partitions."""
+    stop_at_step: int | None = None
+    """End the run after this many steps, as if interrupted (the LR schedule still spans train.epochs)."""
 
 
 @dataclass
@@ -252,6 +262,10 @@ def validate(cfg: Config) -> None:
     ):
         if value < low:
             raise ConfigError(f"{key}={value} must be at least {low}")
+    if cfg.train.save_every < 0 or cfg.train.keep < 1:
+        raise ConfigError(f"train.save_every={cfg.train.save_every} must be >= 0 and train.keep={cfg.train.keep} >= 1")
+    if cfg.train.save_every and not cfg.train.save_dir:
+        raise ConfigError("train.save_every needs a run directory: set train.save_dir (or --save-dir DIR)")
     if cfg.train.batch_size % cfg.local.micro_batches:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by local.micro_batches="

@@ -6,26 +6,31 @@ Run as `ppll train ...` or `python -m ppll_ext.train ...` (the form launchers su
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn, TextIO
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ppll_ext import checkpoint as ckpt
 from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_boundaries
 from ppll_ext.config import Config
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset
+from ppll_ext.errors import ConfigError
 from ppll_ext.models import LayeredModel
 from ppll_ext.runtime import EpochStats, EvalResult, SequentialRunner, StageStats
 from ppll_ext.runtime.launch import init_distributed
 from ppll_ext.runtime.processes import ProcessRunner
+from ppll_ext.runtime.sequential import Saver
 from ppll_ext.runtime.threads import ThreadRunner
 
 Runner = SequentialRunner | ThreadRunner | ProcessRunner
@@ -104,14 +109,14 @@ def prepare(cfg: Config) -> Job:
     return Job(train_loader, test_loader, layered, example)
 
 
-def _make_runner(cfg: Config, blocks: list[LocalBlock], runtime: str) -> Runner:
+def _make_runner(cfg: Config, blocks: list[LocalBlock], runtime: str, saver: Saver) -> Runner:
     m = cfg.local.micro_batches if cfg.train.method == "local" else 1
     if runtime == "threads":
-        return ThreadRunner(blocks, m, cfg.local.queue_depth, cfg.local.timeout_s)
+        return ThreadRunner(blocks, m, cfg.local.queue_depth, cfg.local.timeout_s, saver)
     if runtime == "processes":
         return ProcessRunner(blocks[0], micro_batches=m, queue_depth=cfg.local.queue_depth,
-                             timeout_s=cfg.local.timeout_s)
-    return SequentialRunner(blocks, m)
+                             timeout_s=cfg.local.timeout_s, saver=saver)
+    return SequentialRunner(blocks, m, saver)
 
 
 def _fail_fast(rank: int, exc: BaseException) -> NoReturn:
@@ -119,6 +124,34 @@ def _fail_fast(rank: int, exc: BaseException) -> NoReturn:
     print(f"ppll: error: stage {rank} (rank {rank}) failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
+
+
+def _resume_state(cfg: Config) -> tuple[Path | None, dict | None]:
+    if not cfg.train.resume:
+        return None, None
+    folder = ckpt.resolve(cfg.train.resume)
+    return folder, ckpt.read_json(folder / ckpt.TRAINER_STATE)
+
+
+def _restore(folder: Path, state: dict, layered: LayeredModel, blocks: dict[int, LocalBlock],
+             boundaries: list[int], out: TextIO) -> ckpt.Position:
+    """Load the model weights (any cut) and, if the cut is unchanged, every stage's aux head and optimizer."""
+    weights = ckpt.load_model_state(folder)
+    ckpt.check_against(weights, layered.model.state_dict(), f"checkpoint {str(folder)!r}")
+    layered.model.load_state_dict(weights)
+    position = ckpt.Position(**state["position"])
+    same_cut = state["boundaries"] == boundaries
+    for block in blocks.values():
+        ckpt.load_stage(folder, block, same_cut)
+        if not same_cut:
+            # Re-partitioned: fresh aux heads and optimizers, but the schedule continues where it was.
+            for _ in range(position.step):
+                block.lr_scheduler.step()
+            block.steps = position.step
+    if not same_cut and 0 in blocks:
+        print(f"resuming with stages at {boundaries} from a checkpoint cut at {state['boundaries']}: model weights "
+              f"loaded, aux heads and optimizer states start fresh", file=out, flush=True)
+    return position
 
 
 def run_training(cfg: Config, *, out: TextIO = sys.stdout,
@@ -138,24 +171,40 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
     job = prepare(cfg)
     train_loader, test_loader, layered, example = job.train_loader, job.test_loader, job.layered, job.example
     total_steps = cfg.train.epochs * len(train_loader)
+    resume_folder, resume_state = _resume_state(cfg)
+    k = 1 if cfg.train.method == "bp" else cfg.local.stages
+    kept_cut = resume_state["boundaries"] if resume_state and resume_state["num_stages"] == k else None
     if cfg.train.method == "bp":
         blocks = {0: build_bp_block(cfg, layered, total_steps=total_steps)}
         boundaries = [0, len(layered.layers)]
     elif runtime == "processes":
         # Rank 0 decides the cut (profiling differs between processes) and everyone follows it.
-        shared = [stage_boundaries(cfg, layered, example) if rank == 0 else None]
+        shared = [kept_cut or stage_boundaries(cfg, layered, example) if rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
         boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total_steps, boundaries=shared[0],
                                           stages=[rank])
     else:
-        boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total_steps)
-    for k, block in blocks.items():
+        boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total_steps, boundaries=kept_cut)
+    position = ckpt.Position(0, 0, 0)
+    if resume_folder is not None:
+        position = _restore(resume_folder, resume_state, layered, blocks, boundaries, out)
+        if position.step >= total_steps:
+            raise ConfigError(f"nothing to train: {str(resume_folder)!r} is at step {position.step} of "
+                              f"{total_steps}; raise train.epochs to continue")
+    for idx, block in blocks.items():
         on_gpu = device.type == "cuda" and runtime == "threads"
-        block.to(torch.device("cuda", k) if on_gpu else device)
-    runner = _make_runner(cfg, [blocks[k] for k in sorted(blocks)], runtime)
+        block.to(torch.device("cuda", idx) if on_gpu else device)
+    key_maps = {idx: layered.key_map(b.body) for idx, b in blocks.items()}
+
+    def saver(block: LocalBlock, step: int) -> ckpt.StageManifest:
+        return ckpt.write_stage(ckpt.step_folder(cfg.train.save_dir, step), block, k, key_maps[block.index])
+
+    runner = _make_runner(cfg, [blocks[i] for i in sorted(blocks)], runtime, saver)
     try:
-        summary = _drive(cfg, runner, runtime, boundaries, train_loader, test_loader, out) if rank == 0 else None
-        if isinstance(runner, ProcessRunner) and rank != 0:
+        summary = None
+        if rank == 0:
+            summary = _drive(cfg, runner, runtime, boundaries, train_loader, test_loader, out, position)
+        elif isinstance(runner, ProcessRunner):
             runner.serve()
     except BaseException as exc:
         if runtime == "processes":
@@ -168,27 +217,73 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
     return summary
 
 
+def _merge(parts: list[EpochStats]) -> EpochStats:
+    """One epoch's stats from the segments it was trained in (checkpoints cut an epoch into segments)."""
+    stages = []
+    for group in zip(*(p.stages for p in parts)):
+        merged = StageStats(group[0].index, steps=group[-1].steps)
+        for st in group:
+            merged.loss += st.loss
+            merged.samples += st.samples
+            merged.busy_s += st.busy_s
+            merged.wait_in_s += st.wait_in_s
+            merged.wait_out_s += st.wait_out_s
+        stages.append(merged)
+    return EpochStats(sum(p.seconds for p in parts), sum(p.samples for p in parts), stages)
+
+
 def _drive(cfg: Config, runner: Runner, runtime: str, boundaries: list[int], train_loader: BatchLoader,
-           test_loader: BatchLoader, out: TextIO) -> Summary:
-    """The epoch loop on the driving rank: progress bar, per-epoch line, final summary."""
-    n_train = len(train_loader.dataset)
+           test_loader: BatchLoader, out: TextIO, start: ckpt.Position) -> Summary:
+    """The epoch loop on the driving rank: progress bar, checkpoints, per-epoch line, final summary."""
+    n_train, per_epoch = len(train_loader.dataset), len(train_loader)
     print(f"training {cfg.model.name} on {cfg.data.name} ({n_train} train / {len(test_loader.dataset)} test), "
-          f"method={cfg.train.method}, runtime={runtime}, stages={len(boundaries) - 1} at layers {boundaries}",
+          f"method={cfg.train.method}, runtime={runtime}, stages={len(boundaries) - 1} at layers {boundaries}"
+          + (f", resuming at epoch {start.epoch + 1} batch {start.batch} (step {start.step})" if start.step else ""),
           file=out, flush=True)
-    start = time.perf_counter()
-    stats = ev = None
-    for epoch in range(cfg.train.epochs):
+    every, stop_at = cfg.train.save_every, cfg.train.stop_at_step
+    began = time.perf_counter()
+    step, saved, stats, ev = start.step, start.step, None, None
+
+    def save(epoch: int, batch: int) -> None:
+        nonlocal saved
+        at = ckpt.Position(step, epoch + 1, 0) if batch == per_epoch else ckpt.Position(step, epoch, batch)
+        folder = ckpt.finalize(ckpt.step_folder(cfg.train.save_dir, step), runner.checkpoint(step), at, boundaries,
+                               cfg.to_dict(), cfg.train.keep)
+        saved = step
+        print(f"checkpoint saved: {folder}", file=out, flush=True)
+
+    for epoch in range(start.epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
+        batch = start.batch if epoch == start.epoch else 0
         bar = tqdm(total=n_train, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="img",
                    disable=not cfg.train.progress, leave=False, file=out)
-        stats = runner.train_epoch(train_loader, bar.update)
+        parts = []
+        while batch < per_epoch and (stop_at is None or step < stop_at):
+            end = per_epoch
+            if every:
+                end = min(end, batch + every - step % every)
+            if stop_at is not None:
+                end = min(end, batch + stop_at - step)
+            parts.append(runner.train_epoch(itertools.islice(train_loader.iter_from(batch), end - batch),
+                                            bar.update))
+            step, batch = step + end - batch, end
+            if every and step % every == 0:
+                save(epoch, batch)
         bar.close()
+        if not parts:
+            break
+        stats = _merge(parts)
         ev = runner.evaluate(test_loader)
         print(epoch_line(epoch, cfg.train.epochs, stats, ev), file=out, flush=True)
+        if stop_at is not None and step >= stop_at:
+            print(f"stopped at step {step} (train.stop_at_step)", file=out, flush=True)
+            break
+    if cfg.train.save_dir and saved != step:
+        save(epoch, batch)
     if not isinstance(runner, SequentialRunner):
         runner.close()
     summary = Summary(cfg.train.method, runtime, len(boundaries) - 1, boundaries, cfg.train.epochs, ev.accuracy,
-                      ev.aux_accuracy, stats.samples_per_s, time.perf_counter() - start, stats.stages)
+                      ev.aux_accuracy, stats.samples_per_s, time.perf_counter() - began, stats.stages)
     for line in summary.lines():
         print(line, file=out, flush=True)
     return summary

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
 from ppll_ext.runtime.base import EpochStats, EvalResult
-from ppll_ext.runtime.stage import Kind, Msg, Report, StageWorker, eval_messages, train_messages
+from ppll_ext.runtime.sequential import Saver
+from ppll_ext.runtime.stage import Kind, Msg, Report, SaveRequest, StageWorker, eval_messages, train_messages
 from ppll_ext.runtime.threads import eval_result
 
 HEADER_LEN = 16
@@ -188,13 +189,14 @@ class ProcessRunner:
     the other ranks call `serve()` until rank 0 closes the pipeline."""
 
     def __init__(self, block: LocalBlock, *, micro_batches: int = 1, queue_depth: int = 2,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, saver: Saver | None = None) -> None:
         if not dist.is_initialized():
             raise PipelineError("the processes runtime needs torch.distributed to be initialised (run under torchrun)")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.block = block
         self.micro_batches = micro_batches
         self.timeout_s = timeout_s
+        self.saver = saver
         # Reports travel in their own group, so collectives never mix with the links' point-to-point traffic.
         self.control = dist.new_group(list(range(self.world)), timeout=datetime.timedelta(seconds=timeout_s),
                                       backend="gloo")
@@ -202,7 +204,9 @@ class ProcessRunner:
                                                 block.device)
         self.worker = StageWorker(block, self.sender.send if self.sender else None)
 
-    def _gather(self, report: Report) -> list[Report]:
+    def _gather(self, report: Report) -> list:
+        if isinstance(report, SaveRequest):
+            report = self.saver(self.block, report.step)
         if self.sender is not None:
             self.sender.flush()
         out: list[Report] | None = [None] * self.world if self.rank == 0 else None  # type: ignore[list-item]
@@ -227,6 +231,10 @@ class ProcessRunner:
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> EvalResult:
         """Rank 0: pipelined evaluation; every stage scores its own classifier."""
         return eval_result(self._drive(eval_messages(batches)))  # type: ignore[arg-type]
+
+    def checkpoint(self, step: int) -> list:
+        """Rank 0: send CHECKPOINT(step) down the pipeline; every stage saves and reports to rank 0."""
+        return self._drive([Msg(Kind.CHECKPOINT, n_micro=step)])
 
     def serve(self) -> None:
         """Ranks > 0: process the incoming stream until STOP, reporting at every EPOCH_END / EVAL_END."""

@@ -16,14 +16,17 @@ from ppll_ext.runtime.base import EpochStats, EvalResult, StageStats, split_micr
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 OnBatch = Callable[[int], None]
+Saver = Callable[[LocalBlock, int], object]
+"""Writes a stage's part of the checkpoint of `step` and returns what the first rank needs to finish it."""
 
 
 class SequentialRunner:
     """Trains blocks one after another in the calling thread."""
 
-    def __init__(self, blocks: list[LocalBlock], micro_batches: int = 1) -> None:
+    def __init__(self, blocks: list[LocalBlock], micro_batches: int = 1, saver: Saver | None = None) -> None:
         self.blocks = blocks
         self.micro_batches = micro_batches
+        self.saver = saver
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, stats: list[StageStats]) -> None:
         """One mini-batch through every block; block k trains on block k-1's detached outputs."""
@@ -58,6 +61,10 @@ class SequentialRunner:
     def evaluate(self, batches: Batches) -> EvalResult:
         """Accuracy of the final output and of every aux head on `batches`."""
         return evaluate_blocks(self.blocks, batches)
+
+    def checkpoint(self, step: int) -> list:
+        """Every stage's saver result (the blocks are idle between batches here)."""
+        return [self.saver(b, step) for b in self.blocks]
 
 
 def evaluate_blocks(blocks: list[LocalBlock], batches: Batches) -> EvalResult:

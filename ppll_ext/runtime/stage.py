@@ -29,6 +29,7 @@ class Kind(enum.IntEnum):
     EPOCH_END = 3
     EVAL_END = 4
     STOP = 5
+    CHECKPOINT = 6
 
 
 @dataclass
@@ -56,7 +57,15 @@ class EvalCounts:
     samples: int = 0
 
 
-Report = StageStats | EvalCounts
+@dataclass
+class SaveRequest:
+    """A stage reached CHECKPOINT(step): everything before it is trained, nothing after it has started."""
+
+    index: int
+    step: int
+
+
+Report = StageStats | EvalCounts | SaveRequest
 Send = Callable[[Msg], None]
 
 
@@ -80,17 +89,25 @@ def eval_messages(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Itera
 
 
 def parse_fault(spec: str | None) -> tuple[int, int, str] | None:
-    """PPLL_FAULT='stage:step:raise|kill' -> (stage, step, kind): a deliberate failure for reliability tests."""
+    """PPLL_FAULT='stage:step:raise|kill|kill-in-save' -> (stage, step, kind): a deliberate failure for tests.
+
+    raise / kill happen when the stage starts training step `step`; kill-in-save while it writes that step's
+    checkpoint (after its model shard, before its training state).
+    """
     if not spec:
         return None
     stage, step, kind = spec.split(":")
-    if kind not in ("raise", "kill"):
-        raise ValueError(f"PPLL_FAULT={spec!r}: the kind must be raise or kill")
+    if kind not in ("raise", "kill", "kill-in-save"):
+        raise ValueError(f"PPLL_FAULT={spec!r}: the kind must be raise, kill or kill-in-save")
     return int(stage), int(step), kind
 
 
 class StageWorker:
-    """Handles one message at a time for one block; `send` is None on the last stage."""
+    """Handles one message at a time for one block; `send` is None on the last stage.
+
+    Control messages are passed on first, then reported: EPOCH_END -> StageStats, EVAL_END ->
+    EvalCounts, CHECKPOINT (step in the n_micro field) -> SaveRequest.
+    """
 
     def __init__(self, block: LocalBlock, send: Send | None, device: torch.device | None = None) -> None:
         self.block = block
@@ -100,7 +117,7 @@ class StageWorker:
         self.counts = EvalCounts(block.index)
         self.last_loss: torch.Tensor | None = None
         fault = parse_fault(os.environ.get("PPLL_FAULT"))
-        self._fault = fault if fault is not None and fault[0] == block.index else None
+        self._fault = fault if fault is not None and fault[0] == block.index and fault[2] != "kill-in-save" else None
 
     def _inject_fault(self) -> None:
         _, step, kind = self._fault
@@ -150,6 +167,8 @@ class StageWorker:
         elif msg.kind is Kind.EVAL_END:
             self.block.train()
             report, self.counts = self.counts, EvalCounts(self.block.index)
+        elif msg.kind is Kind.CHECKPOINT:
+            report = SaveRequest(self.block.index, msg.n_micro)
         return report
 
     def serve(self, inbox: Iterator[Msg], on_report: Callable[[Report], None]) -> None:

@@ -17,7 +17,17 @@ import torch
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
 from ppll_ext.runtime.base import EpochStats, EvalResult
-from ppll_ext.runtime.stage import EvalCounts, Kind, Msg, Report, StageWorker, eval_messages, train_messages
+from ppll_ext.runtime.sequential import Saver
+from ppll_ext.runtime.stage import (
+    EvalCounts,
+    Kind,
+    Msg,
+    Report,
+    SaveRequest,
+    StageWorker,
+    eval_messages,
+    train_messages,
+)
 
 _POLL_S = 0.05
 
@@ -30,8 +40,9 @@ class ThreadRunner:
     """Streams micro-batches through stage threads; same interface as SequentialRunner."""
 
     def __init__(self, blocks: list[LocalBlock], micro_batches: int = 1, queue_depth: int = 2,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, saver: Saver | None = None) -> None:
         self.blocks = blocks
+        self.saver = saver
         self.micro_batches = micro_batches
         self.timeout_s = timeout_s
         self._inboxes: list[queue.Queue[Msg]] = [queue.Queue(maxsize=queue_depth) for _ in blocks]
@@ -82,8 +93,11 @@ class ThreadRunner:
         if nxt is not None:
             def send(msg: Msg) -> None:
                 self._put(nxt, msg, f"stage {k} sending to stage {k + 1}")
+        def report(r: Report) -> None:
+            self._reports.put(self.saver(block, r.step) if isinstance(r, SaveRequest) else r)
+
         try:
-            StageWorker(block, send).serve(self._inbox(k), self._reports.put)
+            StageWorker(block, send).serve(self._inbox(k), report)
         except _Stopped:
             return
         except BaseException as exc:  # noqa: BLE001 - any failure must stop the pipeline and reach the caller
@@ -117,6 +131,11 @@ class ThreadRunner:
         """Pipelined evaluation: each stage scores its own classifier (aux head or final layer)."""
         self._feed(eval_messages(batches))
         return eval_result(self._collect())  # type: ignore[arg-type]
+
+    def checkpoint(self, step: int) -> list:
+        """Send CHECKPOINT(step) down the pipeline; each stage thread saves when it gets there."""
+        self._feed([Msg(Kind.CHECKPOINT, n_micro=step)])
+        return self._collect()
 
     def close(self) -> None:
         """Stop the stage threads (after they finish what they hold)."""

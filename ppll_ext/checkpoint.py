@@ -1,0 +1,230 @@
+"""safetensors checkpoints in the Hugging Face sharded layout, keyed by the unsplit model's names.
+
+A checkpoint directory `step-000123/` holds one `model-0000k-of-0000K.safetensors` shard per
+stage, `model.safetensors.index.json` (written last) and `trainer_state.json` (position, K, cut).
+Everything that is not the deployed model lives in `training_state/`: `aux-heads.safetensors`
+and per-stage `stage-k.safetensors` (optimizer tensors, RNG) + `stage-k.json` (scalars), with no
+pickle anywhere. (Readers such as torch's HuggingFaceStorageReader take every *.safetensors file
+at the top level for model weights, so nothing else may lie there.) Stages write into
+`step-000123.tmp/`; the first rank writes the aux heads, the trainer state and the index, then
+renames the directory, so a checkpoint exists completely or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ppll_ext.core import LocalBlock
+from ppll_ext.errors import CheckpointError
+from ppll_ext.runtime.stage import parse_fault
+
+INDEX = "model.safetensors.index.json"
+STATE_DIR = "training_state"
+AUX = f"{STATE_DIR}/aux-heads.safetensors"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def shard_name(k: int, num_stages: int) -> str:
+    """Hugging Face shard name of stage k (1-based in the file name)."""
+    return f"model-{k + 1:05d}-of-{num_stages:05d}.safetensors"
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the next batch to train (epoch, index in epoch)."""
+
+    step: int
+    epoch: int
+    batch: int
+
+
+@dataclass
+class StageManifest:
+    """What a stage wrote, reported to the first rank: its shard's tensor names and sizes, its aux head."""
+
+    index: int
+    shard: str
+    sizes: dict[str, int]
+    aux: dict[str, torch.Tensor]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors keyed 'state.<param>.<key>', JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[str, str]) -> StageManifest:
+    """Write stage `block.index`'s shard (original names) and training state into `folder`; returns its manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    k = block.index
+    body = {key_map[n]: t for n, t in block.body.state_dict().items()}
+    shard = shard_name(k, num_stages)
+    _atomic_save(body, folder / shard)
+    fault = parse_fault(os.environ.get("PPLL_FAULT"))
+    if fault is not None and fault[2] == "kill-in-save" and fault[0] == k and folder.name == f"step-{fault[1]:06d}.tmp":
+        os.kill(os.getpid(), signal.SIGKILL)
+    opt_tensors, opt_meta = _flatten_optimizer(block.optimizer.state_dict()) if block.optimizer else ({}, None)
+    (folder / STATE_DIR).mkdir(exist_ok=True)
+    _atomic_save({**opt_tensors, "rng.cpu": torch.get_rng_state()}, folder / STATE_DIR / f"stage-{k}.safetensors")
+    scalars = {"steps": block.steps, "optimizer": opt_meta,
+               "lr_scheduler": block.lr_scheduler.state_dict() if block.lr_scheduler else None}
+    _atomic_json(scalars, folder / STATE_DIR / f"stage-{k}.json")
+    aux = {f"stage{k}.{n}": t.detach().cpu().clone() for n, t in block.aux.state_dict().items()} if block.aux else {}
+    return StageManifest(k, shard, {name: t.numel() * t.element_size() for name, t in body.items()}, aux)
+
+
+def finalize(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int],
+             config: dict, keep: int) -> Path:
+    """First rank: aux heads, trainer state, then the index (last), then rename `step-N.tmp` to `step-N`."""
+    manifests = sorted(manifests, key=lambda m: m.index)
+    _atomic_save({k: v for m in manifests for k, v in m.aux.items()}, folder / AUX)
+    _atomic_json({"position": asdict(position), "num_stages": len(manifests), "boundaries": boundaries,
+                  "config": config}, folder / TRAINER_STATE)
+    weight_map = {name: m.shard for m in manifests for name in m.sizes}
+    total = sum(size for m in manifests for size in m.sizes.values())
+    _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX)
+    final = folder.with_name(folder.name.removesuffix(".tmp"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    _prune(final.parent, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, path in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def step_folder(root: str | Path, step: int) -> Path:
+    """Where stages write the checkpoint of `step` before it is complete."""
+    return Path(root) / f"step-{step:06d}.tmp"
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest complete `step-N` inside a run directory."""
+    p = Path(path)
+    if (p / INDEX).is_file():
+        return p
+    if p.is_dir():
+        steps = sorted((int(m.group(1)), c) for c in p.iterdir() if (m := _STEP_DIR.match(c.name))
+                       and (c / INDEX).is_file())
+        if steps:
+            return steps[-1][1]
+        raise CheckpointError(f"{str(p)!r} has no {INDEX} and no complete step-N checkpoint inside; "
+                              f"an interrupted save leaves only step-N.tmp, which is never loaded")
+    raise CheckpointError(f"checkpoint {str(p)!r} does not exist; pass a checkpoint directory or a run directory")
+
+
+def _open(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} is missing from {str(path.parent)!r}; the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc}); it is corrupt or "
+                              f"truncated: restore it or resume from an older step") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the checkpoint, with a CheckpointError naming it when missing or corrupt."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} is missing from {str(path.parent)!r}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{str(path)!r} is not valid JSON; the checkpoint is corrupt") from None
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the unsplit model from all shards, checked against the index."""
+    folder = resolve(path)
+    index = read_json(folder / INDEX)
+    if not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{str(folder / INDEX)!r} has no weight_map; it is not a sharded safetensors index")
+    merged: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        merged.update(_open(folder / shard))
+    missing = sorted(set(index["weight_map"]) - set(merged))
+    if missing:
+        raise CheckpointError(f"tensor {missing[0]!r} listed in the index is in no shard ({len(missing)} missing)")
+    return merged
+
+
+def check_against(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str) -> None:
+    """CheckpointError naming the first missing, unexpected or wrongly shaped tensor."""
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise CheckpointError(f"{where} does not match this model: {detail} ({len(missing)} missing, "
+                              f"{len(extra)} unexpected); is it a checkpoint of another model or config?")
+    for name, t in reference.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(state[name].shape)}, the model has "
+                                  f"{tuple(t.shape)}; it is a checkpoint of another model or config")
+
+
+def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
+    """Restore a block's aux head, optimizer, schedule and step count (only when the cut is unchanged)."""
+    if not same_cut:
+        return
+    k = block.index
+    if block.aux is not None:
+        prefix = f"stage{k}."
+        aux = {n[len(prefix):]: t for n, t in _open(folder / AUX).items() if n.startswith(prefix)}
+        check_against(aux, block.aux.state_dict(), f"{AUX} (stage {k})")
+        block.aux.load_state_dict(aux)
+    tensors = _open(folder / STATE_DIR / f"stage-{k}.safetensors")
+    scalars = read_json(folder / STATE_DIR / f"stage-{k}.json")
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    if block.optimizer is not None and scalars["optimizer"] is not None:
+        block.optimizer.load_state_dict(_unflatten_optimizer(tensors, scalars["optimizer"]))
+    if block.lr_scheduler is not None and scalars["lr_scheduler"] is not None:
+        block.lr_scheduler.load_state_dict(scalars["lr_scheduler"])
+    block.steps = scalars["steps"]

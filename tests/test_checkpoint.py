@@ -1,0 +1,202 @@
+"""Checkpoints: existing tools load them, resume is exact, bad files give CheckpointError, saves are atomic."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate.utils import load_checkpoint_in_model
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+from ppll_ext import checkpoint as ckpt
+from ppll_ext.config import load_config
+from ppll_ext.data import BatchLoader, load_dataset
+from ppll_ext.errors import CheckpointError
+from ppll_ext.models import build_model
+from ppll_ext.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.train_subset=320", "data.test_subset=200", "train.batch_size=32", "train.progress=false",
+         "train.threads=1"]
+MODELS = {
+    "resnet32": ["model.name=resnet32", "model.width=8", "local.partition=uniform"],
+    "vit": ["model.name=vit", "model.patch_size=2", "model.depth=4", "model.hidden_dim=32", "model.heads=2",
+            "model.mlp_dim=64", "local.aux=vit", "local.partition=uniform", "optim.name=adamw", "optim.lr=0.001"],
+}
+
+
+def ppll(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `ppll` command as a user runs it (processes runtime: it spawns torchrun itself)."""
+    full = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-c", "from ppll_ext.cli import entry; entry()", *args],
+                          capture_output=True, text=True, timeout=timeout, env=full)
+
+
+def sets(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def plain_accuracy(model: torch.nn.Module, cfg) -> float:
+    ds = load_dataset(cfg.data, "test")
+    loader = BatchLoader(ds, 500, shuffle=False, augment=False)
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return correct / len(ds)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_processes_k4_checkpoint_loads_into_the_plain_model(name: str, tmp_path: Path) -> None:
+    overrides = [*MODELS[name], *SMALL, "local.stages=4", "train.epochs=1"]
+    res = ppll("train", *sets(*overrides, "local.runtime=processes"), "--save-dir", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = float([line for line in res.stdout.splitlines() if "test accuracy" in line][0].split()[2])
+    folder = ckpt.resolve(tmp_path / "run")
+    index = json.loads((folder / ckpt.INDEX).read_text())
+    assert sorted(set(index["weight_map"].values())) == [ckpt.shard_name(k, 4) for k in range(4)]
+    cfg = load_config(None, overrides)
+    fresh = lambda: build_model(cfg.model, in_channels=1, image_size=8, num_classes=10).model  # noqa: E731
+
+    merged = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        merged.update(load_file(str(folder / shard)))
+    model = fresh()
+    model.load_state_dict(merged, strict=True)
+    assert plain_accuracy(model, cfg) == pytest.approx(printed, abs=1e-4)
+
+    via_accelerate = fresh()
+    load_checkpoint_in_model(via_accelerate, str(folder))
+    via_dcp = fresh()
+    state = via_dcp.state_dict()
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+    via_dcp.load_state_dict(state)
+    for other in (via_accelerate, via_dcp):
+        for key, value in model.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
+    aux = load_file(str(folder / ckpt.AUX))
+    assert {k.split(".")[0] for k in aux} == {"stage0", "stage1", "stage2"}
+
+
+def _final(cfg_overrides: list[str]) -> dict[int, dict[str, torch.Tensor]]:
+    got = {}
+    run_training(load_config(None, cfg_overrides), out=io.StringIO(),
+                 on_finish=lambda blocks: got.update({k: {n: t.clone() for n, t in b.state_dict().items()}
+                                                      for k, b in blocks.items()}))
+    return got
+
+
+def test_exact_resume_sequential(tmp_path: Path) -> None:
+    base = [*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=sequential", "train.epochs=2"]
+    straight = _final(base)
+    _final([*base, f"train.save_dir={tmp_path}", "train.stop_at_step=13"])
+    assert ckpt.resolve(tmp_path).name == "step-000013"
+    assert json.loads((tmp_path / "step-000013" / ckpt.TRAINER_STATE).read_text())["position"] == {
+        "step": 13, "epoch": 1, "batch": 3}
+    resumed = _final([*base, f"train.resume={tmp_path}"])
+    for k in straight:
+        for name, t in straight[k].items():
+            assert torch.equal(resumed[k][name], t), (k, name)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items() if k != "rng.cpu"})
+    return out
+
+
+def test_exact_resume_processes_and_repartition(tmp_path: Path) -> None:
+    base = sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=processes", "train.epochs=2")
+    res = ppll("train", *base, "--save-dir", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = ppll("train", *base, "--save-dir", str(tmp_path / "b"), *sets("train.stop_at_step=7"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stopped at step 7" in res.stdout
+    res = ppll("train", *base, "--save-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at epoch 1 batch 7 (step 7)" in res.stdout
+    a, b = _tensors(ckpt.resolve(tmp_path / "a")), _tensors(ckpt.resolve(tmp_path / "b"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    res = ppll("train", *base, *sets("local.stages=3", "train.epochs=3"), "--resume", str(tmp_path / "a"),
+               "--save-dir", str(tmp_path / "c"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "aux heads and optimizer states start fresh" in res.stdout and "epoch 3/3" in res.stdout
+    assert ckpt.resolve(tmp_path / "c").name == "step-000030"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    _final([*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=sequential", "train.epochs=1",
+            f"train.save_dir={root}"])
+    return ckpt.resolve(root)
+
+
+def _resume_error(folder: Path, *extra: str) -> str:
+    res = ppll("train", *sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=sequential",
+                              "train.epochs=2", *extra), "--resume", str(folder), timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ppll: error:"), res.stderr
+    return lines[0]
+
+
+def test_corrupt_truncated_missing_and_foreign_checkpoints(saved: Path, tmp_path: Path) -> None:
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(saved, tmp_path / name))
+
+    shard = ckpt.shard_name(1, 2)
+    truncated = copy("truncated")
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[: len(data) // 2])
+    assert shard in _resume_error(truncated)
+
+    corrupt = copy("corrupt")
+    (corrupt / shard).write_bytes(b"\x00" * 64)
+    assert shard in _resume_error(corrupt)
+
+    missing = copy("missing")
+    (missing / shard).unlink()
+    assert f"{shard} is missing" in _resume_error(missing)
+
+    no_index = copy("noindex")
+    (no_index / ckpt.INDEX).unlink()
+    assert "model.safetensors.index.json" in _resume_error(no_index)
+
+    foreign = _resume_error(saved, "model.width=16")
+    assert "'conv1.weight' has shape (8, 1, 3, 3), the model has (16, 1, 3, 3)" in foreign
+
+    pickle_dir = tmp_path / "pickle"
+    pickle_dir.mkdir()
+    torch.save({"x": torch.ones(1)}, pickle_dir / "model.bin")
+    assert "no model.safetensors.index.json" in _resume_error(pickle_dir)
+    pickled_shard = copy("pickled")
+    torch.save({"conv1.weight": torch.ones(1)}, pickled_shard / shard)
+    assert shard in _resume_error(pickled_shard)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.load_model_state(tmp_path / "nowhere")
+
+
+def test_kill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None:
+    base = sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=processes", "train.epochs=1")
+    res = ppll("train", *base, "--save-dir", str(tmp_path), "--save-every", "4",
+               env={"PPLL_FAULT": "1:8:kill-in-save"})
+    assert res.returncode != 0
+    assert (tmp_path / "step-000008.tmp").is_dir() and not (tmp_path / "step-000008").exists()
+    folder = ckpt.resolve(tmp_path)
+    assert folder.name == "step-000004"
+    state = ckpt.load_model_state(folder)
+    cfg = load_config(None, [*MODELS["resnet32"]])
+    build_model(cfg.model, in_channels=1, image_size=8, num_classes=10).model.load_state_dict(state, strict=True)
