@@ -30,6 +30,7 @@ from ppll_ext.errors import CheckpointError
 from ppll_ext.runtime.stage import parse_fault
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 STATE_DIR = "training_state"
 AUX = f"{STATE_DIR}/aux-heads.safetensors"
 TRAINER_STATE = "trainer_state.json"
@@ -148,7 +149,7 @@ def step_folder(root: str | Path, step: int) -> Path:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or the newest complete `step-N` inside a run directory."""
     p = Path(path)
-    if (p / INDEX).is_file():
+    if (p / INDEX).is_file() or (p / SINGLE).is_file():
         return p
     if p.is_dir():
         steps = sorted((int(m.group(1)), c) for c in p.iterdir() if (m := _STEP_DIR.match(c.name))
@@ -184,6 +185,8 @@ def read_json(path: Path) -> dict:
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the unsplit model from all shards, checked against the index."""
     folder = resolve(path)
+    if not (folder / INDEX).is_file():
+        return _open(folder / SINGLE)
     index = read_json(folder / INDEX)
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{str(folder / INDEX)!r} has no weight_map; it is not a sharded safetensors index")
@@ -228,3 +231,28 @@ def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
     if block.lr_scheduler is not None and scalars["lr_scheduler"] is not None:
         block.lr_scheduler.load_state_dict(scalars["lr_scheduler"])
     block.steps = scalars["steps"]
+
+
+def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int) -> list[Path]:
+    """Write `state` as one `model.safetensors`, or as HF shards + index when it exceeds `max_shard_bytes`."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        _atomic_save(shards[0], folder / SINGLE)
+        return [folder / SINGLE]
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic_save(shard, folder / name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    _atomic_json({"metadata": {"total_size": total},
+                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, folder / INDEX)
+    return [folder / n for n in names] + [folder / INDEX]

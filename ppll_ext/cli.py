@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ppll_ext.errors import PPLLError
+from ppll_ext.errors import ConfigError, PPLLError
 
 EXIT_USAGE = 2
 
@@ -24,7 +24,31 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--keep", type=int, help="keep the N newest checkpoints (= --set train.keep=N)")
     train.add_argument("--resume", help="checkpoint or run directory to resume from (= --set train.resume=...)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    exp = sub.add_parser("export", help="consolidate a checkpoint's shards into model.safetensors")
+    exp.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
+    exp.add_argument("out", help="output directory")
+    exp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
     return parser
+
+
+def parse_size(text: str) -> int:
+    """'500MB' / '5GB' / '1024' -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise ConfigError(f"--max-shard-size {text!r} is not a size such as 500MB or 5GB")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ppll_ext import checkpoint as ckpt
+
+    files = ckpt.export(ckpt.load_model_state(args.checkpoint), args.out, parse_size(args.max_shard_size))
+    print(f"exported {len(files)} file(s) to {args.out}: {', '.join(f.name for f in files)}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "export":
+            return _export(args)
     except PPLLError as exc:
         print(f"ppll: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

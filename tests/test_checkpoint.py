@@ -200,3 +200,16 @@ def test_kill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None:
     state = ckpt.load_model_state(folder)
     cfg = load_config(None, [*MODELS["resnet32"]])
     build_model(cfg.model, in_channels=1, image_size=8, num_classes=10).model.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("max_size, files", [("5GB", ["model.safetensors"]), ("20KB", None)])
+def test_export_consolidates(saved: Path, tmp_path: Path, max_size: str, files: list[str] | None) -> None:
+    res = ppll("export", str(saved.parent), str(tmp_path / "out"), "--max-shard-size", max_size, timeout=120)
+    assert res.returncode == 0, res.stderr
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    if files is not None:
+        assert written == files
+    else:
+        assert "model.safetensors.index.json" in written and len(written) > 2
+    exported, original = ckpt.load_model_state(tmp_path / "out"), ckpt.load_model_state(saved)
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
