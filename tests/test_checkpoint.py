@@ -213,3 +213,10 @@ def test_export_consolidates(saved: Path, tmp_path: Path, max_size: str, files: 
         assert "model.safetensors.index.json" in written and len(written) > 2
     exported, original = ckpt.load_model_state(tmp_path / "out"), ckpt.load_model_state(saved)
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_threads_runtime_saves_the_same_checkpoint(saved: Path, tmp_path: Path) -> None:
+    _final([*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=threads", "train.epochs=1",
+            f"train.save_dir={tmp_path}"])
+    a, b = _tensors(saved), _tensors(ckpt.resolve(tmp_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
