@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ppll_ext.errors import ConfigError, PPLLError
+from ppll_ext.launchers import is_secondary_rank
 
 EXIT_USAGE = 2
 
@@ -53,6 +54,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from ppll_ext.config import load_config
+    from ppll_ext.launchers import apply_launcher_env
     from ppll_ext.runtime.launch import spawn_torchrun, under_launcher
     from ppll_ext.train import prepare, run_training
 
@@ -63,6 +65,7 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
+    apply_launcher_env(cfg)
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
         prepare(cfg)
         forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
     except PPLLError as exc:
-        print(f"ppll: error: {exc}", file=sys.stderr)
+        if not is_secondary_rank():
+            print(f"ppll: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ppll: interrupted", file=sys.stderr)

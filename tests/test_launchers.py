@@ -1,0 +1,68 @@
+"""Every launcher a user already has runs PPLL for real: torchrun, accelerate launch, two local "nodes"."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "train.epochs=2", "--set", "train.progress=false", "--set", "data.train_subset=640"]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full,
+                          start_new_session=True)
+
+
+def assert_trained(res: subprocess.CompletedProcess, stages: int) -> None:
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = [float(m.group(1)) for m in re.finditer(r"^epoch \d+/\d+ \| loss (\S+)", res.stdout, re.M)]
+    assert len(losses) == 2 and losses[1] < losses[0], res.stdout
+    assert f"runtime=processes stages={stages}" in res.stdout
+    assert re.search(r"test accuracy 0\.\d+", res.stdout)
+
+
+def test_torchrun_script() -> None:
+    assert_trained(run(["launch/torchrun.sh", *TINY], env={"NPROC": "2"}), 2)
+
+
+def test_accelerate_launch_cpu_2proc() -> None:
+    assert_trained(run(["launch/accelerate.sh", *TINY, "--set", "local.stages=2"]), 2)
+
+
+@pytest.mark.parametrize("per_node", [1, 2])
+def test_multinode_localhost(per_node: int) -> None:
+    assert_trained(run(["launch/multinode_localhost.sh", *TINY], env={"NPROC_PER_NODE": str(per_node)}), 2 * per_node)
+
+
+def test_accelerate_with_wrong_process_count_is_one_line() -> None:
+    res = run(["launch/accelerate.sh", *TINY, "--set", "local.stages=3"])
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ppll: error:")]
+    assert len(errors) == 1 and "started 2 processes but local.stages=3" in errors[0], res.stderr[-2000:]
+
+
+def test_missing_accelerate_config_is_one_line() -> None:
+    res = run(["launch/accelerate.sh", *TINY], env={"ACCELERATE_CONFIG": "configs/accelerate/nope.yaml"})
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "launch/accelerate.sh: error: Accelerate config 'configs/accelerate/nope.yaml' does not exist; "
+        "set ACCELERATE_CONFIG to a file in configs/accelerate/"]
+
+
+def test_accelerate_environment_maps_onto_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ppll_ext.config import load_config
+    from ppll_ext.launchers import apply_launcher_env
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    cfg = load_config(None)
+    assert apply_launcher_env(cfg) == ["train.autocast=bf16"] and cfg.train.device == "cpu"
+    cfg = load_config(None, ["train.autocast=fp16"])
+    apply_launcher_env(cfg)
+    assert cfg.train.autocast == "fp16"
