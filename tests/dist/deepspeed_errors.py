@@ -1,0 +1,70 @@
+"""Bad arguments to ppll_ext.deepspeed raise ConfigError on every rank (run with deepspeed --num_gpus 2).
+
+Rank 0 prints one `ok <case>: <message>` line per case that raised ConfigError, `FAIL <case>` otherwise; a rank
+on which some case did not raise exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ppll_ext.deepspeed import LocalPipelineModule, PipeDataParallelTopology, initialize
+from ppll_ext.errors import ConfigError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.parse_args()
+    torch.set_num_threads(1)
+    deepspeed.init_distributed()
+    layers = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)]
+    ce = nn.CrossEntropyLoss()
+    ex = torch.zeros(2, 4)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+
+    def module(**kw: object) -> Callable[[], object]:
+        return lambda: LocalPipelineModule(**{"layers": layers, "num_stages": 2, "loss_fn": ce,
+                                              "example_input": ex, **kw})
+
+    cases = {
+        "aux list length": module(aux_heads=[nn.Linear(8, 3), nn.Linear(8, 3)]),
+        "aux list item": module(aux_heads=["conv"]),
+        "unknown aux kind": module(aux_heads="bogus"),
+        "aux without example": module(aux_heads="auto", example_input=None),
+        "stages vs world size": module(num_stages=3),
+        "topology vs num_stages": module(topology=PipeDataParallelTopology(num_pp=1, num_dp=2)),
+        "topology vs world size": module(num_stages=None, topology=PipeDataParallelTopology(num_pp=2, num_dp=2)),
+        "more stages than layers": module(layers=layers[:1]),
+        "bad explicit partition": module(partition_method="0,7"),
+        "unknown partition": module(partition_method="fastest"),
+        "not a LocalPipelineModule": lambda: initialize(model=nn.Linear(2, 2), config={}),
+        "missing config file": lambda: initialize(model=module()(), config="no/such/ds_config.json"),
+        "ZeRO": lambda: initialize(model=module()(), config={**config, "zero_optimization": {"stage": 1}}),
+        "fp16": lambda: initialize(model=module()(), config={**config, "fp16": {"enabled": True}}),
+    }
+    failed = False
+    for name, fn in cases.items():
+        try:
+            fn()
+        except ConfigError as exc:
+            line = f"ok {name}: {exc}"
+        else:
+            line, failed = f"FAIL {name}", True
+        if dist.get_rank() == 0:
+            print(line, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

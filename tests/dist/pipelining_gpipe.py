@@ -1,0 +1,91 @@
+"""A stock torch.distributed.pipelining training script (ScheduleGPipe), one stage per rank.
+
+    torchrun --nproc_per_node 2 tests/dist/pipelining_gpipe.py --steps 12 --microbatches 4
+
+Its PPLL twin, pipelining_ppll.py, differs only in the schedule construction, the aux head and
+the optimizer's parameters (tests/test_pipelining.py checks that the diff stays that small).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+
+def stage_modules(num_stages: int) -> list[nn.Module]:
+    """A small CNN for 8x8 digits, cut into `num_stages` consecutive pieces (same weights on every rank)."""
+    torch.manual_seed(0)
+    layers = [
+        nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10)),
+    ]
+    cuts = [round(i * len(layers) / num_stages) for i in range(num_stages + 1)]
+    return [nn.Sequential(*layers[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+def batches(steps: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first steps*batch digits, normalised, in a fixed order (every rank sees the same labels)."""
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    return [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(steps)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--save", help="folder for this stage's trained weights")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+
+    stage_mod = stage_modules(world)[rank]
+    stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=torch.device("cpu"))
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(stage_mod.parameters(), lr=0.05, momentum=0.9)
+    schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=loss_fn)
+
+    for x, y in batches(args.steps, args.batch):
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            schedule.step(x, target=y)
+        elif rank == world - 1:
+            schedule.step(target=y, losses=losses)
+        else:
+            schedule.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        if losses:
+            print(f"rank {rank} loss {torch.stack(losses).mean().item():.4f}", flush=True)
+
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in schedule_state(stage_mod, schedule).items()},
+                  str(Path(args.save) / f"stage{rank}.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def schedule_state(stage_mod: nn.Module, schedule: object) -> dict[str, torch.Tensor]:
+    """The stage's trained tensors (and its aux head's, when the schedule has one)."""
+    state = {f"stage.{k}": v for k, v in stage_mod.state_dict().items()}
+    aux = getattr(getattr(schedule, "block", None), "aux", None)
+    if aux is not None:
+        state.update({f"aux.{k}": v for k, v in aux.state_dict().items()})
+    return state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""ppll_ext.deepspeed under the real `deepspeed` launcher on CPU: every stage's weights equal sequential local
+learning in one process, data-parallel replicas stay identical, checkpoints round-trip, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.pipe import schedule
+from safetensors.torch import load_file
+from torch import nn
+
+from ppll_ext.core import LocalBlock
+from ppll_ext.deepspeed import LocalBackwardPass, LocalPipelineEngine, LocalTrainSchedule, build_stage_aux_head
+from ppll_ext.runtime import SequentialRunner, StageStats
+
+REPO = Path(__file__).resolve().parents[1]
+DIST = REPO / "tests" / "dist"
+sys.path.insert(0, str(DIST))
+import deepspeed_train as script  # noqa: E402
+
+
+def launch(nproc: int, path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus nproc path args` on a free port; the whole process group is killed on timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(path), *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"deepspeed launcher timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def train(nproc: int, out: Path, *args: str) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
+    """Run deepspeed_train.py; per rank: (its JSON info, its final tensors)."""
+    res = launch(nproc, DIST / "deepspeed_train.py", "--out", str(out), *args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(str(out / f"rank{r}.safetensors")))
+            for r in range(nproc)}
+
+
+def reference(parts: list[int], micro: int, size: int, steps: int, replicas: int = 1,
+              clip: float | None = None) -> list[dict[str, torch.Tensor]]:
+    """Sequential local learning of the script's layers, aux heads, AdamW and LR warm-up in this process, with
+    all replicas' micro-batches of a step as one mini-batch; tensors named as in the stage's module."""
+    layers = script.make_layers()
+    x_all, _ = script.digits()
+    blocks = []
+    for s in range(len(parts) - 1):
+        body = nn.Sequential(*layers[parts[s]:parts[s + 1]])
+        aux = None
+        if s < len(parts) - 2:
+            aux = build_stage_aux_head(layers, s, parts, "conv", x_all[:2], hidden=script.AUX_HIDDEN, seed=0)
+        params = list(body.parameters()) + (list(aux.parameters()) if aux is not None else [])
+        opt = torch.optim.AdamW(params, lr=script.LR, betas=script.BETAS, eps=script.EPS,
+                                weight_decay=script.WEIGHT_DECAY)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, script.lr_factor)
+        blocks.append(LocalBlock(body, aux, nn.CrossEntropyLoss(), index=s, optimizer=opt, lr_scheduler=sched,
+                                 grad_clip=clip))
+    runner = SequentialRunner(blocks, micro * replicas)
+    stats = [StageStats(b.index) for b in blocks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            mbs = [mb for r in range(replicas) for mb in script.micro_batches(step, r, replicas, micro, size)]
+            runner.train_batch(torch.cat([x for x, _ in mbs]), torch.cat([y for _, y in mbs]), stats)
+    finally:
+        torch.set_num_threads(threads)
+    out = []
+    for s, block in enumerate(blocks):
+        tensors = {f"{parts[s] + i}.{k}": v for i, layer in enumerate(block.body) for k, v in
+                   layer.state_dict().items()}
+        if block.aux is not None:
+            tensors.update({f"aux_head.{k}": v for k, v in block.aux.state_dict().items()})
+        out.append(tensors)
+    return out
+
+
+def params_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without BatchNorm statistics buffers: each data-parallel replica keeps its own (DeepSpeed syncs none)."""
+    return {k: v for k, v in tensors.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, atol: float) -> None:
+    module_keys = {k for k in got if not k.startswith("opt.")}
+    assert module_keys == set(want), (what, sorted(module_keys ^ set(want)))
+    for k, v in want.items():
+        assert torch.allclose(got[k], v.float(), atol=atol, rtol=0), (what, k, (got[k] - v.float()).abs().max())
+
+
+def test_schedule_never_moves_gradients_and_steps_once() -> None:
+    for stages, stage in [(1, 0), (3, 0), (3, 1), (3, 2)]:
+        steps = list(LocalTrainSchedule(micro_batches=4, stages=stages, stage_id=stage))
+        cmds = [type(c) for step in steps for c in step]
+        assert len(steps) == 4
+        assert not {schedule.SendGrad, schedule.RecvGrad, schedule.BackwardPass} & set(cmds)
+        assert cmds.count(schedule.OptimizerStep) == 1 and cmds[-1] is schedule.OptimizerStep
+        assert cmds.count(LocalBackwardPass) == 4
+        assert cmds.count(schedule.LoadMicroBatch) == (4 if stage == 0 else 0)
+        assert cmds.count(schedule.RecvActivation) == (0 if stage == 0 else 4)
+        assert cmds.count(schedule.SendActivation) == (0 if stage == stages - 1 else 4)
+    handled = set(LocalPipelineEngine._INSTRUCTION_MAP)
+    assert {schedule.SendGrad, schedule.RecvGrad, schedule.BackwardPass, schedule.ReduceTiedGrads}.isdisjoint(handled)
+    assert LocalPipelineEngine._INSTRUCTION_MAP[schedule.ForwardPass] is LocalPipelineEngine._exec_forward_pass
+
+
+def test_configs_are_consistent() -> None:
+    cfg = {name: json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
+           for name in ("ppll", "ppll_bf16", "stock_1f1b")}
+    for c in cfg.values():
+        assert c["optimizer"]["params"]["torch_adam"] is True
+        assert "train_batch_size" not in c  # derived from micro-batch x accumulation x data-parallel size
+    assert cfg["ppll_bf16"]["bf16"]["enabled"] is True
+    # DeepSpeed 0.19.8 keeps buffers in fp32 under bf16 unless told otherwise; CPU BatchNorm then fails.
+    assert cfg["ppll_bf16"]["data_types"]["buffer_dtype"] == "bf16"
+    strip = {k: v for k, v in cfg["ppll_bf16"].items() if k not in ("bf16", "data_types")}
+    assert strip == cfg["ppll"] == cfg["stock_1f1b"]  # same hyper-parameters: only the engine or precision differs
+
+
+def test_two_stages_equal_sequential_and_checkpoint_resumes(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    first = train(2, tmp_path / "a", "--stages", "2", "--micro", "2", "--steps", "12", "--aux", "auto",
+                  "--save-ckpt", str(ckpt), "--save-at", "6", "--eval")
+    parts = first[0][0]["parts"]
+    ref = reference(parts, micro=2, size=16, steps=12)
+    for r, (info, tensors) in first.items():
+        assert info["stage"] == r and info["finite"] and info["global_steps"] == 12
+        assert info["global_samples"] == 12 * 2 * 16
+        assert torch.isfinite(torch.tensor(info["eval_loss"]))
+        assert_matches(tensors, ref[r], f"stage {r} after 12 steps", atol=1e-5)
+    saved = sorted(p.name for p in (ckpt / "step6").iterdir())
+    assert "aux_head_00-model_states.pt" in saved and "aux_head_01-model_states.pt" not in saved, saved
+
+    second = train(2, tmp_path / "b", "--stages", "2", "--micro", "2", "--steps", "6", "--start", "6", "--aux",
+                   "auto", "--load-ckpt", str(ckpt))
+    for r, (info, tensors) in second.items():
+        assert info["loaded_steps"] == 6 and info["loaded_samples"] == 6 * 2 * 16
+        at_save = load_file(str(tmp_path / "a" / f"ckpt_rank{r}.safetensors"))
+        loaded = load_file(str(tmp_path / "b" / f"loaded_rank{r}.safetensors"))
+        assert loaded.keys() == at_save.keys() and any(k.startswith("opt.") for k in loaded)
+        for k in at_save:
+            assert torch.equal(loaded[k], at_save[k]), (r, k)
+        assert info["losses"] == first[r][0]["losses"][6:]
+        for k, v in first[r][1].items():
+            assert torch.equal(tensors[k], v), ("resumed run differs", r, k)
+        assert info["lr"] == first[r][0]["lr"]
+
+
+def test_three_stages_with_per_stage_clipping_equal_sequential(tmp_path: Path) -> None:
+    runs = train(3, tmp_path, "--stages", "3", "--micro", "4", "--size", "8", "--steps", "10", "--aux", "list",
+                 "--clip", "0.5")
+    parts = runs[0][0]["parts"]
+    assert parts == [0, 1, 3, 4]
+    ref = reference(parts, micro=4, size=8, steps=10, clip=0.5)
+    for r, (info, tensors) in runs.items():
+        assert info["stage"] == r and info["finite"]
+        assert_matches(tensors, ref[r], f"stage {r}", atol=1e-5)
+
+
+def test_data_parallel_replicas_stay_identical(tmp_path: Path) -> None:
+    runs = train(4, tmp_path, "--stages", "2", "--micro", "2", "--steps", "6", "--aux", "conv")
+    by_stage: dict[int, list[dict[str, torch.Tensor]]] = {}
+    for info, tensors in runs.values():
+        by_stage.setdefault(info["stage"], []).append(tensors)
+        assert info["finite"] and info["global_samples"] == 6 * 2 * 16 * 2
+    ref = reference(runs[0][0]["parts"], micro=2, size=16, steps=6, replicas=2)
+    for stage, (a, b) in by_stage.items():
+        a, b = params_only(a), params_only(b)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), ("replicas differ", stage, k)
+        assert_matches(a, params_only(ref[stage]), f"stage {stage} vs sequential over both replicas' data",
+                       atol=1e-5)
+
+
+def test_bf16_config_trains_a_ppll_ext_model(tmp_path: Path) -> None:
+    runs = train(2, tmp_path, "--model", "resnet8", "--stages", "2", "--steps", "4", "--config",
+                 str(REPO / "configs" / "deepspeed" / "ppll_bf16.json"))
+    for info, tensors in runs.values():
+        assert info["finite"] and info["global_steps"] == 4
+        assert any(k.startswith("aux_head.") for k in tensors) == (info["stage"] == 0)
+
+
+def test_bad_arguments_raise_config_error() -> None:
+    res = launch(2, DIST / "deepspeed_errors.py", timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    assert len(lines) == 14 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
