@@ -2,7 +2,7 @@
 # Start a DeepSpeed training script on this machine with one process per pipeline stage x data-parallel replica:
 #
 #   launch/deepspeed.sh NPROC script.py [script args...]
-#   launch/deepspeed.sh 2 tests/dist/deepspeed_train.py --stages 2 --config configs/deepspeed/ppll.json --out /tmp/ds
+#   launch/deepspeed.sh 2 tests/dist/deepspeed_train.py --stages 2 --config configs/deepspeed/ppll.json --out OUT_DIR
 #
 # On a machine without GPUs `deepspeed --num_gpus N` is what starts N processes (plain `deepspeed script.py`
 # starts one per NUMA node); DS_ACCELERATOR=cpu selects gloo. The launcher appends --local_rank=N to the script's

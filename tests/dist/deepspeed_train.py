@@ -1,6 +1,6 @@
 """A small CNN on 8x8 digits trained with ppll_ext.deepspeed (or the stock PipelineEngine), one stage per rank.
 
-    deepspeed --num_gpus 2 tests/dist/deepspeed_train.py --stages 2 --steps 12 --out /tmp/run
+    deepspeed --num_gpus 2 tests/dist/deepspeed_train.py --stages 2 --steps 12 --out OUT_DIR
 
 Writes per rank `rank{R}.safetensors` (the stage's module tensors, aux head included, and the optimizer state)
 and `rank{R}.json` (stage, replica, partition, losses, step counters) for the tests to compare.
