@@ -166,7 +166,7 @@ def _open(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path.name} is missing from {str(path.parent)!r}; the checkpoint is incomplete")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc}); it is corrupt or "
                               f"truncated: restore it or resume from an older step") from None

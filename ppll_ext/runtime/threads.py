@@ -100,7 +100,7 @@ class ThreadRunner:
             StageWorker(block, send).serve(self._inbox(k), report)
         except _Stopped:
             return
-        except BaseException as exc:  # noqa: BLE001 - any failure must stop the pipeline and reach the caller
+        except BaseException as exc:  # any failure must stop the pipeline and reach the caller
             if self._failure is None:
                 self._failure = (k, exc)
             self._stop.set()
