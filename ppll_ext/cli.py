@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, help="checkpoint every N steps (= --set train.save_every=N)")
     train.add_argument("--keep", type=int, help="keep the N newest checkpoints (= --set train.keep=N)")
     train.add_argument("--resume", help="checkpoint or run directory to resume from (= --set train.resume=...)")
+    train.add_argument("--engine", choices=("native", "deepspeed"),
+                       help="run the stages with ppll_ext's loop or the DeepSpeed adapter (= --set local.engine=...)")
+    train.add_argument("--on-nan", choices=("error", "skip"), help="NaN/inf loss: stop or skip the step (= --set "
+                       "train.on_nan=...)")
+    train.add_argument("--trace", help="write a Chrome-trace JSON of every stage here (= --set train.trace=...)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     exp = sub.add_parser("export", help="consolidate a checkpoint's shards into model.safetensors")
     exp.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
@@ -61,7 +66,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     for key, value in (("local.runtime", args.runtime), ("train.save_dir", args.save_dir),
                        ("train.save_every", args.save_every), ("train.keep", args.keep),
-                       ("train.resume", args.resume)):
+                       ("train.resume", args.resume), ("local.engine", args.engine),
+                       ("train.on_nan", args.on_nan), ("train.trace", args.trace)):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)

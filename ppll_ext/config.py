@@ -77,6 +77,14 @@ class LocalConfig:
     """Where stages run: sequential (one process, in turn) | threads | processes (one process per stage)."""
     timeout_s: float = 300.0
     """Longest wait for a neighbour stage before the run stops with an error."""
+    engine: str = "native"
+    """Who runs the stages with runtime=processes: native (ppll_ext's stage loop) | deepspeed (the DeepSpeed
+    adapter, LocalPipelineEngine, configured by local.deepspeed_config)."""
+    deepspeed_config: str = "configs/deepspeed/ppll.json"
+    """ds_config JSON for engine=deepspeed; its batch sizes and clipping are replaced by train.batch_size,
+    local.micro_batches and optim.grad_clip so both engines train the same thing."""
+    data_parallel: int = 1
+    """engine=deepspeed: data-parallel replicas per stage (processes = stages x data_parallel)."""
 
 
 @dataclass
@@ -133,6 +141,10 @@ class TrainConfig:
     """Resume from this checkpoint (or the newest one in this run directory); another K re-partitions."""
     stop_at_step: int | None = None
     """End the run after this many steps, as if interrupted (the LR schedule still spans train.epochs)."""
+    on_nan: str = "error"
+    """A NaN/inf local loss: error (stop, naming stage and step) | skip (that stage skips that step, logged)."""
+    trace: str | None = None
+    """Write a Chrome-trace / Perfetto JSON of every stage's forward, send, backward, step and waits here."""
 
 
 @dataclass
@@ -252,10 +264,13 @@ def validate(cfg: Config) -> None:
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
     _choice(cfg.train.method, ("local", "bp"), "train.method")
     _choice(cfg.train.autocast, ("none", "bf16", "fp16"), "train.autocast")
+    _choice(cfg.train.on_nan, ("error", "skip"), "train.on_nan")
+    _choice(cfg.local.engine, ("native", "deepspeed"), "local.engine")
     for key, value, low in (
         ("local.stages", cfg.local.stages, 1),
         ("local.micro_batches", cfg.local.micro_batches, 1),
         ("local.queue_depth", cfg.local.queue_depth, 1),
+        ("local.data_parallel", cfg.local.data_parallel, 1),
         ("train.epochs", cfg.train.epochs, 1),
         ("train.batch_size", cfg.train.batch_size, 1),
         ("train.eval_batch_size", cfg.train.eval_batch_size, 1),
