@@ -112,7 +112,8 @@ def build_blocks(
             nxt = layered.layers[boundaries[s + 1]: boundaries[s + 1] + cfg.local.aux_next_blocks]
             aux = build_aux_head(cfg.local.aux, h, num_classes, hidden=cfg.local.aux_hidden,
                                  next_layers=nxt, final_head=layered.layers[-1])
-        block = LocalBlock(body, aux, loss_fn, index=s, grad_clip=cfg.optim.grad_clip, autocast=cfg.train.autocast)
+        block = LocalBlock(body, aux, loss_fn, index=s, grad_clip=cfg.optim.grad_clip, autocast=cfg.train.autocast,
+                           on_nan=cfg.train.on_nan)
         block.optimizer = make_optimizer(cfg.optim, block.parameters())
         block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)
         blocks[s] = block
@@ -122,7 +123,7 @@ def build_blocks(
 def build_bp_block(cfg: Config, layered: LayeredModel, *, total_steps: int) -> LocalBlock:
     """End-to-end backprop as a single block whose body is the whole, unsplit model."""
     block = LocalBlock(layered.model, None, nn.CrossEntropyLoss(), index=0, grad_clip=cfg.optim.grad_clip,
-                       autocast=cfg.train.autocast)
+                       autocast=cfg.train.autocast, on_nan=cfg.train.on_nan)
     block.optimizer = make_optimizer(cfg.optim, block.parameters())
     block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)
     return block

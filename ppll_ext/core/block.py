@@ -3,12 +3,20 @@
 A block never needs anything from a later stage: it forwards, hands its detached output
 on (early forwarding), backpropagates its own loss through itself only, and steps its own
 optimizer once it has seen all micro-batches of a mini-batch.
+
+A non-finite local loss either stops the run (`on_nan="error"`, a PipelineError naming stage and
+step, raised before the backward pass) or, with `on_nan="skip"`, makes this block skip the
+parameter update of that mini-batch: its gradients are dropped and the optimizer (and its state,
+e.g. momentum) is left untouched, but `steps` and the LR schedule still advance, so they keep
+counting mini-batches and stay aligned with the data position stored in checkpoints. Only this
+block skips; the others train on as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -18,6 +26,7 @@ from ppll_ext.errors import PipelineError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ON_NAN = ("error", "skip")
 
 
 class LocalBlock(nn.Module):
@@ -35,8 +44,11 @@ class LocalBlock(nn.Module):
         grad_clip: float | None = None,
         autocast: str = "none",
         scale_grads: bool = True,
+        on_nan: str = "error",
     ) -> None:
         super().__init__()
+        if on_nan not in ON_NAN:
+            raise ValueError(f"on_nan={on_nan!r} is not one of {', '.join(ON_NAN)}")
         self.body = body
         self.aux = aux
         self.loss_fn = loss_fn
@@ -46,7 +58,10 @@ class LocalBlock(nn.Module):
         self.grad_clip = grad_clip
         self.autocast_dtype = _AUTOCAST[autocast]
         self.scale_grads = scale_grads
+        self.on_nan = on_nan
         self.steps = 0
+        self.skipped_steps = 0
+        self._skip = False
         self._pending = 0
         self._scaler: torch.amp.GradScaler | None = None
 
@@ -67,8 +82,16 @@ class LocalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The body's output (what the next stage receives)."""
-        with self._autocast():
-            return self.body(x)
+        try:
+            with self._autocast():
+                return self.body(x)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            # Most often the input does not fit this stage (stages cut from different models or partitions).
+            raise PipelineError(f"stage {self.index}: the forward pass failed on an input of shape {tuple(x.shape)} "
+                                f"{x.dtype}: {exc}; if the shapes do not fit, the stages were built from different "
+                                f"models or partitions (every rank needs the same config)") from exc
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Class scores from this block's output: the aux head's, or the output itself on the last block."""
@@ -90,20 +113,24 @@ class LocalBlock(nn.Module):
 
         `on_output` receives the detached output right after the forward pass, before the local
         backward, so a pipeline can send it downstream early; its value does not depend on this step.
+        A non-finite loss raises (on_nan="error") or marks this mini-batch's update as skipped (on_nan="skip").
         """
-        with self._autocast():
-            h = self.body(x)
+        h = self(x)
         out = h.detach()
         if on_output is not None:
             on_output(out)
         with self._autocast():
             loss = self.loss_fn(h if self.aux is None else self.aux(h), y)
-        scaled = loss / n_micro if self.scale_grads else loss
-        if self.autocast_dtype is torch.float16:
-            if self._scaler is None:
-                self._scaler = torch.amp.GradScaler(self.device.type)
-            scaled = self._scaler.scale(scaled)
-        scaled.backward()
+        value = float(loss.detach())
+        if math.isfinite(value):
+            scaled = loss / n_micro if self.scale_grads else loss
+            if self.autocast_dtype is torch.float16:
+                if self._scaler is None:
+                    self._scaler = torch.amp.GradScaler(self.device.type)
+                scaled = self._scaler.scale(scaled)
+            scaled.backward()
+        else:
+            self._non_finite(value)
         self._pending += 1
         if self._pending >= n_micro:
             self.step()
@@ -118,17 +145,42 @@ class LocalBlock(nn.Module):
         return h, correct, float(self.loss_fn(logits, y)) * len(y)
 
     def check_finite(self, loss: float) -> None:
-        """PipelineError naming the stage and step when a loss is NaN or infinite."""
-        if not math.isfinite(loss):
+        """PipelineError naming the stage and step when a loss is NaN or infinite (unless on_nan="skip")."""
+        if not math.isfinite(loss) and self.on_nan == "error":
             raise PipelineError(
-                f"stage {self.index}: loss is {loss} at step {self.steps}; lower optim.lr or enable optim.grad_clip"
+                f"stage {self.index}: loss is {loss} at step {self.steps}; lower optim.lr or enable optim.grad_clip, "
+                f"or skip such steps with --on-nan skip (train.on_nan=skip)"
             )
 
+    def _non_finite(self, loss: float) -> None:
+        """Raise (on_nan="error"), or mark the current mini-batch's update as skipped and say so once."""
+        self.check_finite(loss)
+        if not self._skip:
+            print(f"ppll: warning: stage {self.index}: loss is {loss} at step {self.steps}; this stage skips the "
+                  f"step's update (train.on_nan=skip)", file=sys.stderr, flush=True)
+        self._skip = True
+
     def step(self) -> None:
-        """Clip (this block only), step the optimizer and the LR schedule, clear the gradients."""
+        """Clip (this block only), step the optimizer and the LR schedule, clear the gradients.
+
+        A mini-batch marked as skipped (non-finite loss, on_nan="skip") only drops its gradients; the
+        LR schedule and `steps` advance all the same.
+        """
         self._pending = 0
         if self.optimizer is None:
             raise PipelineError(f"stage {self.index}: no optimizer was given to the local block")
+        if self._skip:
+            self._skip = False
+            self.skipped_steps += 1
+        else:
+            self._update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.steps += 1
+
+    def _update(self) -> None:
+        """Unscale (fp16), clip and apply this block's gradients."""
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -138,7 +190,3 @@ class LocalBlock(nn.Module):
             self._scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.steps += 1

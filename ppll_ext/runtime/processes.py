@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
+from ppll_ext.runtime import trace
 from ppll_ext.runtime.base import EpochStats, EvalResult
 from ppll_ext.runtime.sequential import Saver
 from ppll_ext.runtime.stage import Kind, Msg, Report, SaveRequest, StageWorker, eval_messages, train_messages
@@ -63,17 +64,27 @@ def decode_header(head: torch.Tensor) -> tuple[Kind, int, Shape | None, bool]:
     return kind, v[1], shape, bool(v[5])
 
 
-def _link_error(rank: int, peer: int, verb: str, timeout_s: float, exc: Exception) -> PipelineError:
-    return PipelineError(f"rank {rank}: {verb} rank {peer} failed (it exited, crashed or stalled for "
-                         f"{timeout_s:.0f} s; local.timeout_s sets the limit): {exc}")
+def _name(stage: int | None, rank: int) -> str:
+    return f"rank {rank}" if stage is None else f"stage {stage} (rank {rank})"
+
+
+def link_error(me: str, peer: str, sending: bool, timeout_s: float, exc: Exception) -> PipelineError:
+    """The PipelineError for a failed wait on a link: `peer` stalled past the timeout, or its process is gone."""
+    if "timed out" in str(exc).lower():
+        waited = "to take a message" if sending else "for a message"
+        return PipelineError(f"{me} waited {timeout_s:g} s {waited} from {peer}, which is stalled or hung; raise "
+                             f"local.timeout_s if one of its steps really takes that long ({exc})")
+    return PipelineError(f"{me} lost its link to {peer} while {'sending' if sending else 'receiving'}: that process "
+                         f"exited or was killed (its log or the launcher's says why) ({exc})")
 
 
 class LinkSender:
     """Sends messages to the next rank with at most `depth` messages in flight."""
 
     def __init__(self, peer: int, group: dist.ProcessGroup | None, depth: int, timeout_s: float,
-                 device: torch.device, rank: int) -> None:
+                 device: torch.device, rank: int, stage: int | None = None) -> None:
         self.peer, self.group, self.depth, self.rank = peer, group, depth, rank
+        self.me, self.to = _name(stage, rank), _name(None if stage is None else stage + 1, peer)
         self.timeout_s = timeout_s
         self.device = device
         self._guess: Shape | None = None
@@ -85,15 +96,18 @@ class LinkSender:
             for w in works:
                 w.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
-            raise _link_error(self.rank, self.peer, "sending to", self.timeout_s, exc) from exc
+            raise link_error(self.me, self.to, True, self.timeout_s, exc) from exc
 
     def _isend(self, tensor: torch.Tensor, tag: int) -> dist.Work:
         return dist.isend(tensor, self.peer, group=self.group, tag=tag)
 
     def send(self, msg: Msg) -> None:
         """Start sending `msg`; blocks only while `depth` earlier messages are still in flight."""
-        while len(self._inflight) >= self.depth:
-            self._wait_oldest()
+        if len(self._inflight) >= self.depth:
+            started = time.perf_counter()
+            while len(self._inflight) >= self.depth:
+                self._wait_oldest()
+            trace.current().complete("wait-out", None, started)
         shape = payload_shape(msg)
         resent = shape is not None and shape != self._guess
         head = encode_header(msg, resent).to(self.device)
@@ -123,8 +137,9 @@ class LinkReceiver:
     """Receives messages from the previous rank in the caller's thread, the next one always posted ahead."""
 
     def __init__(self, peer: int, group: dist.ProcessGroup | None, timeout_s: float, device: torch.device,
-                 rank: int) -> None:
+                 rank: int, stage: int | None = None) -> None:
         self.peer, self.group, self.rank, self.timeout_s, self.device = peer, group, rank, timeout_s, device
+        self.me, self.source = _name(stage, rank), _name(None if stage is None else stage - 1, peer)
         self._guess: tuple[torch.Tensor, torch.Tensor, list[dist.Work]] | None = None
         self._post(None)
 
@@ -169,7 +184,7 @@ class LinkReceiver:
             try:
                 msg = self._receive()
             except RuntimeError as exc:
-                raise _link_error(self.rank, self.peer, "receiving from", self.timeout_s, exc) from exc
+                raise link_error(self.me, self.source, False, self.timeout_s, exc) from exc
             yield msg
 
 
@@ -178,9 +193,9 @@ def open_links(ranks: list[int], index: int, depth: int, timeout_s: float, devic
     """The sender to stage index+1 and the receiver from stage index-1 of a pipeline whose stage k runs on
     global rank ranks[k], communicating over `group` (default: the default group)."""
     me = ranks[index]
-    sender = (LinkSender(ranks[index + 1], group, depth, timeout_s, device, me) if index + 1 < len(ranks)
+    sender = (LinkSender(ranks[index + 1], group, depth, timeout_s, device, me, index) if index + 1 < len(ranks)
               else None)
-    receiver = LinkReceiver(ranks[index - 1], group, timeout_s, device, me) if index > 0 else None
+    receiver = LinkReceiver(ranks[index - 1], group, timeout_s, device, me, index) if index > 0 else None
     return sender, receiver
 
 
@@ -210,8 +225,17 @@ class ProcessRunner:
         if self.sender is not None:
             self.sender.flush()
         out: list[Report] | None = [None] * self.world if self.rank == 0 else None  # type: ignore[list-item]
-        dist.gather_object(report, out, dst=0, group=self.control)
+        self._control(lambda: dist.gather_object(report, out, dst=0, group=self.control))
         return out or []
+
+    def _control(self, collective: Callable[[], object]) -> None:
+        """Run a collective of the control group; a dead or stalled stage becomes a PipelineError."""
+        try:
+            collective()
+        except RuntimeError as exc:
+            raise PipelineError(f"stage {self.rank} (rank {self.rank}): exchanging reports with the other stages "
+                                f"failed: one of them exited, was killed or stalled longer than local.timeout_s="
+                                f"{self.timeout_s:g} s ({exc})") from exc
 
     def _drive(self, messages: Iterable[Msg]) -> list[Report]:
         reports: list[Report] = []
@@ -250,4 +274,4 @@ class ProcessRunner:
     def _finish(self) -> None:
         if self.sender is not None:
             self.sender.flush()
-        dist.barrier(group=self.control)
+        self._control(lambda: dist.barrier(group=self.control))

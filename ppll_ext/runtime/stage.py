@@ -9,6 +9,7 @@ waits on anything but its input and room in its output.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import signal
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ppll_ext.core import LocalBlock
+from ppll_ext.runtime import trace
 from ppll_ext.runtime.base import StageStats, split_micro
 
 
@@ -89,17 +91,31 @@ def eval_messages(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Itera
 
 
 def parse_fault(spec: str | None) -> tuple[int, int, str] | None:
-    """PPLL_FAULT='stage:step:raise|kill|kill-in-save' -> (stage, step, kind): a deliberate failure for tests.
+    """PPLL_FAULT='stage:step:raise|kill|kill-in-save|nan' -> (stage, step, kind): a deliberate failure for tests.
 
     raise / kill happen when the stage starts training step `step`; kill-in-save while it writes that step's
-    checkpoint (after its model shard, before its training state).
+    checkpoint (after its model shard, before its training state); nan makes the stage's local loss NaN
+    during step `step`.
     """
     if not spec:
         return None
     stage, step, kind = spec.split(":")
-    if kind not in ("raise", "kill", "kill-in-save"):
-        raise ValueError(f"PPLL_FAULT={spec!r}: the kind must be raise, kill or kill-in-save")
+    if kind not in ("raise", "kill", "kill-in-save", "nan"):
+        raise ValueError(f"PPLL_FAULT={spec!r}: the kind must be raise, kill, kill-in-save or nan")
     return int(stage), int(step), kind
+
+
+class _NaNAtStep(torch.nn.Module):
+    """A block's own loss function, but NaN while the block trains step `step` (PPLL_FAULT nan)."""
+
+    def __init__(self, block: LocalBlock, step: int) -> None:
+        super().__init__()
+        self.inner = block.loss_fn
+        self.due = lambda: block.training and block.steps == step  # a closure: the block is no child of its loss
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.inner(out, y)
+        return loss * math.nan if self.due() else loss
 
 
 class StageWorker:
@@ -116,8 +132,13 @@ class StageWorker:
         self.stats = StageStats(block.index)
         self.counts = EvalCounts(block.index)
         self.last_loss: torch.Tensor | None = None
+        self.tracer = trace.current()
+        self.tracer.bind(block.index)
+        self._train_step = self.tracer.train_step(block)
         fault = parse_fault(os.environ.get("PPLL_FAULT"))
-        self._fault = fault if fault is not None and fault[0] == block.index and fault[2] != "kill-in-save" else None
+        self._fault = fault if fault is not None and fault[0] == block.index and fault[2] in ("raise", "kill") else None
+        if fault is not None and fault[0] == block.index and fault[2] == "nan":
+            block.loss_fn = _NaNAtStep(block, fault[1])
 
     def _inject_fault(self) -> None:
         _, step, kind = self._fault
@@ -142,7 +163,7 @@ class StageWorker:
             if self._fault is not None:
                 self._inject_fault()
             x, y = msg.x.to(self.device, non_blocking=True), msg.y.to(self.device, non_blocking=True)
-            _, loss = self.block.train_step(
+            _, loss = self._train_step(
                 x, y, msg.n_micro, on_output=lambda out: self._emit(Msg(Kind.TRAIN, out, y, msg.n_micro))
             )
             self.last_loss = loss
@@ -154,7 +175,8 @@ class StageWorker:
             if self.block.training:
                 self.block.eval()
             x, y = msg.x.to(self.device, non_blocking=True), msg.y.to(self.device, non_blocking=True)
-            h, correct, loss = self.block.eval_step(x, y)
+            with self.tracer.span("eval", self.block.index):
+                h, correct, loss = self.block.eval_step(x, y)
             self._emit(Msg(Kind.EVAL, h, y))
             self.counts.correct += correct
             self.counts.loss += loss
@@ -177,6 +199,7 @@ class StageWorker:
             start = time.perf_counter()
             msg = next(inbox)
             self.stats.wait_in_s += time.perf_counter() - start
+            self.tracer.complete("wait-in", self.block.index, start)
             report = self.handle(msg)
             if report is not None:
                 on_report(report)
