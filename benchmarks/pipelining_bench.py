@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
+from probe import TorchStageProbe, gather, peak_rss_mb
 from runtime_bench import MODELS, bench_config, profiled_partition, synthetic_batches
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -26,6 +27,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ppll_ext.build import build_layered, make_optimizer
 from ppll_ext.core import build_aux_head
 from ppll_ext.pipelining import SchedulePPLL
+from ppll_ext.runtime import trace
 
 METHODS = ("gpipe", "1f1b", "ppll")
 
@@ -37,9 +39,12 @@ class Contiguous(nn.Module):
         return x.contiguous()
 
 
-def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> dict | None:
-    """This rank's stage of `model` trained with `method`; rank 0 returns the timing."""
+def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str,
+           trace_path: str | None = None) -> dict | None:
+    """This rank's stage of `model` trained with `method`; rank 0 returns the timing (and writes the trace)."""
     dist.init_process_group("gloo")
+    if trace_path:
+        trace.start()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cfg = bench_config(model, "processes", world, batch, partition)
@@ -61,6 +66,10 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
         optimizer = make_optimizer(cfg.optim, stage_mod.parameters())
         cls = ScheduleGPipe if method == "gpipe" else Schedule1F1B
         schedule = cls(stage, n_microbatches=micro, loss_fn=loss_fn)
+        probe = TorchStageProbe(stage, rank)
+
+    def busy_s() -> float:
+        return schedule._worker.stats.busy_s if method == "ppll" else probe.busy_s
 
     def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         dist.barrier()
@@ -73,19 +82,26 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
             else:
                 schedule.step()
             if method != "ppll":
+                started = time.perf_counter()
                 optimizer.step()
                 optimizer.zero_grad()
+                probe.record("step", started)
         if method == "ppll":
             schedule.flush()
         dist.barrier()
         return time.perf_counter() - start
 
     run(synthetic_batches(warmup, batch, seed=2))
+    busy_before = busy_s()
     seconds = run(synthetic_batches(steps, batch, seed=3))
+    per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb()))
+    if trace_path:
+        trace.finish(trace_path, dist.group.WORLD, f"{model}: torch {method}, K={world}, M={micro}")
     dist.destroy_process_group()
     if rank != 0:
         return None
-    return {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds}
+    return {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
+            "busy_fraction": [b for b, _ in per_rank], "peak_rss_mb": [m for _, m in per_rank]}
 
 
 def main() -> None:
@@ -102,9 +118,10 @@ def main() -> None:
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", help=argparse.SUPPRESS)
+    p.add_argument("--trace", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition)
+        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition, a.trace)
         if result is not None:
             print(json.dumps(result), flush=True)
         return

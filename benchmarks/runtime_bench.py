@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
+from probe import gather, peak_rss_mb
 
 from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_boundaries
 from ppll_ext.config import Config, load_config
-from ppll_ext.runtime import SequentialRunner
+from ppll_ext.runtime import SequentialRunner, trace
 from ppll_ext.runtime.launch import init_distributed
 from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.threads import ThreadRunner
@@ -36,11 +37,12 @@ MODELS = {
 }
 
 
-def bench_config(model: str, method: str, stages: int, batch: int, partition: str = "profile") -> Config:
-    """The job every method runs: `model` cut into `stages` blocks, one torch thread per process."""
+def bench_config(model: str, method: str, stages: int, batch: int, partition: str = "profile",
+                 micro: int = 1) -> Config:
+    """The job every method runs: `model` cut into `stages` blocks of `micro` micro-batches, one torch thread."""
     runtime = "sequential" if method == "bp" else method
     return load_config(None, [*MODELS[model], f"local.stages={stages}", f"local.runtime={runtime}",
-                              f"local.partition={partition}",
+                              f"local.partition={partition}", f"local.micro_batches={micro}",
                               f"train.method={'bp' if method == 'bp' else 'local'}", f"train.batch_size={batch}",
                               "train.threads=1", "data.name=cifar10"])
 
@@ -61,13 +63,17 @@ def profiled_partition(model: str, stages: int, batch: int) -> str:
     return ",".join(str(b) for b in stage_boundaries(cfg, layered, example)[:-1])
 
 
-def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str) -> dict | None:
-    """Train `warmup` then `steps` mini-batches with `method`; returns timing on the driving process."""
-    cfg = bench_config(model, method, stages, batch, partition)
-    torch.set_num_threads(1)
+def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,
+           micro: int = 1, threads: int = 1, trace_path: str | None = None) -> dict | None:
+    """Train `warmup` then `steps` mini-batches with `method` on `threads` torch threads; returns timing, per-stage
+    busy fraction and per-process peak RSS on the driving process (which also writes the trace, if asked)."""
+    cfg = bench_config(model, method, stages, batch, partition, micro)
+    torch.set_num_threads(threads)
     rank = 0
     if method == "processes":
         rank, _, _ = init_distributed(stages, "cpu", 300.0)
+    if trace_path:
+        trace.start()
     torch.manual_seed(cfg.train.seed)
     layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
     example = synthetic_batches(1, 8, seed=1)[0][0]
@@ -85,25 +91,37 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
         runner = ProcessRunner(ordered[0], micro_batches=cfg.local.micro_batches, queue_depth=cfg.local.queue_depth)
     else:
         runner = SequentialRunner(ordered, cfg.local.micro_batches)
+    title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
     if rank != 0:
         runner.serve()
+        gather(peak_rss_mb())
+        if trace_path:
+            trace.finish(trace_path, torch.distributed.group.WORLD)
         torch.distributed.destroy_process_group()
         return None
     runner.train_epoch(synthetic_batches(warmup, batch, seed=2))
     timed = runner.train_epoch(synthetic_batches(steps, batch, seed=3))
     if not isinstance(runner, SequentialRunner):
         runner.close()
+    rss = [peak_rss_mb()]
     if method == "processes":
+        rss = gather(rss[0])
+        if trace_path:
+            trace.finish(trace_path, torch.distributed.group.WORLD, title)
         torch.distributed.destroy_process_group()
+    elif trace_path:
+        trace.finish(trace_path, title=title)
     busy = [s.busy_s / max(timed.seconds, 1e-9) for s in timed.stages]
     return {"samples_per_s": timed.samples_per_s, "seconds": timed.seconds, "boundaries": boundaries,
-            "busy_fraction": busy}
+            "busy_fraction": busy, "peak_rss_mb": rss}
 
 
-def run_method(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str) -> dict:
+def run_method(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,
+               micro: int = 1, threads: int = 1, trace_path: str | None = None) -> dict:
     """Run one measurement in fresh process(es); torchrun for the processes runtime."""
     args = ["--worker", method, "--model", model, "--stages", str(stages), "--batch-size", str(batch),
-            "--warmup", str(warmup), "--steps", str(steps), "--partition", partition]
+            "--warmup", str(warmup), "--steps", str(steps), "--partition", partition, "--microbatches", str(micro),
+            "--threads", str(threads), *(["--trace", trace_path] if trace_path else [])]
     script = str(Path(__file__).resolve())
     if method == "processes":
         return run_json(torchrun_cmd(stages, script, *args), what=f"{model}/{method}")[0]
@@ -111,7 +129,8 @@ def run_method(model: str, method: str, stages: int, batch: int, warmup: int, st
         # Two independent copies at once: what two processes can do on this machine with no dependency at all.
         args[1] = "sequential"
         both = run_json([sys.executable, script, *args], [sys.executable, script, *args], what=f"{model}/{method}")
-        return {**both[0], "samples_per_s": sum(r["samples_per_s"] for r in both), "busy_fraction": []}
+        return {**both[0], "samples_per_s": sum(r["samples_per_s"] for r in both), "busy_fraction": [],
+                "peak_rss_mb": [m for r in both for m in r["peak_rss_mb"]]}
     return run_json([sys.executable, script, *args], what=f"{model}/{method}")[0]
 
 
@@ -129,9 +148,13 @@ def main() -> None:
     p.add_argument("--worker", choices=METHODS[:-1], help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", default="profile", help=argparse.SUPPRESS)
+    p.add_argument("--microbatches", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--trace", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        result = worker(a.model, a.worker, a.stages, a.batch_size, a.warmup, a.steps, a.partition)
+        result = worker(a.model, a.worker, a.stages, a.batch_size, a.warmup, a.steps, a.partition, a.microbatches,
+                        a.threads, a.trace)
         if result is not None:
             print(json.dumps(result), flush=True)
         return

@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
     exp.add_argument("out", help="output directory")
     exp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
+    plot = sub.add_parser("plot", help="Gantt chart of traces (ppll train --trace) or throughput bars")
+    plot.add_argument("traces", nargs="*", help="Chrome-trace JSON files, one subplot each on a shared time axis")
+    plot.add_argument("--bench", help="a benchmark results JSON (e.g. benchmarks/results/bench.json): bar chart")
+    plot.add_argument("--out", required=True, help="output PNG file")
+    plot.add_argument("--window", help="zoom into START:END milliseconds of the traces")
+    sub.add_parser("bench", add_help=False, help="run benchmarks/bench.py (see ppll bench --help)")
     return parser
 
 
@@ -80,14 +86,52 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from ppll_ext.plot import plot_bench, plot_traces
+
+    if bool(args.traces) == bool(args.bench):
+        raise ConfigError("ppll plot takes trace files (a Gantt chart) or --bench FILE (a bar chart), one of the two")
+    if args.bench:
+        path = plot_bench(args.bench, args.out)
+    else:
+        window = None
+        if args.window:
+            try:
+                start, end = (float(v) for v in args.window.split(":"))
+            except ValueError as exc:
+                raise ConfigError(f"--window {args.window!r} is not START:END in milliseconds, e.g. 0:500") from exc
+            window = (start, end)
+        path = plot_traces(args.traces, args.out, window)
+    print(f"wrote {path}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise ConfigError(f"ppll bench runs benchmarks/bench.py of a source checkout, and {script} does not exist "
+                          f"(an installed wheel has no benchmarks): clone the repository and pip install -e .")
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the command; PPLLErrors become one line on stderr and exit code 2."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "train":
             return _train(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "plot":
+            return _plot(args)
+        if args.command == "bench":
+            return _bench(rest)
     except PPLLError as exc:
         if not is_secondary_rank():
             print(f"ppll: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import ConfigError
 from ppll_ext.models import LayeredModel
-from ppll_ext.runtime import EpochStats, EvalResult, SequentialRunner, StageStats
+from ppll_ext.runtime import EpochStats, EvalResult, SequentialRunner, StageStats, trace
 from ppll_ext.runtime.launch import init_distributed
 from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.sequential import Saver
@@ -199,6 +199,8 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
     def saver(block: LocalBlock, step: int) -> ckpt.StageManifest:
         return ckpt.write_stage(ckpt.step_folder(cfg.train.save_dir, step), block, k, key_maps[block.index])
 
+    if cfg.train.trace:
+        trace.start()
     runner = _make_runner(cfg, [blocks[i] for i in sorted(blocks)], runtime, saver)
     try:
         summary = None
@@ -210,6 +212,11 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
         if runtime == "processes":
             _fail_fast(rank, exc)
         raise
+    if cfg.train.trace:
+        title = f"{cfg.model.name}: {cfg.train.method} {runtime}, K={len(boundaries) - 1}, M={runner.micro_batches}"
+        written = trace.finish(cfg.train.trace, runner.control if isinstance(runner, ProcessRunner) else None, title)
+        if written is not None:
+            print(f"trace written: {written}", file=out, flush=True)
     if on_finish is not None:
         on_finish(blocks)
     if owns_group:

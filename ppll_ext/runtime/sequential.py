@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ppll_ext.core import LocalBlock
+from ppll_ext.runtime import trace
 from ppll_ext.runtime.base import EpochStats, EvalResult, StageStats, split_micro
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -27,15 +28,16 @@ class SequentialRunner:
         self.blocks = blocks
         self.micro_batches = micro_batches
         self.saver = saver
+        self._train_steps = [trace.current().train_step(b) for b in blocks]
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, stats: list[StageStats]) -> None:
         """One mini-batch through every block; block k trains on block k-1's detached outputs."""
         micro = split_micro(x, y, self.micro_batches)
-        for block, st in zip(self.blocks, stats, strict=True):
+        for block, train_step, st in zip(self.blocks, self._train_steps, stats, strict=True):
             start = time.perf_counter()
             outputs = []
             for xm, ym in micro:
-                out, loss = block.train_step(xm, ym, n_micro=len(micro))
+                out, loss = train_step(xm, ym, n_micro=len(micro))
                 value = float(loss)
                 block.check_finite(value)
                 st.add_loss(value, len(ym))

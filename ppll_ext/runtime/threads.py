@@ -16,6 +16,7 @@ import torch
 
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
+from ppll_ext.runtime import trace
 from ppll_ext.runtime.base import EpochStats, EvalResult
 from ppll_ext.runtime.sequential import Saver
 from ppll_ext.runtime.stage import (
@@ -67,13 +68,19 @@ class ThreadRunner:
                                 f"a stage is stuck (raise local.timeout_s if a step really takes this long)")
 
     def _put(self, q: queue.Queue[Msg], msg: Msg, what: str) -> None:
-        started = time.monotonic()
+        try:
+            q.put_nowait(msg)
+            return
+        except queue.Full:
+            pass
+        started, waited = time.monotonic(), time.perf_counter()
         while True:
             try:
                 q.put(msg, timeout=_POLL_S)
-                return
+                break
             except queue.Full:
                 self._check(what, started)
+        trace.current().complete("wait-out", None, waited)
 
     def _inbox(self, k: int) -> Iterator[Msg]:
         q = self._inboxes[k]

@@ -1,0 +1,336 @@
+"""`ppll bench`: every training method on the same work, side by side, plus a short accuracy run.
+
+Throughput: each method trains the same model split (profiled once per model), the same synthetic
+CIFAR-10-shaped batches, batch size and micro-batches, in fresh processes with one torch thread per
+process (except "bp-2t"); the methods are interleaved (A B C ..., A B C ...) so machine drift hits all
+alike, and the median of the repeats is reported with ratios to sequential local learning and to torch's
+1F1B (and to stock DeepSpeed 1F1B when it ran). The workers are runtime_bench.py, pipelining_bench.py
+and deepspeed_bench.py's `ds_cmd`; the last repeat of PPLL processes, GPipe and 1F1B also records a
+pipeline trace (Gantt chart: gantt.png).
+
+Accuracy (with --data-root, the CIFAR-10 image-folder tree): ResNet-32, K = 4, a fixed short budget,
+test accuracy of BP, sequential LL and PPLL processes, and every aux head's early-exit accuracy.
+
+    ppll bench                                   # the full run (writes RESULTS.md, bench.json, PNGs)
+    ppll bench --quick --data-root DIR           # a smoke run (files named *-quick*, not for the record)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from common import run_json, torchrun_cmd
+from runtime_bench import MODELS, profiled_partition, run_method
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BASELINES = ("sequential", "1f1b", "ds-1f1b")
+METHODS = {
+    "bp-1t": "end-to-end backprop, 1 process x 1 thread",
+    "bp-2t": "end-to-end backprop, 1 process x 2 threads",
+    "sequential": "sequential local learning, 1 process x 1 thread",
+    "ppll-threads": "PPLL, threads runtime (1 process, 1 thread per stage)",
+    "ppll-processes": "PPLL, processes runtime (1 process per stage)",
+    "2x-sequential": "two independent sequential LL copies at once (ceiling of 2 processes here)",
+    "ppll-torch": "PPLL via the torch adapter (SchedulePPLL)",
+    "gpipe": "torch ScheduleGPipe",
+    "1f1b": "torch Schedule1F1B",
+    "ds-ppll": "PPLL via the DeepSpeed adapter",
+    "ds-1f1b": "stock DeepSpeed pipeline (1F1B)",
+}
+TRACED = ("ppll-processes", "gpipe", "1f1b")
+THRESHOLDS = {"resnet32": 1.1, "vit": 1.3}
+"""Target speed-up of PPLL over 1F1B (torch and DeepSpeed) per model."""
+
+
+@dataclass
+class Setup:
+    """The work every method does."""
+
+    batch: int
+    micro: int
+    warmup: int
+    steps: int
+
+
+def deepspeed_command() -> tuple[Callable[..., list[str]] | None, str]:
+    """deepspeed_bench.ds_cmd if it exists, else (None, why not)."""
+    try:
+        from deepspeed_bench import ds_cmd
+    except ImportError as exc:
+        return None, f"benchmarks/deepspeed_bench.py with ds_cmd is not available ({exc})"
+    return ds_cmd, ""
+
+
+def measure(method: str, model: str, stages: int, partition: str, s: Setup, trace_path: str | None,
+            ds_cmd: Callable[..., list[str]] | None) -> dict:
+    """One measurement of `method` in fresh process(es): samples/s, busy fractions, peak RSS per process."""
+    runtime = {"bp-1t": ("bp", 1), "bp-2t": ("bp", 2), "sequential": ("sequential", 1),
+               "ppll-threads": ("threads", 1), "ppll-processes": ("processes", 1),
+               "2x-sequential": ("2x-sequential", 1)}
+    if method in runtime:
+        name, threads = runtime[method]
+        return run_method(model, name, stages, s.batch, s.warmup, s.steps, partition, s.micro, threads, trace_path)
+    if method in ("ppll-torch", "gpipe", "1f1b"):
+        args = ["--worker", "ppll" if method == "ppll-torch" else method, "--model", model, "--batch-size",
+                str(s.batch), "--microbatches", str(s.micro), "--warmup", str(s.warmup), "--steps", str(s.steps),
+                "--partition", partition, *(["--trace", trace_path] if trace_path else [])]
+        return run_json(torchrun_cmd(stages, str(HERE / "pipelining_bench.py"), *args), what=f"{model}/{method}")[0]
+    cmd = ds_cmd(model=model, method=method, batch=s.batch, micro=s.micro, warmup=s.warmup, steps=s.steps,
+                 partition=partition)
+    return run_json(cmd, what=f"{model}/{method}")[0]
+
+
+def summarise(runs: dict[str, dict[str, list[dict]]]) -> list[dict]:
+    """One row per (model, method): median samples/s, the runs, ratios to the baselines that ran, and the
+    median run's busy fractions and peak RSS."""
+    rows = []
+    for model, by_method in runs.items():
+        med = {m: statistics.median(r["samples_per_s"] for r in rs) for m, rs in by_method.items() if rs}
+        for method, rs in by_method.items():
+            if not rs:
+                continue
+            typical = min(rs, key=lambda r: abs(r["samples_per_s"] - med[method]))
+            row = {"model": model, "method": method, "median_samples_per_s": med[method],
+                   "runs": [r["samples_per_s"] for r in rs], "busy_fraction": typical.get("busy_fraction", []),
+                   "peak_rss_mb": typical.get("peak_rss_mb", [])}
+            row.update({f"x_{b}": med[method] / med[b] if b in med else None for b in BASELINES})
+            rows.append(row)
+    return rows
+
+
+def evaluate_targets(rows: list[dict], accuracy: dict | None) -> list[dict]:
+    """The issue's targets with the measured value and whether each is met (None: not measured)."""
+    out = []
+    med = {(r["model"], r["method"]): r["median_samples_per_s"] for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        def ratio(a: str, b: str, m: str = model) -> float | None:
+            return med[(m, a)] / med[(m, b)] if (m, a) in med and (m, b) in med else None
+
+        checks = [("PPLL processes / sequential LL", ratio("ppll-processes", "sequential"), 1.9)]
+        bar = THRESHOLDS.get(model, 1.1)
+        checks += [("PPLL processes / torch 1F1B", ratio("ppll-processes", "1f1b"), bar),
+                   ("PPLL processes / stock DeepSpeed 1F1B", ratio("ppll-processes", "ds-1f1b"), bar),
+                   ("SchedulePPLL / torch 1F1B (same adapter layer)", ratio("ppll-torch", "1f1b"), bar),
+                   ("DeepSpeed PPLL / stock DeepSpeed 1F1B (same engine)", ratio("ds-ppll", "ds-1f1b"), bar)]
+        for name, value, threshold in checks:
+            out.append({"model": model, "target": f"{name} >= {threshold}", "value": value,
+                        "met": None if value is None else value >= threshold})
+    if accuracy and "sequential" in accuracy.get("runs", {}) and "ppll-processes" in accuracy["runs"]:
+        gap = 100 * abs(accuracy["runs"]["ppll-processes"]["accuracy"] - accuracy["runs"]["sequential"]["accuracy"])
+        out.append({"model": accuracy["model"], "target": "|accuracy PPLL - sequential LL| <= 1.5 points",
+                    "value": gap, "met": gap <= 1.5})
+    return out
+
+
+SUMMARY_RE = re.compile(r"test accuracy ([0-9.]+)(?: \| aux heads \(early exit\) ([0-9. ]+))?")
+
+
+def parse_summary(text: str) -> dict:
+    """Test accuracy, aux heads' early-exit accuracies, throughput and total time from `ppll train` output."""
+    acc = SUMMARY_RE.findall(text)
+    if not acc:
+        raise ValueError(f"no summary in the training output:\n{text[-2000:]}")
+    speed = re.findall(r"throughput ([0-9.]+) samples/s \(last epoch\) \| total ([0-9.]+) s", text)
+    return {"accuracy": float(acc[-1][0]), "aux_accuracy": [float(v) for v in acc[-1][1].split()],
+            "samples_per_s": float(speed[-1][0]) if speed else None, "seconds": float(speed[-1][1]) if speed else None}
+
+
+def accuracy_runs(data_root: str, quick: bool) -> dict:
+    """ResNet-32, K = 4, CIFAR-10 image folder: BP, sequential LL and PPLL processes for a fixed short budget."""
+    budget = {"train_subset": 2000, "test_subset": 1000, "epochs": 1} if quick else \
+        {"train_subset": 10000, "test_subset": None, "epochs": 3}
+    common = ["data.name=imagefolder", f"data.root={data_root}", f"data.train_subset={budget['train_subset']}",
+              f"data.test_subset={budget['test_subset'] or 'null'}", f"train.epochs={budget['epochs']}",
+              "train.progress=false", "local.partition=parameters", "local.stages=4"]
+    variants = {"bp": ["train.method=bp", "train.threads=2"],
+                "sequential": ["local.runtime=sequential", "train.threads=2"],
+                "ppll-processes": ["local.runtime=processes"]}
+    out = {"model": "resnet32", "stages": 4, "config": "configs/resnet32_cifar10_k4.yaml", **budget,
+           "overrides": common, "runs": {}}
+    for name, extra in variants.items():
+        cmd = [sys.executable, "-m", "ppll_ext.train", "--config", str(ROOT / out["config"]),
+               *[a for o in [*common, *extra] for a in ("--set", o)]]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"accuracy run {name} failed:\n{proc.stderr[-3000:]}")
+        out["runs"][name] = {**parse_summary(proc.stdout), "wall_s": time.perf_counter() - started,
+                             "overrides": extra}
+        r = out["runs"][name]
+        print(f"accuracy {name:15s} test {r['accuracy']:.4f} aux {r['aux_accuracy']} ({r['wall_s']:.0f} s)",
+              flush=True)
+    return out
+
+
+def versions() -> dict:
+    """Where and with what the numbers were measured."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": metadata.version("deepspeed"),
+            "ppll_ext_commit": commit}
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(doc: dict) -> str:
+    """RESULTS.md: conditions, throughput table, targets (met / missed), accuracy, pictures."""
+    meta = doc["meta"]
+    label = " (QUICK smoke run: not for the record)" if meta["quick"] else ""
+    lines = [f"# ppll bench results{label}", "",
+             f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min)", "",
+             f"Date {meta['date']}; machine {meta['machine']}; Python {meta['python']}, torch {meta['torch']}, "
+             f"DeepSpeed {meta['deepspeed']}; ppll_ext {meta['ppll_ext_commit']}.", "",
+             f"Throughput: K = {meta['stages']}, batch {meta['batch']}, {meta['micro']} micro-batches for every "
+             f"method, {meta['steps']} timed steps after {meta['warmup']} warm-up, median of {meta['repeats']} "
+             f"interleaved repeats, fresh processes, 1 torch thread per process (bp-2t: 2). Synthetic "
+             f"CIFAR-10-shaped data. Stage boundaries (profiled once per model): "
+             + ", ".join(f"{m} {p}" for m, p in meta["partitions"].items()) + ".", ""]
+    if meta.get("skipped"):
+        lines += [f"Skipped: {meta['skipped']}", ""]
+    lines += ["| model | method | samples/s (median) | runs | x sequential | x 1f1b | x ds-1f1b | stage busy | "
+              "peak RSS MiB / process |", "|---|---|---:|---|---:|---:|---:|---|---|"]
+    for r in doc["throughput"]:
+        busy = ", ".join(f"{b:.0%}" for b in r["busy_fraction"])
+        rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb"])
+        lines.append(f"| {r['model']} | {r['method']} | {r['median_samples_per_s']:.1f} | "
+                     f"{', '.join(f'{v:.0f}' for v in r['runs'])} | {_fmt(r['x_sequential'])} | {_fmt(r['x_1f1b'])} | "
+                     f"{_fmt(r['x_ds-1f1b'])} | {busy} | {rss} |")
+    lines += ["", "Methods: " + "; ".join(f"**{k}** {v}" for k, v in METHODS.items()) + ".", "",
+              "## Targets", "", "| model | target | measured | met |", "|---|---|---:|---|"]
+    for t in doc["targets"]:
+        met = "not measured" if t["met"] is None else ("met" if t["met"] else "**missed**")
+        lines.append(f"| {t['model']} | {t['target']} | {_fmt(t['value'])} | {met} |")
+    acc = doc.get("accuracy")
+    lines += ["", "## Accuracy", ""]
+    if acc is None:
+        lines.append(f"Not run: {meta.get('accuracy_skipped', 'no --data-root given')}.")
+    else:
+        lines += [f"{acc['model']}, K = {acc['stages']}, CIFAR-10 image folder, first {acc['train_subset']} training "
+                  f"images (seeded subset), {acc['epochs']} epoch(s), test set "
+                  f"{acc['test_subset'] or 'all 10000'} images; `{acc['config']}` with "
+                  f"`{' '.join(acc['overrides'])}`.", "",
+                  "| method | test accuracy | aux heads (early exit) | wall s |", "|---|---:|---|---:|"]
+        for name, r in acc["runs"].items():
+            lines.append(f"| {name} | {r['accuracy']:.4f} | {' '.join(f'{a:.4f}' for a in r['aux_accuracy'])} | "
+                         f"{r['wall_s']:.0f} |")
+    lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in doc["pictures"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; writes bench.json, RESULTS.md, traces and PNGs under --out (with -quick in the names)."""
+    p = argparse.ArgumentParser(prog="ppll bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 3 steps, ResNet-32 only unless "
+                   "--models is given, small accuracy budget (results files named *-quick*)")
+    p.add_argument("--models", help=f"comma-separated, from {','.join(MODELS)} (default: all; --quick: resnet32)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats per method (default 3; --quick 1)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--steps", type=int, help="timed steps per run (default 12; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps per run (default 3; --quick 1)")
+    p.add_argument("--k4", action="store_true", help="also sequential LL and PPLL processes with K = 4 "
+                   "(4 processes on this machine's cores: oversubscribed where there are fewer than 4)")
+    p.add_argument("--data-root", help="CIFAR-10 image-folder tree (train/ and test/) for the accuracy runs; "
+                   "without it the accuracy part is skipped")
+    p.add_argument("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")
+    a = p.parse_args(argv)
+    began = time.perf_counter()
+    models = a.models.split(",") if a.models else (["resnet32"] if a.quick else list(MODELS))
+    methods = a.methods.split(",") if a.methods else list(METHODS)
+    for name, given, known in (("--models", models, MODELS), ("--methods", methods, METHODS)):
+        unknown = [v for v in given if v not in known]
+        if unknown:
+            p.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    setup = Setup(a.batch_size, a.microbatches, a.warmup if a.warmup is not None else (1 if a.quick else 3),
+                  a.steps if a.steps is not None else (3 if a.quick else 12))
+    repeats = a.repeats or (1 if a.quick else 3)
+    if setup.batch % setup.micro:
+        p.error(f"--batch-size {setup.batch} must be a multiple of --microbatches {setup.micro}")
+    suffix = "-quick" if a.quick else ""
+    out = Path(a.out)
+    (out / "traces").mkdir(parents=True, exist_ok=True)
+    ds_cmd, why = deepspeed_command()
+    skipped = ""
+    if ds_cmd is None and any(m.startswith("ds-") for m in methods):
+        skipped = f"ds-ppll and ds-1f1b: {why}"
+        print(f"skipping {skipped}", flush=True)
+        methods = [m for m in methods if not m.startswith("ds-")]
+    if a.data_root is None:
+        print("accuracy part skipped: give --data-root DIR (the CIFAR-10 image-folder tree with train/ and test/)",
+              flush=True)
+    elif not (Path(a.data_root) / "train").is_dir():
+        p.error(f"--data-root {a.data_root!r} has no train/ folder; point it at the CIFAR-10 image-folder tree")
+
+    plan = [(model, method, 2) for model in models for method in methods]
+    if a.k4:
+        plan += [(model, f"{method}-k4", 4) for model in models for method in ("sequential", "ppll-processes")]
+    partitions = {}
+    for model in models:
+        for k in sorted({k for _, _, k in plan}):
+            partitions[(model, k)] = profiled_partition(model, k, setup.batch // setup.micro)
+            print(f"{model}: K={k} stages start at layers {partitions[(model, k)]} (profiled)", flush=True)
+    runs: dict[str, dict[str, list[dict]]] = {m: {} for m in models}
+    traces: dict[str, list[str]] = {m: [] for m in models}
+    for rep in range(repeats):
+        for model, method, k in plan:
+            base = method.removesuffix("-k4")
+            trace_path = None
+            if rep == repeats - 1 and method in TRACED:
+                trace_path = str(out / "traces" / f"{model}-{method}{suffix}.json")
+                traces[model].append(trace_path)
+            r = measure(base, model, k, partitions[(model, k)], setup, trace_path, ds_cmd)
+            runs[model].setdefault(method, []).append(r)
+            print(f"{model:9s} rep {rep + 1}/{repeats} {method:18s} {r['samples_per_s']:8.1f} samples/s "
+                  f"({time.perf_counter() - began:.0f} s)", flush=True)
+    rows = summarise(runs)
+    accuracy = accuracy_runs(a.data_root, a.quick) if a.data_root else None
+
+    from ppll_ext.plot import plot_bench, plot_traces
+
+    doc = {"meta": {**versions(), "quick": a.quick, "command": "ppll bench " + " ".join(sys.argv[1:] if argv is None
+                                                                                       else argv),
+                    "stages": 2, "batch": setup.batch, "micro": setup.micro, "steps": setup.steps,
+                    "warmup": setup.warmup, "repeats": repeats, "skipped": skipped,
+                    "partitions": {f"{m} K={k}": v for (m, k), v in partitions.items()}},
+           "throughput": rows, "accuracy": accuracy, "targets": evaluate_targets(rows, accuracy), "traces": traces}
+    bench_json = out / f"bench{suffix}.json"
+    bench_json.write_text(json.dumps(doc, indent=2) + "\n")
+    doc["pictures"] = [f"throughput{suffix}.png"]
+    plot_bench(bench_json, out / doc["pictures"][0])
+    for model, paths in traces.items():
+        if paths:
+            doc["pictures"].append(f"gantt-{model}{suffix}.png")
+            plot_traces(paths, out / doc["pictures"][-1])
+    doc["meta"]["wall_s"] = time.perf_counter() - began
+    bench_json.write_text(json.dumps(doc, indent=2) + "\n")
+    text = markdown(doc)
+    (out / f"RESULTS{suffix}.md").write_text(text)
+    print(text)
+    print(f"wrote {bench_json}, {out / f'RESULTS{suffix}.md'} and {', '.join(doc['pictures'])} "
+          f"in {doc['meta']['wall_s'] / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

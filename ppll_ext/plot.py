@@ -1,0 +1,153 @@
+"""`ppll plot`: Gantt charts of pipeline traces and throughput bar charts (matplotlib, Agg backend).
+
+A trace is the Chrome-trace JSON that `ppll train --trace` (or the benchmarks) write: one row per
+stage, one bar per event, coloured by kind. Several traces are stacked on one time axis, so PPLL's
+streaming and 1F1B's bubbles compare at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+from ppll_ext.errors import ConfigError
+
+COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "step": "#55a868", "send": "#8172b3", "eval": "#937860",
+          "wait-in": "#c8c8c8", "wait-out": "#c44e52", "wait": "#a0a0a0"}
+WAITS = ("wait-in", "wait-out", "wait")
+"""Drawn thinner (idle time), after the work they may nest in (a wait for queue room happens inside a send)."""
+WORK = ("forward", "backward", "step")
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported only when a plot is made."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("ppll plot needs matplotlib: pip install matplotlib") from exc
+    return plt
+
+
+def load_trace(path: str | os.PathLike) -> tuple[str, dict[int, str], list[dict]]:
+    """(title, stage row names by pid, complete events) of a Chrome-trace JSON file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        events = doc["traceEvents"] if isinstance(doc, dict) else doc
+        names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+        spans = [e for e in events if e.get("ph") == "X"]
+        _require(spans, ("ts", "dur", "pid", "name"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{str(path)!r} is not a readable Chrome-trace JSON with complete ('X') events: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not spans:
+        raise ConfigError(f"{str(path)!r} holds no complete ('X') events to plot")
+    title = (doc.get("otherData", {}).get("title") if isinstance(doc, dict) else None) or Path(path).stem
+    return title, names, spans
+
+
+def busy_fractions(events: list[dict]) -> dict[int, float]:
+    """Per stage (pid): time in forward/backward/step over the trace's whole span."""
+    start = min(e["ts"] for e in events)
+    span = max(e["ts"] + e["dur"] for e in events) - start
+    busy: dict[int, float] = {}
+    for e in events:
+        busy.setdefault(e["pid"], 0.0)
+        if e["name"] in WORK:
+            busy[e["pid"]] += e["dur"]
+    return {pid: b / span if span > 0 else 0.0 for pid, b in busy.items()}
+
+
+def plot_traces(paths: list[str | os.PathLike], out: str | os.PathLike,
+                window: tuple[float, float] | None = None) -> Path:
+    """Gantt chart of each trace (one subplot per file, one row per stage, shared time axis in ms) -> PNG.
+
+    `window` = (start_ms, end_ms) zooms into part of the run.
+    """
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    traces = [load_trace(p) for p in paths]
+    rows = sum(len({e["pid"] for e in spans}) for _, _, spans in traces)
+    fig, axes = plt.subplots(len(traces), 1, figsize=(13, 1.2 + 0.55 * rows + 0.9 * len(traces)), sharex=True,
+                             squeeze=False)
+    seen: set[str] = set()
+    for ax, (title, names, spans) in zip(axes[:, 0], traces, strict=True):
+        t0 = min(e["ts"] for e in spans)
+        pids = sorted({e["pid"] for e in spans})
+        order = [*[k for k in COLORS if k not in WAITS], *WAITS]
+        kinds = sorted({e["name"] for e in spans}, key=lambda k: order.index(k) if k in order else -1)
+        for kind in kinds:
+            height = 0.35 if kind in WAITS else 0.8
+            for y, pid in enumerate(pids):
+                bars = [((e["ts"] - t0) / 1e3, e["dur"] / 1e3) for e in spans if e["pid"] == pid and e["name"] == kind]
+                if bars:
+                    ax.broken_barh(bars, (y - height / 2, height), facecolors=COLORS.get(kind, "#333333"),
+                                   linewidth=0)
+            seen.add(kind)
+        busy = busy_fractions(spans)
+        ax.set_yticks(range(len(pids)), [f"{names.get(p, f'stage {p}')} ({busy[p]:.0%} busy)" for p in pids])
+        ax.set_ylim(len(pids) - 0.5, -0.5)
+        ax.set_title(title, loc="left", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    if window is not None:
+        axes[-1, 0].set_xlim(*window)
+    axes[-1, 0].set_xlabel("time (ms)")
+    order = [k for k in COLORS if k in seen] + sorted(seen - set(COLORS))
+    fig.legend(handles=[Patch(color=COLORS.get(k, "#333333"), label=k) for k in order], loc="upper right",
+               ncol=len(order), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return _save(fig, plt, out)
+
+
+def plot_bench(bench: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Throughput bar chart of a benchmark results JSON (one panel per model, median with min-max of runs)."""
+    plt = _pyplot()
+    try:
+        doc = json.loads(Path(bench).read_text())
+        rows = doc.get("throughput") or doc["results"]
+        _require(rows, ("model", "method", "median_samples_per_s", "runs"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{str(bench)!r} is not a benchmark results JSON (rows with model, method, "
+                          f"median_samples_per_s, runs): {type(exc).__name__}: {exc}") from exc
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        med = [r["median_samples_per_s"] for r in mine]
+        lo = [m - min(r["runs"], default=m) for m, r in zip(med, mine, strict=True)]
+        hi = [max(r["runs"], default=m) - m for m, r in zip(med, mine, strict=True)]
+        colors = ["#c44e52" if r["method"].startswith(("ppll", "ds-ppll")) else "#4c72b0" for r in mine]
+        ax.bar(range(len(mine)), med, yerr=[lo, hi], color=colors, capsize=3)
+        base = {r["method"]: r["median_samples_per_s"] for r in mine}.get("sequential")
+        for i, m in enumerate(med):
+            label = f"{m:.0f}" + (f"\n{m / base:.2f}x" if base else "")
+            ax.annotate(label, (i, m + hi[i]), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_xticks(range(len(mine)), [r["method"] for r in mine], rotation=20, ha="right")
+        ax.set_ylabel("samples/s")
+        ax.set_ylim(0, max(med) * 1.3)
+        ax.set_title(f"{model}: median of {statistics.median(len(r['runs']) for r in mine):.0f} runs "
+                     f"(bars: min-max; ratios to sequential LL)", loc="left", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, plt, out)
+
+
+def _require(rows: list[dict], keys: tuple[str, ...]) -> None:
+    """KeyError naming the first field missing from a row."""
+    for row in rows:
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise KeyError(f"{missing[0]!r} missing in {row}")
+
+
+def _save(fig, plt, out: str | os.PathLike) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

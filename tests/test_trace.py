@@ -1,0 +1,132 @@
+"""Pipeline traces (`ppll train --trace`), `ppll plot`, and the benchmark harness's pure parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from ppll_ext import cli
+from ppll_ext.config import load_config
+from ppll_ext.runtime import trace
+from ppll_ext.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.name=resnet8", "model.width=8", "data.name=digits", "data.train_subset=256", "data.test_subset=100",
+        "train.epochs=1", "train.batch_size=64", "local.micro_batches=2", "train.progress=false"]
+
+
+def ppll(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`ppll ARGS` in a subprocess (what the console script runs)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", "from ppll_ext.cli import entry; entry()", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_trace(path: Path, stages: int, senders: int) -> list[dict]:
+    """Assert the Chrome-trace invariants; returns the complete events."""
+    doc = json.loads(path.read_text())
+    events = doc["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names == {k: f"stage {k}" for k in range(stages)}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all({"name", "cat", "ts", "dur", "pid", "tid"} <= e.keys() for e in spans)
+    for k in range(stages):
+        mine = [e for e in spans if e["pid"] == k]
+        kinds = {e["name"] for e in mine}
+        assert {"forward", "backward", "step"} <= kinds, (k, kinds)
+        assert ("send" in kinds) == (k < senders)
+        # Top-level events of a stage never overlap (a wait for queue room nests inside its send).
+        top = sorted((e for e in mine if e["name"] != "wait-out"), key=lambda e: e["ts"])
+        for a, b in zip(top, top[1:]):
+            assert b["ts"] >= a["ts"] + a["dur"] - 1.0, (a, b)
+        # Per micro-batch: forward, then send, then backward.
+        by_mb: dict[int, dict[str, float]] = defaultdict(dict)
+        for e in mine:
+            if e["name"] in ("forward", "send", "backward"):
+                by_mb[e["args"]["mb"]][e["name"]] = e["ts"]
+        assert len(by_mb) == 4 * 2  # 256 images / batch 64, 2 micro-batches each
+        for t in by_mb.values():
+            assert t["forward"] <= t.get("send", t["forward"]) <= t["backward"]
+    return spans
+
+
+def test_processes_trace_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "pp.json"
+    res = ppll("train", "--runtime", "processes", "--trace", str(out), *[a for o in TINY for a in ("--set", o)])
+    assert res.returncode == 0, res.stderr
+    assert f"trace written: {out}" in res.stdout
+    spans = check_trace(out, stages=2, senders=1)
+    assert any(e["name"] == "wait-in" and e["pid"] == 1 for e in spans)
+    png = tmp_path / "gantt.png"
+    assert cli.main(["plot", str(out), str(out), "--out", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_threads_and_sequential_traces(tmp_path: Path) -> None:
+    for runtime in ("threads", "sequential"):
+        path = tmp_path / f"{runtime}.json"
+        cfg = load_config(None, [*TINY, f"local.runtime={runtime}", "local.stages=3", f"train.trace={path}"])
+        run_training(cfg, out=io.StringIO())
+        check_trace(path, stages=3, senders=2 if runtime == "threads" else 0)
+        assert not trace.current().enabled
+
+
+def test_disabled_tracer_is_a_no_op() -> None:
+    tracer = trace.current()
+    assert not tracer.enabled
+    tracer.complete("forward", 0, 0.0, 1.0)
+    with tracer.span("eval", 0):
+        pass
+
+
+def test_plot_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"traceEvents": []}')
+    assert cli.main(["plot", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no complete ('X') events" in capsys.readouterr().err
+    assert cli.main(["plot", "--out", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.fixture
+def bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench
+
+        yield bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_bench_summary_and_targets(bench) -> None:
+    runs = {"vit": {"sequential": [{"samples_per_s": v} for v in (100, 90, 110)],
+                    "1f1b": [{"samples_per_s": v} for v in (120, 130, 125)],
+                    "ppll-processes": [{"samples_per_s": v, "busy_fraction": [0.9, 0.8], "peak_rss_mb": [500, 400]}
+                                       for v in (195, 180, 170)]}}
+    rows = {r["method"]: r for r in bench.summarise(runs)}
+    assert rows["ppll-processes"]["median_samples_per_s"] == 180
+    assert rows["ppll-processes"]["x_sequential"] == pytest.approx(1.8)
+    assert rows["ppll-processes"]["x_ds-1f1b"] is None
+    assert rows["ppll-processes"]["busy_fraction"] == [0.9, 0.8]
+    acc = {"model": "resnet32", "runs": {"sequential": {"accuracy": 0.50}, "ppll-processes": {"accuracy": 0.49}}}
+    targets = {t["target"]: t for t in bench.evaluate_targets(list(rows.values()), acc)}
+    assert targets["PPLL processes / sequential LL >= 1.9"]["met"] is False
+    assert targets["PPLL processes / torch 1F1B >= 1.3"]["met"] is True
+    assert targets["PPLL processes / stock DeepSpeed 1F1B >= 1.3"]["met"] is None
+    assert targets["|accuracy PPLL - sequential LL| <= 1.5 points"]["met"] is True
+
+
+def test_bench_parses_the_training_summary(bench) -> None:
+    text = ("summary: method=local runtime=processes stages=4 boundaries=[0, 5, 9, 13, 17] epochs=1\n"
+            "  test accuracy 0.4120 | aux heads (early exit) 0.3010 0.3500 0.4000\n"
+            "  throughput 180.2 samples/s (last epoch) | total 60.5 s\n")
+    assert bench.parse_summary(text) == {"accuracy": 0.412, "aux_accuracy": [0.301, 0.35, 0.4],
+                                         "samples_per_s": 180.2, "seconds": 60.5}
