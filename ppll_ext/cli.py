@@ -78,10 +78,14 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
     apply_launcher_env(cfg)
+    deepspeed = cfg.train.method == "local" and cfg.local.engine == "deepspeed"
+    if deepspeed and cfg.local.runtime != "processes":
+        raise ConfigError(f"local.engine=deepspeed runs one process per stage; local.runtime={cfg.local.runtime!r} "
+                          f"must be processes")
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
         prepare(cfg)
         forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
-        return spawn_torchrun(cfg.local.stages, forwarded)
+        return spawn_torchrun(cfg.local.stages * (cfg.local.data_parallel if deepspeed else 1), forwarded)
     run_training(cfg)
     return 0
 

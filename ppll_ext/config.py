@@ -80,9 +80,10 @@ class LocalConfig:
     engine: str = "native"
     """Who runs the stages with runtime=processes: native (ppll_ext's stage loop) | deepspeed (the DeepSpeed
     adapter, LocalPipelineEngine, configured by local.deepspeed_config)."""
-    deepspeed_config: str = "configs/deepspeed/ppll.json"
-    """ds_config JSON for engine=deepspeed; its batch sizes and clipping are replaced by train.batch_size,
-    local.micro_batches and optim.grad_clip so both engines train the same thing."""
+    deepspeed_config: str | None = None
+    """engine=deepspeed: a ds_config JSON (None: ZeRO stage 0, nothing else). Its optimizer/scheduler sections, if
+    any, replace optim.*; batch sizes, accumulation and clipping always come from train.batch_size,
+    local.micro_batches and optim.grad_clip, and bf16 from train.autocast=bf16, so both engines train alike."""
     data_parallel: int = 1
     """engine=deepspeed: data-parallel replicas per stage (processes = stages x data_parallel)."""
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -43,7 +44,7 @@ from ppll_ext.core import build_aux_head
 from ppll_ext.core.partition import parse_explicit
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime.processes import open_links
-from ppll_ext.runtime.stage import Kind, Msg
+from ppll_ext.runtime.stage import EvalCounts, Kind, Msg
 
 __all__ = [
     "LayerSpec",
@@ -322,6 +323,10 @@ class LocalPipelineEngine(PipelineEngine):
         self._sender, receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
         self._inbox = receiver.messages() if receiver is not None else None
         self._loss_sum = torch.zeros((), device=self.device)
+        self.wait_in_s = 0.0
+        """Seconds spent waiting for activations from the previous stage (the data loader on the first stage)."""
+        self.wait_out_s = 0.0
+        """Seconds spent waiting for room in the bounded link to the next stage."""
 
     def train_batch(self, data_iter: Any = None) -> torch.Tensor:
         """Train this stage on gradient_accumulation_steps micro-batches and step once.
@@ -366,6 +371,33 @@ class LocalPipelineEngine(PipelineEngine):
             self.set_dataiterator(train_iter)
         return self._mean_over_replicas(total / micro)
 
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None, num_batches: int) -> EvalCounts:
+        """Forward `num_batches` whole batches (the first stage reads `batches`, the others receive them) and count
+        this stage's classifier's correct predictions: its aux head's (early exit), or the model's on the last stage.
+        """
+        self.module.eval()
+        counts = EvalCounts(self.stage_id)
+        source = iter(batches) if batches is not None else None
+        try:
+            for _ in range(num_batches):
+                if self.is_first_stage():
+                    if source is None:
+                        raise PipelineError("the first stage has no data: pass evaluate(batches, num_batches)")
+                    x, y = self._to_device(next(source))
+                else:
+                    x, y = self._receive(Kind.EVAL, 1)
+                h = self.module(x)
+                if self._sender is not None:
+                    self._sender.send(Msg(Kind.EVAL, h.contiguous(), y, 1))
+                scores = (h if self.module.aux_head is None else self.module.aux_head(h)).float()
+                counts.correct += int((scores.argmax(-1) == y).sum())
+                counts.loss += float(self.module.loss_fn(scores, y)) * len(y)
+                counts.samples += len(y)
+        finally:
+            self.module.train()
+        return counts
+
     def _mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
         if self.is_data_parallel:
             dist.all_reduce(value, group=self.grid.get_data_parallel_group())
@@ -382,10 +414,15 @@ class LocalPipelineEngine(PipelineEngine):
         nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping())
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        began = time.perf_counter()
         batch = self._next_batch()
+        self.wait_in_s += time.perf_counter() - began
         if batch is None:
             raise PipelineError("the first stage has no data: pass train_batch(data_iter) / eval_batch(data_iter) "
                                 "or training_data= to initialize")
+        return self._to_device(batch)
+
+    def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
             raise PipelineError("the data iterator must yield (inputs, labels) pairs of tensors")
         x, y = batch[0].to(self.device), batch[1].to(self.device)
@@ -394,7 +431,9 @@ class LocalPipelineEngine(PipelineEngine):
         return x, y
 
     def _receive(self, kind: Kind, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        began = time.perf_counter()
         msg = next(self._inbox)
+        self.wait_in_s += time.perf_counter() - began
         if msg.kind is not kind or msg.n_micro != micro:
             raise PipelineError(
                 f"stage {self.stage_id} expected a {kind.name} micro-batch ({micro} per batch) from stage "
@@ -420,7 +459,9 @@ class LocalPipelineEngine(PipelineEngine):
 
     def _exec_send_activations(self, buffer_id: int) -> None:
         out = self.pipe_buffers["outputs"][buffer_id].detach().contiguous()
+        began = time.perf_counter()
         self._sender.send(Msg(Kind.TRAIN, out, self.pipe_buffers["labels"][buffer_id], self.micro_batches))
+        self.wait_out_s += time.perf_counter() - began
 
     def _exec_local_backward(self, buffer_id: int) -> None:
         with autocast_if_enabled(self):

@@ -119,21 +119,22 @@ def _make_runner(cfg: Config, blocks: list[LocalBlock], runtime: str, saver: Sav
     return SequentialRunner(blocks, m, saver)
 
 
-def _fail_fast(rank: int, exc: BaseException) -> NoReturn:
+def fail_fast(rank: int, exc: BaseException) -> NoReturn:
     """A failed rank says which stage failed and why, then exits at once (no teardown that could hang)."""
     print(f"ppll: error: stage {rank} (rank {rank}) failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
 
 
-def _resume_state(cfg: Config) -> tuple[Path | None, dict | None]:
+def resume_state(cfg: Config) -> tuple[Path | None, dict | None]:
+    """The checkpoint folder train.resume names and its trainer state (None, None without train.resume)."""
     if not cfg.train.resume:
         return None, None
     folder = ckpt.resolve(cfg.train.resume)
     return folder, ckpt.read_json(folder / ckpt.TRAINER_STATE)
 
 
-def _restore(folder: Path, state: dict, layered: LayeredModel, blocks: dict[int, LocalBlock],
+def restore_checkpoint(folder: Path, state: dict, layered: LayeredModel, blocks: dict[int, LocalBlock],
              boundaries: list[int], out: TextIO) -> ckpt.Position:
     """Load the model weights (any cut) and, if the cut is unchanged, every stage's aux head and optimizer."""
     weights = ckpt.load_model_state(folder)
@@ -160,6 +161,10 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
 
     `on_finish(blocks)` receives this process's trained blocks, by stage index.
     """
+    if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
+        from ppll_ext.train_deepspeed import run_deepspeed_training
+
+        return run_deepspeed_training(cfg, out=out, on_finish=on_finish)
     runtime = cfg.local.runtime if cfg.train.method == "local" else "sequential"
     rank, device = 0, torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
     owns_group = False
@@ -171,9 +176,9 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
     job = prepare(cfg)
     train_loader, test_loader, layered, example = job.train_loader, job.test_loader, job.layered, job.example
     total_steps = cfg.train.epochs * len(train_loader)
-    resume_folder, resume_state = _resume_state(cfg)
+    resume_folder, resume_info = resume_state(cfg)
     k = 1 if cfg.train.method == "bp" else cfg.local.stages
-    kept_cut = resume_state["boundaries"] if resume_state and resume_state["num_stages"] == k else None
+    kept_cut = resume_info["boundaries"] if resume_info and resume_info["num_stages"] == k else None
     if cfg.train.method == "bp":
         blocks = {0: build_bp_block(cfg, layered, total_steps=total_steps)}
         boundaries = [0, len(layered.layers)]
@@ -187,7 +192,7 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
         boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total_steps, boundaries=kept_cut)
     position = ckpt.Position(0, 0, 0)
     if resume_folder is not None:
-        position = _restore(resume_folder, resume_state, layered, blocks, boundaries, out)
+        position = restore_checkpoint(resume_folder, resume_info, layered, blocks, boundaries, out)
         if position.step >= total_steps:
             raise ConfigError(f"nothing to train: {str(resume_folder)!r} is at step {position.step} of "
                               f"{total_steps}; raise train.epochs to continue")
@@ -210,7 +215,7 @@ def run_training(cfg: Config, *, out: TextIO = sys.stdout,
             runner.serve()
     except BaseException as exc:
         if runtime == "processes":
-            _fail_fast(rank, exc)
+            fail_fast(rank, exc)
         raise
     if cfg.train.trace:
         title = f"{cfg.model.name}: {cfg.train.method} {runtime}, K={len(boundaries) - 1}, M={runner.micro_batches}"

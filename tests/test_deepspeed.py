@@ -202,3 +202,48 @@ def test_bad_arguments_raise_config_error() -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
     assert len(lines) == 14 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
+
+
+def launch_script(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`launch/deepspeed.sh nproc args` (the shipped wrapper of the deepspeed launcher) on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([str(REPO / "launch" / "deepspeed.sh"), str(nproc), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"launch/deepspeed.sh timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path) -> None:
+    """`ppll train --engine deepspeed` under the deepspeed launcher, stopped at step 30 and resumed, ends with the
+    same weights, aux heads and optimizer state as the native engine's uninterrupted run."""
+    common = ["--set", "train.epochs=2", "--set", "train.progress=false"]
+    ds = ["--module", "ppll_ext.train", "--engine", "deepspeed", *common, "--save-dir", str(tmp_path / "ds")]
+    first = launch_script(2, *ds, "--set", "train.stop_at_step=30")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "stopped at step 30" in first.stdout and "step-000030" in first.stdout, first.stdout
+    second = launch_script(2, *ds, "--resume", str(tmp_path / "ds"))
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "resuming at epoch 2 batch 7 (step 30)" in second.stdout, second.stdout
+    native = subprocess.run([sys.executable, "-m", "ppll_ext.train", *common, "--save-dir", str(tmp_path / "native")],
+                            capture_output=True, text=True, cwd=REPO, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert native.returncode == 0, native.stderr[-3000:]
+    accuracy = [line for line in native.stdout.splitlines() if "test accuracy" in line]
+    assert accuracy and accuracy[0] in second.stdout, (accuracy, second.stdout)
+    a, b = tmp_path / "ds" / "step-000046", tmp_path / "native" / "step-000046"
+    files = sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+    assert sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors")) == files
+    assert "training_state/stage-1.safetensors" in files
+    for name in files:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        for k in x.keys() - {"rng.cpu"}:  # DeepSpeed draws random numbers of its own while starting
+            assert torch.equal(x[k], y[k]), (name, k)

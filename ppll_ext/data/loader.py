@@ -71,13 +71,14 @@ class BatchLoader:
         gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         return torch.randperm(len(self.dataset), generator=gen)
 
-    def iter_from(self, batch_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the epoch's batches from `batch_index` on, identical to the same batches of a full pass."""
+    def iter_from(self, batch_index: int, stride: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the epoch's batches batch_index, batch_index + stride, ... (a data-parallel replica's share),
+        identical to the same batches of a full pass."""
         if batch_index < 0:
             raise ConfigError(f"batch_index={batch_index} must be non-negative")
         order = self.order()
         images, labels = self.dataset.images, self.dataset.labels
-        for i in range(batch_index, len(self)):
+        for i in range(batch_index, len(self), stride):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset))
             if order is None:
                 x, y = images[lo:hi], labels[lo:hi]

@@ -28,16 +28,18 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
 
 
-def init_distributed(expected_world: int, device: str, timeout_s: float) -> tuple[int, bool, torch.device]:
-    """Join the launcher's process group (gloo on CPU, NCCL on CUDA); check world size == stages.
+def init_distributed(stages: int, device: str, timeout_s: float,
+                     data_parallel: int = 1) -> tuple[int, bool, torch.device]:
+    """Join the launcher's process group (gloo on CPU, NCCL on CUDA); check world size == stages x replicas.
 
     Returns (rank, whether this call created the process group, this rank's device).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != expected_world:
-        raise ConfigError(f"the launcher started {world} processes but local.stages={expected_world}; "
-                          f"start one process per stage (e.g. torchrun --nproc_per_node {expected_world}) "
-                          f"or set local.stages={world}")
+    world, expected = int(os.environ.get("WORLD_SIZE", "1")), stages * data_parallel
+    if world != expected:
+        replicas = f" x local.data_parallel={data_parallel}" if data_parallel > 1 else ""
+        raise ConfigError(f"the launcher started {world} processes but local.stages={stages}{replicas} needs "
+                          f"{expected}; start {expected} processes (e.g. torchrun --nproc_per_node {expected}) "
+                          f"or change local.stages")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         if not torch.cuda.is_available():
