@@ -80,14 +80,13 @@ def plot_traces(paths: list[str | os.PathLike], out: str | os.PathLike,
         t0 = min(e["ts"] for e in spans)
         pids = sorted({e["pid"] for e in spans})
         order = [*[k for k in COLORS if k not in WAITS], *WAITS]
-        kinds = sorted({e["name"] for e in spans}, key=lambda k: order.index(k) if k in order else -1)
-        for kind in kinds:
+        bars: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for e in spans:
+            bars.setdefault((e["name"], e["pid"]), []).append(((e["ts"] - t0) / 1e3, e["dur"] / 1e3))
+        for (kind, pid), xs in sorted(bars.items(), key=lambda kv: order.index(kv[0][0]) if kv[0][0] in order else -1):
             height = 0.35 if kind in WAITS else 0.8
-            for y, pid in enumerate(pids):
-                bars = [((e["ts"] - t0) / 1e3, e["dur"] / 1e3) for e in spans if e["pid"] == pid and e["name"] == kind]
-                if bars:
-                    ax.broken_barh(bars, (y - height / 2, height), facecolors=COLORS.get(kind, "#333333"),
-                                   linewidth=0)
+            y = pids.index(pid)
+            ax.broken_barh(xs, (y - height / 2, height), facecolors=COLORS.get(kind, "#333333"), linewidth=0)
             seen.add(kind)
         busy = busy_fractions(spans)
         ax.set_yticks(range(len(pids)), [f"{names.get(p, f'stage {p}')} ({busy[p]:.0%} busy)" for p in pids])
