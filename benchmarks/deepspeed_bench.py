@@ -1,0 +1,162 @@
+"""PPLL through ppll_ext's DeepSpeed adapter against stock DeepSpeed pipeline parallelism (PipelineModule +
+TrainSchedule, i.e. 1F1B) on the same layers, cut, micro-batches, batch and optimizer.
+
+Both run under the real `deepspeed` launcher, 2 processes x 1 torch thread, gloo on CPU, with the ds_configs in
+configs/deepspeed/ (ppll.json and stock_1f1b.json hold the same hyper-parameters; the batch size and
+gradient_accumulation_steps = micro-batches are set here). Methods are interleaved and the median of the repeats
+is reported with the ratio.
+
+    python benchmarks/deepspeed_bench.py            # ResNet-32 and ViT, 3 repeats
+    python benchmarks/deepspeed_bench.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from common import machine, ratio_rows, run_json, write_results
+from deepspeed.runtime.pipe.module import PipelineModule
+from probe import gather, peak_rss_mb
+from runtime_bench import MODELS, bench_config, profiled_partition, synthetic_batches
+from torch import nn
+
+from ppll_ext.build import build_layered
+from ppll_ext.core.partition import parse_explicit
+
+METHODS = ("ds-1f1b", "ds-ppll")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"ds-1f1b": REPO / "configs" / "deepspeed" / "stock_1f1b.json",
+           "ds-ppll": REPO / "configs" / "deepspeed" / "ppll.json"}
+
+
+class Contiguous(nn.Module):
+    """gloo sends only contiguous tensors; torchvision's ViT blocks return a transposed view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
+class CutPipelineModule(PipelineModule):
+    """Stock PipelineModule cut at explicit start layers (stock DeepSpeed offers only uniform/parameters/type:)."""
+
+    def _partition_layers(self, method: str = "parameters") -> None:
+        self.parts = parse_explicit(method, self._num_layers, self.num_stages)
+        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
+
+def ds_cmd(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> list[str]:
+    """The deepspeed launcher command of one measurement (2 processes); it prints one JSON line on rank 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    return [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(Path(__file__).resolve()), "--worker", method, "--model", model, "--batch-size", str(batch),
+            "--microbatches", str(micro), "--warmup", str(warmup), "--steps", str(steps), "--partition", partition]
+
+
+def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> dict | None:
+    """This rank's stage trained with `method`; rank 0 returns samples/s, busy fractions and peak RSS per rank."""
+    from ppll_ext.deepspeed import LocalPipelineModule, initialize
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = bench_config(model, "processes", world, batch, partition)
+    layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
+    bounds = parse_explicit(partition, len(layered.layers), world)
+    layers = [nn.Sequential(layer, Contiguous()) if i + 1 in bounds[1:-1] else layer
+              for i, layer in enumerate(layered.layers)]
+    conf = json.loads(CONFIGS[method].read_text())
+    conf.update(train_micro_batch_size_per_gpu=batch // micro, gradient_accumulation_steps=micro, steps_per_print=10**9)
+    if method == "ds-ppll":
+        aux = "vit" if model == "vit" else "conv"
+        net = LocalPipelineModule(layers, num_stages=world, loss_fn=nn.CrossEntropyLoss(), aux_heads=aux,
+                                  example_input=torch.zeros(2, 3, 32, 32), aux_hidden=cfg.local.aux_hidden,
+                                  partition_method=partition)
+        engine, *_ = initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
+    else:
+        net = CutPipelineModule(layers, num_stages=world, loss_fn=nn.CrossEntropyLoss(), partition_method=partition)
+        engine, *_ = deepspeed.initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
+    feeds = rank == 0 or (method == "ds-1f1b" and rank == world - 1)  # stock: the last stage reads the labels
+
+    def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for x, y in data:
+            micro_batches = list(zip(x.chunk(micro), y.chunk(micro), strict=True))
+            engine.train_batch(iter(micro_batches) if feeds else None)
+        if method == "ds-ppll":
+            engine.flush()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    run(synthetic_batches(warmup, batch, seed=2))
+    waits = (getattr(engine, "wait_in_s", 0.0), getattr(engine, "wait_out_s", 0.0))
+    seconds = run(synthetic_batches(steps, batch, seed=3))
+    waited = getattr(engine, "wait_in_s", 0.0) + getattr(engine, "wait_out_s", 0.0) - sum(waits)
+    busy = 1.0 - waited / seconds if method == "ds-ppll" else None
+    per_rank = gather((busy, peak_rss_mb()))
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
+           "peak_rss_mb": [m for _, m in per_rank]}
+    if method == "ds-ppll":
+        out["busy_fraction"] = [b for b, _ in per_rank]
+    return out
+
+
+def main() -> None:
+    """Parse arguments; as a worker print one JSON line, otherwise run the comparison and write results."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
+    p.add_argument("--out", default="deepspeed", help="file stem of the results under benchmarks/results/")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--partition", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition)
+        if result is not None:
+            print(json.dumps(result), flush=True)
+        return
+    if a.quick:
+        a.steps, a.warmup, a.repeats = 6, 2, 1
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    runs: dict[str, dict[str, list[dict]]] = {m: {k: [] for k in METHODS} for m in a.models}
+    for model in a.models:
+        partition = profiled_partition(model, 2, a.batch_size // a.microbatches)
+        print(f"{model}: stages start at layers {partition} (profiled)", flush=True)
+        for rep in range(a.repeats):
+            for method in METHODS:
+                cmd = ds_cmd(model, method, a.batch_size, a.microbatches, a.warmup, a.steps, partition)
+                r = run_json(cmd, what=f"{model}/{method}", timeout=1800)[0]
+                runs[model][method].append(r)
+                print(f"  repeat {rep + 1}/{a.repeats} {method:8s} {r['samples_per_s']:7.1f} samples/s", flush=True)
+    rows = ratio_rows(runs, ["ds-1f1b"])
+    note = (f"2 processes x 1 thread under the deepspeed launcher (gloo), batch {a.batch_size}, "
+            f"{a.microbatches} micro-batches (gradient_accumulation_steps), {a.steps} timed train_batch calls "
+            f"after {a.warmup} warm-up, median of {a.repeats} interleaved repeats; the same layers and cut for "
+            f"both; AdamW (torch), clipping 1.0 (stock: global norm over stages; PPLL: per stage).")
+    write_results(a.out, "PPLL (DeepSpeed adapter) vs stock DeepSpeed 1F1B", note, rows, ["ds-1f1b"], machine())
+
+
+if __name__ == "__main__":
+    main()
