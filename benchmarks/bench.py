@@ -177,13 +177,14 @@ def parse_summary(text: str) -> dict:
 
 def accuracy_runs(data_root: str, quick: bool) -> dict:
     """ResNet-32, K = 4, CIFAR-10 image folder: BP, sequential LL and PPLL processes for a fixed short budget."""
-    budget = {"train_subset": 2000, "test_subset": 1000, "epochs": 1} if quick else \
+    budget = {"train_subset": 1000, "test_subset": 500, "epochs": 1} if quick else \
         {"train_subset": 10000, "test_subset": None, "epochs": 3}
     common = ["data.name=imagefolder", f"data.root={data_root}", f"data.train_subset={budget['train_subset']}",
               f"data.test_subset={budget['test_subset'] or 'null'}", f"train.epochs={budget['epochs']}",
               "train.progress=false", "local.partition=parameters", "local.stages=4"]
+    # Sequential LL on one thread, like each PPLL process: the two then train the very same weights.
     variants = {"bp": ["train.method=bp", "train.threads=2"],
-                "sequential": ["local.runtime=sequential", "train.threads=2"],
+                "sequential": ["local.runtime=sequential", "train.threads=1"],
                 "ppll-processes": ["local.runtime=processes"]}
     out = {"model": "resnet32", "stages": 4, "config": "configs/resnet32_cifar10_k4.yaml", **budget,
            "overrides": common, "runs": {}}
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 3 steps, ResNet-32 only unless "
                    "--models is given, small accuracy budget (results files named *-quick*)")
     p.add_argument("--models", help=f"comma-separated, from {','.join(MODELS)} (default: all; --quick: resnet32)")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all; --quick: "
+                   f"all but 2x-sequential)")
     p.add_argument("--repeats", type=int, help="interleaved repeats per method (default 3; --quick 1)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--microbatches", type=int, default=4)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     began = time.perf_counter()
     models = a.models.split(",") if a.models else (["resnet32"] if a.quick else list(MODELS))
-    methods = a.methods.split(",") if a.methods else list(METHODS)
+    methods = a.methods.split(",") if a.methods else [m for m in METHODS if not (a.quick and m == "2x-sequential")]
     for name, given, known in (("--models", models, MODELS), ("--methods", methods, METHODS)):
         unknown = [v for v in given if v not in known]
         if unknown:
