@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError
+from ppll_ext.models import LayeredModel
 from ppll_ext.runtime.stage import parse_fault
 
 INDEX = "model.safetensors.index.json"
@@ -35,6 +37,8 @@ STATE_DIR = "training_state"
 AUX = f"{STATE_DIR}/aux-heads.safetensors"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_DS_LAYER = re.compile(r"^layer_(\d+)(-model_\d+)?-model_states\.pt$")
+_DS_AUX = re.compile(r"^aux_head_(\d+)(-model_\d+)?-model_states\.pt$")
 
 
 def shard_name(k: int, num_stages: int) -> str:
@@ -117,7 +121,7 @@ def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[
     return StageManifest(k, shard, {name: t.numel() * t.element_size() for name, t in body.items()}, aux)
 
 
-def finalize(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int],
+def finalize(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
              config: dict, keep: int) -> Path:
     """First rank: aux heads, trainer state, then the index (last), then rename `step-N.tmp` to `step-N`."""
     manifests = sorted(manifests, key=lambda m: m.index)
@@ -256,3 +260,71 @@ def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int
     _atomic_json({"metadata": {"total_size": total},
                   "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, folder / INDEX)
     return [folder / n for n in names] + [folder / INDEX]
+
+
+def _weights_only(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict, loaded with weights_only=True: a file holding anything else is refused, never
+    unpickled."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{str(path)!r} cannot be loaded as plain tensors with weights_only=True ({reason}); "
+                              f"it is corrupt or holds objects that would need unpickling, which is refused") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{str(path)!r} is not a state dict of tensors")
+    return state
+
+
+def deepspeed_folder(path: str | Path) -> Path:
+    """The folder of a DeepSpeed checkpoint: `path` itself, or `path/<tag>` with the tag its `latest` file names."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"DeepSpeed checkpoint {str(p)!r} does not exist; pass the save_checkpoint directory")
+    if (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    if not p.is_dir() or not any(_DS_LAYER.match(f.name) for f in p.iterdir()):
+        raise CheckpointError(f"{str(p)!r} has no layer_XX-model_states.pt files: it is not a DeepSpeed pipeline "
+                              f"checkpoint (pass the directory given to engine.save_checkpoint, or its tag folder)")
+    return p
+
+
+def import_deepspeed(path: str | Path, layered: LayeredModel) -> tuple[dict[str, torch.Tensor],
+                                                                        dict[str, torch.Tensor]]:
+    """Tensors of a DeepSpeed pipeline checkpoint of `layered`'s layers under the unsplit model's names, and the
+    aux heads ppll_ext's adapter saved beside them (keyed `stage<k>.<name>`, empty for stock checkpoints)."""
+    folder = deepspeed_folder(path)
+    layers: dict[int, Path] = {}
+    aux: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.iterdir()):
+        if (m := _DS_LAYER.match(f.name) or _DS_AUX.match(f.name)) and m.group(2):
+            raise CheckpointError(f"{f.name} is one tensor-parallel slice of a layer; only pipeline (and data) "
+                                  f"parallel checkpoints can be imported")
+        if m := _DS_LAYER.match(f.name):
+            layers[int(m.group(1))] = f
+        elif m := _DS_AUX.match(f.name):
+            aux.update({f"stage{int(m.group(1))}.{k}": v for k, v in _weights_only(f).items()})
+    beyond = [i for i in layers if i >= len(layered.layers)]
+    if beyond:
+        raise CheckpointError(f"{layers[max(beyond)].name} is beyond the {len(layered.layers)} layers of "
+                              f"{layered.name}: it is a checkpoint of another model or config")
+    merged: dict[str, torch.Tensor] = {}
+    for idx, f in sorted(layers.items()):
+        state = _weights_only(f)
+        layer = layered.layers[idx]
+        check_against(state, layer.state_dict(), f"{f.name} (layer {idx} of {layered.name})")
+        names = layered.key_map(layer)
+        merged.update({names[k]: v for k, v in state.items()})
+    check_against(merged, layered.model.state_dict(), f"DeepSpeed checkpoint {str(folder)!r}")
+    return merged, aux
+
+
+def write_imported(state: dict[str, torch.Tensor], aux: dict[str, torch.Tensor], out: str | Path,
+                   max_shard_bytes: int) -> list[Path]:
+    """`export` the model tensors, plus the aux heads (if any) in training_state/aux-heads.safetensors."""
+    files = export(state, out, max_shard_bytes)
+    if aux:
+        (Path(out) / STATE_DIR).mkdir(exist_ok=True)
+        _atomic_save(aux, Path(out) / AUX)
+        files.append(Path(out) / AUX)
+    return files

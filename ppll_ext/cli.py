@@ -34,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
     exp.add_argument("out", help="output directory")
     exp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
+    imp = sub.add_parser("import-deepspeed", help="convert a DeepSpeed pipeline checkpoint (layer_XX-model_states.pt) "
+                         "of a ppll_ext model to model.safetensors under the unsplit model's names")
+    imp.add_argument("checkpoint", help="the directory given to engine.save_checkpoint (its `latest` tag) or a tag dir")
+    imp.add_argument("out", help="output directory")
+    imp.add_argument("--config", help="experiment YAML of the model the checkpoint was trained from")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override, e.g. --set model.name=resnet32 (repeatable)")
+    imp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
     plot = sub.add_parser("plot", help="Gantt chart of traces (ppll train --trace) or throughput bars")
     plot.add_argument("traces", nargs="*", help="Chrome-trace JSON files, one subplot each on a shared time axis")
     plot.add_argument("--bench", help="a benchmark results JSON (e.g. benchmarks/results/bench.json): bar chart")
@@ -121,6 +129,23 @@ def _bench(argv: list[str]) -> int:
     return subprocess.call([sys.executable, str(script), *argv])
 
 
+def _import_deepspeed(args: argparse.Namespace) -> int:
+    from ppll_ext import checkpoint as ckpt
+    from ppll_ext.build import build_layered
+    from ppll_ext.config import load_config
+    from ppll_ext.data import dataset_shape
+
+    cfg = load_config(args.config, args.overrides)
+    channels, size, classes = dataset_shape(cfg.data)
+    layered = build_layered(cfg, in_channels=channels, image_size=size, num_classes=classes)
+    state, aux = ckpt.import_deepspeed(args.checkpoint, layered)
+    files = ckpt.write_imported(state, aux, args.out, parse_size(args.max_shard_size))
+    print(f"imported {len(state)} tensors of {layered.name}"
+          + (f" and {len({k.split('.')[0] for k in aux})} aux head(s)" if aux else "")
+          + f" to {args.out}: {', '.join(str(f.relative_to(args.out)) for f in files)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the command; PPLLErrors become one line on stderr and exit code 2."""
     parser = _parser()
@@ -132,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "import-deepspeed":
+            return _import_deepspeed(args)
         if args.command == "plot":
             return _plot(args)
         if args.command == "bench":
@@ -149,3 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -17,8 +18,10 @@ from deepspeed.runtime.pipe import schedule
 from safetensors.torch import load_file
 from torch import nn
 
+from ppll_ext.config import ModelConfig
 from ppll_ext.core import LocalBlock
 from ppll_ext.deepspeed import LocalBackwardPass, LocalPipelineEngine, LocalTrainSchedule, build_stage_aux_head
+from ppll_ext.models import build_model
 from ppll_ext.runtime import SequentialRunner, StageStats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,12 +192,74 @@ def test_data_parallel_replicas_stay_identical(tmp_path: Path) -> None:
                        atol=1e-5)
 
 
-def test_bf16_config_trains_a_ppll_ext_model(tmp_path: Path) -> None:
-    runs = train(2, tmp_path, "--model", "resnet8", "--stages", "2", "--steps", "4", "--config",
-                 str(REPO / "configs" / "deepspeed" / "ppll_bf16.json"))
+def import_and_check(ckpt: Path, out: Path, runs: dict[int, tuple[dict, dict[str, torch.Tensor]]]) -> None:
+    """`ppll import-deepspeed` of a resnet8 checkpoint written by deepspeed_train.py: the plain model loads it
+    (strict) and every tensor equals the one the stage held; aux heads land in training_state/."""
+    res = subprocess.run([sys.executable, "-m", "ppll_ext.cli", "import-deepspeed", str(ckpt), str(out),
+                          "--set", "model.name=resnet8", "--set", "model.width=8"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    torch.manual_seed(0)
+    layered = build_model(ModelConfig(name="resnet8", width=8), in_channels=1, image_size=8, num_classes=10)
+    state = load_file(str(out / "model.safetensors"))
+    layered.model.load_state_dict(state, strict=True)
+    for info, tensors in runs.values():
+        start, stop = info["parts"][info["stage"]], info["parts"][info["stage"] + 1]
+        for idx in range(start, stop):
+            for key, name in layered.key_map(layered.layers[idx]).items():
+                assert torch.equal(state[name].float(), tensors[f"{idx}.{key}"]), (idx, key)
+    aux_file = out / "training_state" / "aux-heads.safetensors"
+    stage0 = {k.removeprefix("aux_head."): v for k, v in runs[0][1].items() if k.startswith("aux_head.")}
+    if not stage0:
+        assert not aux_file.exists()
+        return
+    aux = load_file(str(aux_file))
+    assert {k.removeprefix("stage0.") for k in aux} == stage0.keys()
+    for k, v in stage0.items():
+        assert torch.equal(aux[f"stage0.{k}"].float(), v), k
+
+
+def test_bf16_config_trains_a_ppll_ext_model_and_its_checkpoint_imports(tmp_path: Path) -> None:
+    runs = train(2, tmp_path / "run", "--model", "resnet8", "--stages", "2", "--steps", "4", "--config",
+                 str(REPO / "configs" / "deepspeed" / "ppll_bf16.json"), "--save-ckpt", str(tmp_path / "ckpt"),
+                 "--save-at", "4")
     for info, tensors in runs.values():
         assert info["finite"] and info["global_steps"] == 4
         assert any(k.startswith("aux_head.") for k in tensors) == (info["stage"] == 0)
+    import_and_check(tmp_path / "ckpt", tmp_path / "imported", runs)
+
+
+def test_stock_deepspeed_checkpoint_imports_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    runs = train(2, tmp_path / "run", "--model", "resnet8", "--stages", "2", "--steps", "3", "--engine", "stock",
+                 "--config", str(REPO / "configs" / "deepspeed" / "stock_1f1b.json"),
+                 "--save-ckpt", str(tmp_path / "ckpt"), "--save-at", "3")
+    import_and_check(tmp_path / "ckpt", tmp_path / "imported", runs)
+
+    def refused(ckpt: Path, *sets: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "ppll_ext.cli", "import-deepspeed", str(ckpt),
+                              str(tmp_path / "never"), "--set", "model.name=resnet8", *sets],
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and not (tmp_path / "never").exists(), res.stderr
+        return res.stderr.strip()
+
+    assert "'conv1.weight' has shape (8, 1, 3, 3), the model has (16, 1, 3, 3)" in refused(tmp_path / "ckpt")
+    step = tmp_path / "ckpt" / "step3"
+    marker = tmp_path / "unpickled"
+    layer = next(step.glob("layer_01-*"))
+    layer.write_bytes(pickle.dumps(_Marker(str(marker))))
+    assert "weights_only=True" in refused(tmp_path / "ckpt", "--set", "model.width=8") and not marker.exists()
+    layer.unlink()
+    assert "missing" in refused(tmp_path / "ckpt", "--set", "model.width=8")
+    assert "not a DeepSpeed pipeline checkpoint" in refused(tmp_path / "run", "--set", "model.width=8")
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a loader executed pickle code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
 
 
 def test_bad_arguments_raise_config_error() -> None:

@@ -83,6 +83,17 @@ class ArrayDataset:
         return int(self.images.shape[0])
 
 
+KNOWN_SHAPES = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "svhn": (3, 32, 10), "stl10": (3, 96, 10)}
+
+
+def dataset_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """(channels, image side, classes) of the data set: known ones without loading it, image folders by loading."""
+    if cfg.name in KNOWN_SHAPES:
+        return KNOWN_SHAPES[cfg.name]
+    ds = load_dataset(cfg, "test")
+    return ds.in_channels, ds.image_size, ds.num_classes
+
+
 def load_dataset(cfg: DataConfig, split: str) -> ArrayDataset:
     """Load split "train" or "test" of `cfg.name` into memory, optionally cut to a fixed random subset."""
     if split not in SPLITS:
