@@ -25,7 +25,7 @@ CONFIG = {
     "train_micro_batch_size_per_gpu": 16,
     "gradient_accumulation_steps": 2,
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-    "steps_per_print": 0,
+    "steps_per_print": 10**9,
 }
 
 
