@@ -128,7 +128,13 @@ def finalize(folder: Path, manifests: Iterable[StageManifest], position: Positio
     _atomic_save({k: v for m in manifests for k, v in m.aux.items()}, folder / AUX)
     _atomic_json({"position": asdict(position), "num_stages": len(manifests), "boundaries": boundaries,
                   "config": config}, folder / TRAINER_STATE)
-    weight_map = {name: m.shard for m in manifests for name in m.sizes}
+    weight_map: dict[str, str] = {}
+    for m in manifests:
+        for name in m.sizes:
+            if name in weight_map:
+                raise CheckpointError(f"tensor name {name!r} is written by two stages ({weight_map[name]} and "
+                                      f"{m.shard}); give each stage tensor its unsplit model's name")
+            weight_map[name] = m.shard
     total = sum(size for m in manifests for size in m.sizes.values())
     _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX)
     final = folder.with_name(folder.name.removesuffix(".tmp"))

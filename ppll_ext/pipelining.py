@@ -17,14 +17,16 @@ Tested with torch 2.13–2.14 (`PipelineScheduleSingle` and `PipelineStage` attr
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
+from ppll_ext import checkpoint as ckpt
 from ppll_ext.core import LocalBlock
-from ppll_ext.errors import ConfigError, PipelineError
+from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime.base import split_micro
 from ppll_ext.runtime.processes import open_links
 from ppll_ext.runtime.stage import Kind, Msg, StageWorker
@@ -92,6 +94,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
         self._inbox = receiver.messages() if receiver is not None else None
         self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device)
+        self._group, self._ranks = group, ranks
 
     def step(self, *args, target: torch.Tensor | None = None, losses: list | None = None, **kwargs) -> None:
         """Train this stage on one mini-batch (first stage: `step(x, target=y)`); returns without waiting
@@ -139,3 +142,47 @@ class SchedulePPLL(PipelineScheduleSingle):
         """Block until everything this stage sent has been received downstream."""
         if self._sender is not None:
             self._sender.flush()
+
+    def _key_map(self, names: Callable[[str], str] | None) -> dict[str, str]:
+        """Checkpoint name of each tensor of the block's body (`submod.<key>`): `names(key)`, default `key`."""
+        rename = names or (lambda key: key)
+        return {f"submod.{k}": rename(k) for k in self._stage.submod.state_dict()}
+
+    def save_checkpoint(self, save_dir: str | Path, *, names: Callable[[str], str] | None = None, keep: int = 2,
+                        config: dict | None = None) -> Path | None:
+        """Save this stage into `save_dir/step-N` (N = this stage's optimizer steps) in ppll_ext's layout.
+
+        Every stage calls it after the same step. Stage tensors are stored under `names(key)` — by default the
+        stage module's own names, which are the unsplit model's when stages are the model with other layers
+        removed; pass `names` otherwise. The first stage completes the checkpoint and returns its folder.
+        """
+        self.flush()
+        folder = ckpt.step_folder(save_dir, self.block.steps)
+        manifest = ckpt.write_stage(folder, self.block, self._stage.num_stages, self._key_map(names))
+        gathered: list[ckpt.StageManifest] | None = [None] * len(self._ranks) if self._stage.is_first else None
+        dist.gather_object(manifest, gathered, dst=self._ranks[0], group=self._group)
+        if not self._stage.is_first:
+            return None
+        position = ckpt.Position(self.block.steps, 0, self.block.steps)
+        return ckpt.finalize(folder, gathered, position, None, config or {}, keep)
+
+    def load_checkpoint(self, path: str | Path, *, names: Callable[[str], str] | None = None) -> None:
+        """Restore this stage's weights, aux head, optimizer, LR schedule and step count from a checkpoint written
+        by `save_checkpoint` with the same stages (`path`: the checkpoint or its run directory, newest step)."""
+        folder = ckpt.resolve(path)
+        state = ckpt.read_json(folder / ckpt.TRAINER_STATE)
+        if state["num_stages"] != self._stage.num_stages:
+            raise ConfigError(f"{str(folder)!r} was saved by {state['num_stages']} stages, this pipeline has "
+                              f"{self._stage.num_stages}; resume with the same stages")
+        weights = ckpt.load_model_state(folder)
+        key_map = self._key_map(names)
+        missing = sorted(n for n in key_map.values() if n not in weights)
+        if missing:
+            raise CheckpointError(f"{str(folder)!r} has no tensor {missing[0]!r} for stage "
+                                  f"{self._stage.stage_index} ({len(missing)} missing); pass the names= used when "
+                                  f"saving")
+        body = {k: weights[name] for k, name in key_map.items()}
+        ckpt.check_against(body, self.block.body.state_dict(), f"checkpoint {str(folder)!r} (stage "
+                                                                 f"{self._stage.stage_index})")
+        self.block.body.load_state_dict(body)
+        ckpt.load_stage(folder, self.block, same_cut=True)

@@ -8,6 +8,7 @@ Changed: the schedule line, an aux head per non-last stage, the optimizer's para
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--save", help="folder for this stage's trained weights")
+    parser.add_argument("--ckpt", help="run directory for SchedulePPLL.save_checkpoint (after the last step)")
+    parser.add_argument("--ckpt-at", type=int, default=0, help="also save a checkpoint after this many steps")
+    parser.add_argument("--resume", help="checkpoint to resume from (SchedulePPLL.load_checkpoint); its steps are "
+                        "skipped")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -74,7 +79,16 @@ def main() -> None:
     schedule = SchedulePPLL(stage, n_microbatches=args.microbatches, loss_fn=loss_fn, aux_head=aux,
                             optimizer=optimizer)
 
+    cut = round(rank * 4 / world)
+    names = checkpoint_names(cut)
+    start = step = 0
+    if args.resume:
+        schedule.load_checkpoint(args.resume, names=names)
+        start = schedule.block.steps
     for x, y in batches(args.steps, args.batch):
+        step += 1
+        if step <= start:
+            continue
         losses: list[torch.Tensor] = []
         if rank == 0:
             schedule.step(x, target=y)
@@ -86,6 +100,8 @@ def main() -> None:
         optimizer.zero_grad()
         if losses:
             print(f"rank {rank} loss {torch.stack(losses).mean().item():.4f}", flush=True)
+        if args.ckpt and step in (args.ckpt_at, args.steps):
+            schedule.save_checkpoint(args.ckpt, names=names, keep=3)
 
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
@@ -93,6 +109,16 @@ def main() -> None:
                   str(Path(args.save) / f"stage{rank}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def checkpoint_names(cut: int) -> Callable[[str], str]:
+    """Stage key "i.rest" -> "<cut + i>.rest", its name in nn.Sequential(*layers), the unsplit model."""
+
+    def name(key: str) -> str:
+        index, rest = key.split(".", 1)
+        return f"{int(index) + cut}.{rest}"
+
+    return name
 
 
 def schedule_state(stage_mod: nn.Module, schedule: object) -> dict[str, torch.Tensor]:
