@@ -18,13 +18,21 @@ _PRECISION = {"bf16": "bf16", "fp16": "fp16", "no": "none"}
 
 
 def apply_launcher_env(cfg: Config) -> list[str]:
-    """Under `accelerate launch`: adopt its mixed precision (unless the config sets one) and its CPU/GPU choice
-    (GPU when it did not ask for the CPU and one is present); returns what changed."""
+    """Under `accelerate launch`: adopt its mixed precision (unless the config sets one), its CPU/GPU choice (GPU
+    when it did not ask for the CPU and one is present) and its DeepSpeed selection (the DeepSpeed adapter with its
+    ds_config file); returns what changed."""
     changed = []
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if precision in _PRECISION and cfg.train.autocast == "none" and _PRECISION[precision] != "none":
         cfg.train.autocast = _PRECISION[precision]
         changed.append(f"train.autocast={cfg.train.autocast}")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and cfg.local.engine != "deepspeed":
+        cfg.local.engine = "deepspeed"
+        changed.append("local.engine=deepspeed")
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if ds_file and cfg.local.deepspeed_config is None:
+            cfg.local.deepspeed_config = ds_file
+            changed.append(f"local.deepspeed_config={ds_file}")
     if precision is not None:
         use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
         device = "cuda" if not use_cpu and torch.cuda.is_available() else "cpu"

@@ -19,11 +19,11 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300)
                           start_new_session=True)
 
 
-def assert_trained(res: subprocess.CompletedProcess, stages: int) -> None:
+def assert_trained(res: subprocess.CompletedProcess, stages: int, runtime: str = "processes") -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     losses = [float(m.group(1)) for m in re.finditer(r"^epoch \d+/\d+ \| loss (\S+)", res.stdout, re.M)]
     assert len(losses) == 2 and losses[1] < losses[0], res.stdout
-    assert f"runtime=processes stages={stages}" in res.stdout
+    assert f"runtime={runtime} stages={stages}" in res.stdout
     assert re.search(r"test accuracy 0\.\d+", res.stdout)
 
 
@@ -33,6 +33,13 @@ def test_torchrun_script() -> None:
 
 def test_accelerate_launch_cpu_2proc() -> None:
     assert_trained(run(["launch/accelerate.sh", *TINY, "--set", "local.stages=2"]), 2)
+
+
+def test_accelerate_launch_deepspeed_on_cpu() -> None:
+    """distributed_type DEEPSPEED: ACCELERATE_USE_DEEPSPEED selects the DeepSpeed adapter, with the ds_config file
+    that the Accelerate config names."""
+    res = run(["launch/accelerate.sh", *TINY], env={"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_cpu_2proc.yaml"})
+    assert_trained(res, 2, runtime="processes (deepspeed)")
 
 
 @pytest.mark.parametrize("per_node", [1, 2])
@@ -63,6 +70,11 @@ def test_accelerate_environment_maps_onto_the_config(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     cfg = load_config(None)
     assert apply_launcher_env(cfg) == ["train.autocast=bf16"] and cfg.train.device == "cpu"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/ppll_train.json")
+    cfg = load_config(None)
+    assert apply_launcher_env(cfg)[1:] == ["local.engine=deepspeed",
+                                           "local.deepspeed_config=configs/deepspeed/ppll_train.json"]
     cfg = load_config(None, ["train.autocast=fp16"])
     apply_launcher_env(cfg)
     assert cfg.train.autocast == "fp16"
