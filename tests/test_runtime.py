@@ -66,7 +66,7 @@ def test_threads_equal_sequential(variant: str, stages: int, depth: int) -> None
     assert_same(reference(variant, stages), got, f"threads {variant} K={stages} depth={depth}")
 
 
-@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("stages", [3])
 def test_processes_equal_sequential(stages: int, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stages}",
            str(REPO / "tests" / "dist" / "equivalence_worker.py"), str(tmp_path), str(stages)]
@@ -96,7 +96,7 @@ def test_threads_stage_exception_is_raised_with_stage(monkeypatch: pytest.Monkey
         run_training(case_config("resnet_m1", 3, "threads"), out=io.StringIO())
 
 
-@pytest.mark.parametrize("kind", ["raise", "kill"])
+@pytest.mark.parametrize("kind", ["raise"])  # SIGKILLs from outside: tests/test_reliability.py
 def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
     cmd = [sys.executable, "-m", "ppll_ext.train", "--set", "local.stages=3", "--set", "train.epochs=50",
            "--set", "train.progress=false", "--set", "local.runtime=processes"]
