@@ -380,17 +380,22 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, tmp_pa
         assert torch.equal(got[key], value), key
 
 
-def test_sigkill_any_stage_under_the_deepspeed_launcher() -> None:
-    for dead in (0, 1, 2):
-        launch = deepspeed_launch(3, DIST / "reliability_deepspeed.py")
-        try:
-            launch.wait_for(r"^training$")
-            ranks = launch.stages(3)
-            elapsed = kill_and_watch(launch, ranks, dead)
-        finally:
-            launch.close()
-        print(f"deepspeed: stage {dead} killed, everything gone after {elapsed:.1f} s")
-        assert_survivors_name(launch, 3, dead)
+def test_sigkill_middle_stage_under_the_deepspeed_launcher() -> None:
+    """The DeepSpeed adapter's stages talk over the same links; killing the middle stage makes its upstream
+    neighbour fail while sending and its downstream one while receiving, the two ways a survivor learns of a
+    dead stage (stages 0 and 2 were killed too while writing this test; they add a minute for nothing new).
+    The launcher polls its children once a second and then kills the rest: survivors must speak first."""
+    launch = deepspeed_launch(3, DIST / "reliability_deepspeed.py")
+    try:
+        launch.wait_for(r"^training$")
+        ranks = launch.stages(3)
+        elapsed = kill_and_watch(launch, ranks, 1)
+    finally:
+        launch.close()
+    print(f"deepspeed: stage 1 killed, everything gone after {elapsed:.1f} s")
+    assert_survivors_name(launch, 3, 1)
+    assert "lost its link to stage 1 (rank 1) while sending" in launch.stderr
+    assert "lost its link to stage 1 (rank 1) while receiving" in launch.stderr
 
 
 # ------------------------------------------------------------------------------------------ timeouts
@@ -423,16 +428,16 @@ def test_stalled_stage_times_out_with_a_clear_message() -> None:
 
 
 def test_memory_stays_flat_with_a_slow_last_stage_and_nan_skip() -> None:
-    """552 steps, stage 0 = the stem conv and a small aux head, stage 1 = the rest (~1.7x slower).
+    """506 steps, stage 0 = the stem conv and a small aux head, stage 1 = the rest (~1.7x slower).
 
     Each message is a 64 x 4 x 8 x 8 float32 activation (64 KB). With bounded queues the fast stage waits (its
     `wait out` time in the summary) and at most queue_depth messages are in flight, so RSS from the end of epoch
     6 to the end of the run moves only by allocator noise (< 1 MB measured here); an unbounded queue would hold
-    ~40 % of the remaining 414 activations (stage 1's backlog), ~10 MB, so the bound is 4 MB.
+    ~40 % of the remaining 368 activations (stage 1's backlog), ~9 MB, so the bound is 4 MB.
     The same run injects a NaN loss into stage 1 at step 200 with --on-nan skip.
     """
     launch = torchrun(2, [*sets(*TINY, "local.stages=2", "local.runtime=processes", "local.partition=0,1",
-                                "local.aux_hidden=16", "train.batch_size=64", "train.epochs=24"), "--on-nan", "skip"],
+                                "local.aux_hidden=16", "train.batch_size=64", "train.epochs=22"), "--on-nan", "skip"],
                       PPLL_FAULT="1:200:nan")
     samples: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
     try:
@@ -450,7 +455,7 @@ def test_memory_stays_flat_with_a_slow_last_stage_and_nan_skip() -> None:
         launch.close()
     assert rc == 0, launch.stderr[-4000:]
     t_early = launch.wait_for(r"^epoch 6/24")[0]
-    t_late = launch.wait_for(r"^epoch 24/24")[0]
+    t_late = launch.wait_for(r"^epoch 22/22")[0]
     for r, series in samples.items():
         early = max(v for t, v in series if t <= t_early)
         late = max(v for t, v in series if t <= t_late)
@@ -459,7 +464,7 @@ def test_memory_stays_flat_with_a_slow_last_stage_and_nan_skip() -> None:
     summary = {int(m[1]): m for m in re.finditer(
         r"stage (\d): loss \S+ \| busy ([\d.]+) s \(\d+%\) \| wait in ([\d.]+) s, out ([\d.]+) s \| steps (\d+)",
         launch.stdout)}
-    assert summary[0][5] == summary[1][5] == "552"
+    assert summary[0][5] == summary[1][5] == "506"
     # the last epoch's stats: stage 1 is the slower one, and stage 0 had to wait for room in the queue to it
     busy0, busy1, wait_out0 = float(summary[0][2]), float(summary[1][2]), float(summary[0][4])
     assert busy1 > busy0 and wait_out0 > 0, ("stage 0 was not held back by the bounded queue", launch.stdout[-1000:])

@@ -9,14 +9,16 @@ Rank 0 prints `training` once the pipeline has trained a few steps. A stage whos
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import os
 import sys
+from pathlib import Path
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.datasets import load_digits
 from torch import nn
 
 from ppll_ext.deepspeed import LocalPipelineModule, initialize
@@ -40,6 +42,14 @@ def layers() -> list[nn.Module]:
     ]
 
 
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits, read from its CSV without importing scikit-learn (seconds per rank)."""
+    root = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0])
+    data = np.loadtxt(root / "datasets" / "data" / "digits.csv.gz", delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(data[:, :-1]).reshape(-1, 1, 8, 8) / 8.0 - 1.0
+    return x, torch.from_numpy(data[:, -1].astype(np.int64))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)
@@ -48,9 +58,7 @@ def main() -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed()
     rank = dist.get_rank()
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    y = torch.tensor(digits.target, dtype=torch.int64)
+    x, y = digits()
     net = LocalPipelineModule(layers(), num_stages=dist.get_world_size(), loss_fn=nn.CrossEntropyLoss(),
                               aux_heads="conv", example_input=x[:2], aux_hidden=16, partition_method="uniform")
     engine, *_ = initialize(model=net, config=CONFIG, model_parameters=[p for p in net.parameters()],
