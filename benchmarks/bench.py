@@ -53,6 +53,8 @@ METHODS = {
     "ds-1f1b": "stock DeepSpeed pipeline (1F1B)",
 }
 TRACED = ("ppll-processes", "gpipe", "1f1b")
+QUICK_NOTE = ("A quick run (1 repeat of a few steps) checks that every method runs and every file is written; its "
+              "numbers are not measurements. The committed RESULTS.md comes from a full run (`ppll bench`).")
 THRESHOLDS = {"resnet32": 1.1, "vit": 1.3}
 """Target speed-up of PPLL over 1F1B (torch and DeepSpeed) per model."""
 
@@ -187,7 +189,7 @@ def accuracy_runs(data_root: str, quick: bool) -> dict:
                 "sequential": ["local.runtime=sequential", "train.threads=1"],
                 "ppll-processes": ["local.runtime=processes"]}
     out = {"model": "resnet32", "stages": 4, "config": "configs/resnet32_cifar10_k4.yaml", **budget,
-           "overrides": common, "runs": {}}
+           "overrides": [o.replace(data_root, "CIFAR10_DIR") for o in common], "runs": {}}
     for name, extra in variants.items():
         cmd = [sys.executable, "-m", "ppll_ext.train", "--config", str(ROOT / out["config"]),
                *[a for o in [*common, *extra] for a in ("--set", o)]]
@@ -223,6 +225,7 @@ def markdown(doc: dict) -> str:
     label = " (QUICK smoke run: not for the record)" if meta["quick"] else ""
     lines = [f"# ppll bench results{label}", "",
              f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min)", "",
+             *([QUICK_NOTE, ""] if meta["quick"] else []),
              f"Date {meta['date']}; machine {meta['machine']}; Python {meta['python']}, torch {meta['torch']}, "
              f"DeepSpeed {meta['deepspeed']}; ppll_ext {meta['ppll_ext_commit']}.", "",
              f"Throughput: K = {meta['stages']}, batch {meta['batch']}, {meta['micro']} micro-batches for every "
@@ -338,12 +341,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from ppll_ext.plot import plot_bench, plot_traces
 
-    doc = {"meta": {**versions(), "quick": a.quick, "command": "ppll bench " + " ".join(sys.argv[1:] if argv is None
-                                                                                       else argv),
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["ppll bench", *given])
+    if a.data_root:  # no machine paths in committed results
+        command = command.replace(a.data_root, "CIFAR10_DIR")
+    doc = {"meta": {**versions(), "quick": a.quick, "command": command,
                     "stages": 2, "batch": setup.batch, "micro": setup.micro, "steps": setup.steps,
                     "warmup": setup.warmup, "repeats": repeats, "skipped": skipped,
                     "partitions": {f"{m} K={k}": v for (m, k), v in partitions.items()}},
-           "throughput": rows, "accuracy": accuracy, "targets": evaluate_targets(rows, accuracy), "traces": traces}
+           "throughput": rows, "accuracy": accuracy, "targets": evaluate_targets(rows, accuracy),
+           "traces": {m: [os.path.relpath(t, out) for t in ts] for m, ts in traces.items()}}
     bench_json = out / f"bench{suffix}.json"
     bench_json.write_text(json.dumps(doc, indent=2) + "\n")
     doc["pictures"] = [f"throughput{suffix}.png"]

@@ -130,3 +130,9 @@ def test_bench_parses_the_training_summary(bench) -> None:
             "  throughput 180.2 samples/s (last epoch) | total 60.5 s\n")
     assert bench.parse_summary(text) == {"accuracy": 0.412, "aux_accuracy": [0.301, 0.35, 0.4],
                                          "samples_per_s": 180.2, "seconds": 60.5}
+
+
+def test_bench_help(bench, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--help"])
+    assert stop.value.code == 0 and "--quick" in capsys.readouterr().out
