@@ -402,13 +402,15 @@ def test_sigkill_middle_stage_under_the_deepspeed_launcher() -> None:
 
 
 def test_stalled_stage_times_out_with_a_clear_message() -> None:
+    """SIGSTOP the middle stage half a second into the first epoch (90 steps, the first report exchange comes
+    at its end): the stage feeding it and the stage it feeds each give up after local.timeout_s, naming it."""
     timeout = 6
-    launch = torchrun(3, sets(*TINY, "local.stages=3", "local.runtime=processes", "train.batch_size=32",
+    launch = torchrun(3, sets(*TINY, "local.stages=3", "local.runtime=processes", "train.batch_size=16",
                               "train.epochs=100", f"local.timeout_s={timeout}"))
     try:
         launch.wait_for(r"^training ")
         ranks = launch.stages(3)
-        time.sleep(1.0)
+        time.sleep(0.5)
         os.kill(ranks[1], signal.SIGSTOP)
         stopped = time.monotonic()
         t0, line0 = launch.wait_for(r"stage 0 \(rank 0\) failed", "err")
