@@ -91,7 +91,8 @@ class ThreadRunner:
                     yield q.get(timeout=_POLL_S)
                     break
                 except queue.Empty:
-                    self._check(f"stage {k} waiting for input", started)
+                    self._check(f"stage {k} waiting for input from " + (f"stage {k - 1}" if k else "the data feed"),
+                                started)
 
     def _run_stage(self, k: int) -> None:
         block = self.blocks[k]
