@@ -52,6 +52,10 @@ METHODS = {
     "ds-ppll": "PPLL via the DeepSpeed adapter",
     "ds-1f1b": "stock DeepSpeed pipeline (1F1B)",
 }
+K4_METHODS = {
+    "sequential-k4": "sequential local learning with K = 4 blocks, 1 process x 1 thread (--k4)",
+    "ppll-processes-k4": "PPLL processes with K = 4: 4 processes, oversubscribed on fewer than 4 cores (--k4)",
+}
 TRACED = ("ppll-processes", "gpipe", "1f1b")
 QUICK_NOTE = ("A quick run (1 repeat of a few steps) checks that every method runs and every file is written; its "
               "numbers are not measurements. The committed RESULTS.md comes from a full run (`ppll bench`).")
@@ -243,7 +247,9 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['model']} | {r['method']} | {r['median_samples_per_s']:.1f} | "
                      f"{', '.join(f'{v:.0f}' for v in r['runs'])} | {_fmt(r['x_sequential'])} | {_fmt(r['x_1f1b'])} | "
                      f"{_fmt(r['x_ds-1f1b'])} | {busy} | {rss} |")
-    lines += ["", "Methods: " + "; ".join(f"**{k}** {v}" for k, v in METHODS.items()) + ".", "",
+    ran = {r["method"] for r in doc["throughput"]}
+    legend = {k: v for k, v in {**METHODS, **K4_METHODS}.items() if k in ran}
+    lines += ["", "Methods: " + "; ".join(f"**{k}** {v}" for k, v in legend.items()) + ".", "",
               "## Targets", "", "| model | target | measured | met |", "|---|---|---:|---|"]
     for t in doc["targets"]:
         met = "not measured" if t["met"] is None else ("met" if t["met"] else "**missed**")
