@@ -188,8 +188,9 @@ def accuracy_runs(data_root: str, quick: bool) -> dict:
     common = ["data.name=imagefolder", f"data.root={data_root}", f"data.train_subset={budget['train_subset']}",
               f"data.test_subset={budget['test_subset'] or 'null'}", f"train.epochs={budget['epochs']}",
               "train.progress=false", "local.partition=parameters", "local.stages=4"]
-    # Sequential LL on one thread, like each PPLL process: the two then train the very same weights.
-    variants = {"bp": ["train.method=bp", "train.threads=2"],
+    # One thread per process everywhere: sequential LL and PPLL then train the very same weights, and a busy
+    # neighbour on the machine cannot stall an OpenMP team.
+    variants = {"bp": ["train.method=bp", "train.threads=1"],
                 "sequential": ["local.runtime=sequential", "train.threads=1"],
                 "ppll-processes": ["local.runtime=processes"]}
     out = {"model": "resnet32", "stages": 4, "config": "configs/resnet32_cifar10_k4.yaml", **budget,

@@ -8,6 +8,9 @@ Clock: wall-clock microseconds, taken as `time.perf_counter()` plus an offset to
 `start()`, so events of different processes on one machine share a time axis (across nodes, as far as the
 hosts' clocks agree). In the processes runtime every rank records its own events and `finish()` gathers
 them on rank 0, which writes the one file.
+
+A torch.distributed.pipelining script traces SchedulePPLL the same way: `trace.start()` before building the
+schedule, `trace.finish("out.json", dist.group.WORLD)` on every rank at the end.
 """
 
 from __future__ import annotations
