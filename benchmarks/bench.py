@@ -265,8 +265,8 @@ def markdown(doc: dict) -> str:
     else:
         lines += [f"{acc['model']}, K = {acc['stages']}, CIFAR-10 image folder, first {acc['train_subset']} training "
                   f"images (seeded subset), {acc['epochs']} epoch(s), test set "
-                  f"{acc['test_subset'] or 'all 10000'} images; `{acc['config']}` with "
-                  f"`{' '.join(acc['overrides'])}`.", "",
+                  f"{acc['test_subset'] or 'all 10000'} images, one torch thread per process; `{acc['config']}` "
+                  f"with `{' '.join(acc['overrides'])}`.", "",
                   "| method | test accuracy | aux heads (early exit) | wall s |", "|---|---:|---|---:|"]
         for name, r in acc["runs"].items():
             lines.append(f"| {name} | {r['accuracy']:.4f} | {' '.join(f'{a:.4f}' for a in r['aux_accuracy'])} | "
