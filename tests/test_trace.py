@@ -136,3 +136,13 @@ def test_bench_help(bench, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         bench.main(["--help"])
     assert stop.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_plot_bench_bars(tmp_path: Path) -> None:
+    rows = [{"model": m, "method": k, "median_samples_per_s": v, "runs": [v - 5, v, v + 5]}
+            for m in ("resnet32", "vit") for k, v in (("sequential", 100.0), ("ppll-processes", 190.0))]
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps({"throughput": rows}))
+    png = tmp_path / "bars.png"
+    assert cli.main(["plot", "--bench", str(bench_json), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
