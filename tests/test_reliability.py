@@ -8,6 +8,7 @@ test ends, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
 TINY = ["model.name=resnet8", "model.width=4", "local.partition=uniform", "train.progress=false", "train.threads=1",
         "data.test_subset=100"]
-MONITOR_S = 3
+MONITOR_S = 2
 """torchrun's worker-monitor interval: surviving stages have this long to notice a dead neighbour and say so
 before torchrun tears them down."""
 
@@ -80,6 +81,14 @@ def _rank_of(pid: int) -> int | None:
     return found[0] if found else None
 
 
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): tells a process from a later one with the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -104,7 +113,7 @@ class Launch:
                                      cwd=REPO, start_new_session=True)
         self.out: list[tuple[float, str]] = []
         self.err: list[tuple[float, str]] = []
-        self.seen: set[int] = set()
+        self.seen: dict[int, str | None] = {}
         self._readers = [threading.Thread(target=self._read, args=(s, d), daemon=True)
                          for s, d in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
         for t in self._readers:
@@ -134,14 +143,23 @@ class Launch:
         lines = self.out if stream == "out" else self.err
         regex = re.compile(pattern)
         while True:
+            ended = self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)
             for t, line in list(lines):
                 if regex.search(line):
                     return t, line
-            if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
+            if ended:
                 pytest.fail(f"launch ended (rc {self.proc.returncode}) before {pattern!r}\n{self.stdout[-2000:]}\n"
                             f"{self.stderr[-4000:]}")
             self._left()
             time.sleep(0.02)
+
+    def _descendants(self) -> set[int]:
+        kids, found, todo = _children(), set(), [self.proc.pid]
+        while todo:
+            for child in kids.get(todo.pop(), []):
+                found.add(child)
+                todo.append(child)
+        return found
 
     def stages(self, n: int) -> dict[int, int]:
         """{rank: pid} of the n stage processes: the launcher's topmost descendants with RANK set."""
@@ -154,7 +172,7 @@ class Launch:
                         found[rank] = child
                     else:
                         todo.append(child)
-            self.seen.update(found.values())
+            self.seen.update({pid: _started(pid) for pid in found.values()})
             if len(found) == n:
                 return found
             self._left()
@@ -171,10 +189,12 @@ class Launch:
         return self.proc.returncode
 
     def close(self) -> None:
-        """Kill the stage processes this test saw and the launcher's session."""
-        for pid in self.seen:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        """Kill every process the launcher started (stages run in sessions of their own) and its session."""
+        mine = {**self.seen, **{pid: _started(pid) for pid in self._descendants()}}
+        for pid, started in mine.items():
+            if started is not None and _started(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -306,8 +326,8 @@ def test_threads_stage_failure_reaches_the_caller_and_nan_skip(cli: Cli, monkeyp
 # ------------------------------------------------------------------------------------ dead stages, resume
 
 KILL_RUN = [*TINY, "local.stages=3", "local.runtime=processes", "data.train_subset=640", "train.batch_size=32",
-            "train.epochs=4", "local.timeout_s=60"]
-"""20 steps per epoch, 80 in all; killed runs save every 7 steps."""
+            "train.epochs=3", "local.timeout_s=60"]
+"""20 steps per epoch, 60 in all; killed runs save every 7 steps."""
 _KILLED: dict[int, Path] = {}
 
 
@@ -356,7 +376,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, tmp_pa
     folder = ckpt.resolve(run)
     state = json.loads((folder / ckpt.TRAINER_STATE).read_text())["position"]
     step = state["step"]
-    assert 7 <= step < 80 and step % 7 == 0
+    assert 7 <= step < 60 and step % 7 == 0
     assert (state["epoch"], state["batch"]) == (step // 20, step % 20) and state["batch"] != 0  # mid-epoch
 
     launch = torchrun(3, [*sets(*KILL_RUN), "--save-dir", str(run), "--save-every", "7", "--resume", str(run)])
@@ -367,7 +387,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, tmp_pa
     assert rc == 0, launch.stderr[-4000:]
     assert f"resuming at epoch {step // 20 + 1} batch {step % 20} (step {step})" in launch.stdout
     resumed = ckpt.resolve(run)
-    assert resumed.name == "step-000080"
+    assert resumed.name == "step-000060"
 
     # the uninterrupted run: sequential local learning in this process, bit-identical to the processes runtime
     rc, _, err = cli("train", *sets(*KILL_RUN, "local.runtime=sequential"), "--save-dir",
