@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ class Launch:
             t.start()
 
     @staticmethod
-    def _read(stream, into: list[tuple[float, str]]) -> None:  # noqa: ANN001
+    def _read(stream: IO[str], into: list[tuple[float, str]]) -> None:
         for line in stream:
             into.append((time.monotonic(), line.rstrip("\n")))
 
