@@ -168,6 +168,9 @@ def resolve(path: str | Path) -> Path:
             return steps[-1][1]
         raise CheckpointError(f"{str(p)!r} has no {INDEX} and no complete step-N checkpoint inside; "
                               f"an interrupted save leaves only step-N.tmp, which is never loaded")
+    if p.exists():
+        raise CheckpointError(f"{str(p)!r} is a file, not a checkpoint; pass the directory that holds {INDEX} "
+                              f"(or {SINGLE}), or the run directory with step-N checkpoints")
     raise CheckpointError(f"checkpoint {str(p)!r} does not exist; pass a checkpoint directory or a run directory")
 
 

@@ -155,12 +155,13 @@ def restore_checkpoint(folder: Path, state: dict, layered: LayeredModel, blocks:
     return position
 
 
-def run_training(cfg: Config, *, out: TextIO = sys.stdout,
+def run_training(cfg: Config, *, out: TextIO | None = None,
                  on_finish: Callable[[dict[int, LocalBlock]], None] | None = None) -> Summary | None:
     """Train as `cfg` says; returns the summary on the driving rank (None on the other ranks).
 
-    `on_finish(blocks)` receives this process's trained blocks, by stage index.
+    `on_finish(blocks)` receives this process's trained blocks, by stage index; `out` defaults to sys.stdout.
     """
+    out = sys.stdout if out is None else out
     if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
         from ppll_ext.train_deepspeed import run_deepspeed_training
 

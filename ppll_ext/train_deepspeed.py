@@ -80,12 +80,13 @@ def _micro(batch: tuple[torch.Tensor, torch.Tensor], m: int) -> list[tuple[torch
     return list(zip(x.tensor_split(m), y.tensor_split(m), strict=True))
 
 
-def run_deepspeed_training(cfg: Config, *, out: TextIO = sys.stdout,
+def run_deepspeed_training(cfg: Config, *, out: TextIO | None = None,
                            on_finish: Callable[[dict[int, LocalBlock]], None] | None = None) -> Summary | None:
     """Train as `cfg` says with LocalPipelineEngine; returns the summary on rank 0 (None elsewhere).
 
     `on_finish(blocks)` receives this rank's block (its body and aux head share the engine's tensors).
     """
+    out = sys.stdout if out is None else out
     if cfg.train.method != "local":
         raise ConfigError("local.engine=deepspeed trains local learning; train.method=bp runs with the native engine")
     if cfg.train.trace:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models import VisionTransformer
 
 from ppll_ext.errors import ConfigError
 from ppll_ext.models.layered import LayeredModel
+
+if TYPE_CHECKING:
+    from torchvision.models import VisionTransformer
 
 
 class PatchEmbed(nn.Module):
@@ -68,6 +71,8 @@ def vit_layered(
         raise ConfigError(f"ViT hidden_dim={hidden_dim} is not divisible by heads={heads}; change one of them")
     if depth < 1:
         raise ConfigError(f"ViT depth={depth} must be at least 1")
+    from torchvision.models import VisionTransformer  # imported here: torchvision costs ~1 s per process start
+
     vit = VisionTransformer(
         image_size=image_size,
         patch_size=patch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,9 @@ class StageStats:
     wait_out_s: float = 0.0
 
     def add_loss(self, loss: float, n: int) -> None:
-        """Accumulate a micro-batch's mean loss weighted by its size."""
+        """Accumulate a micro-batch's mean loss weighted by its size; a skipped non-finite loss is left out."""
+        if not math.isfinite(loss):
+            return
         self.loss += loss * n
         self.samples += n
 

@@ -99,7 +99,10 @@ class LinkSender:
             raise link_error(self.me, self.to, True, self.timeout_s, exc) from exc
 
     def _isend(self, tensor: torch.Tensor, tag: int) -> dist.Work:
-        return dist.isend(tensor, self.peer, group=self.group, tag=tag)
+        try:
+            return dist.isend(tensor, self.peer, group=self.group, tag=tag)
+        except RuntimeError as exc:  # gloo reports a reset connection when the send is posted
+            raise link_error(self.me, self.to, True, self.timeout_s, exc) from exc
 
     def send(self, msg: Msg) -> None:
         """Start sending `msg`; blocks only while `depth` earlier messages are still in flight."""
@@ -144,7 +147,10 @@ class LinkReceiver:
         self._post(None)
 
     def _irecv(self, tensor: torch.Tensor, tag: int) -> dist.Work:
-        return dist.irecv(tensor, self.peer, group=self.group, tag=tag)
+        try:
+            return dist.irecv(tensor, self.peer, group=self.group, tag=tag)
+        except RuntimeError as exc:
+            raise link_error(self.me, self.source, False, self.timeout_s, exc) from exc
 
     def _post(self, shape: Shape | None) -> None:
         """Post the next header, and the next payload if the last message carried one of `shape`."""
