@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ppll_ext import checkpoint as ckpt
-from ppll_ext import train as train_module
 from ppll_ext.cli import main as cli_main
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
@@ -292,12 +291,10 @@ Cli = Callable[..., tuple[int, str, list[str]]]
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     """`ppll ...` in this process (the real CLI code path): (exit code, stdout, stderr lines)."""
 
     def run(*args: str) -> tuple[int, str, list[str]]:
-        # run_training's `out=sys.stdout` default is bound when ppll_ext.train is imported: point it at capsys.
-        monkeypatch.setitem(train_module.run_training.__kwdefaults__, "out", sys.stdout)
         rc = cli_main(list(args))
         out, err = capsys.readouterr()
         return rc, out, err.strip().splitlines()
@@ -321,9 +318,9 @@ def test_threads_stage_failure_reaches_the_caller_and_nan_skip(cli: Cli, monkeyp
     rc, out, err = cli(*args, "--on-nan", "skip")
     assert rc == 0 and err == ["ppll: warning: stage 1: loss is nan at step 4; this stage skips the step's update "
                                "(train.on_nan=skip)"]
-    # the skipped step's NaN shows in that epoch's mean loss of stage 1 only; every stage did all 12 steps
-    assert re.search(r"^epoch 1/2 \| loss [0-9.]+ nan [0-9.]+ \|", out, re.M), out
-    assert re.search(r"^epoch 2/2 \| loss [0-9.]+ [0-9.]+ [0-9.]+ \|", out, re.M), out
+    # the skipped step's NaN is left out of stage 1's mean loss; every stage did all 12 steps
+    for epoch in (1, 2):
+        assert re.search(rf"^epoch {epoch}/2 \| loss [0-9.]+ [0-9.]+ [0-9.]+ \|", out, re.M), out
     assert len(re.findall(r"stage \d: loss [0-9.]+ .*\| steps 12$", out, re.M)) == 3, out
 
 
@@ -427,7 +424,8 @@ def test_sigkill_middle_stage_under_the_deepspeed_launcher() -> None:
 
 def test_stalled_stage_times_out_with_a_clear_message() -> None:
     """SIGSTOP the middle stage half a second into the first epoch (90 steps, the first report exchange comes
-    at its end): the stage feeding it and the stage it feeds each give up after local.timeout_s, naming it."""
+    at its end): the stage it feeds gives up after local.timeout_s naming it; the stage feeding it gives up either
+    on the link or, when the kernel's socket buffers took the whole epoch, at the epoch's report exchange."""
     timeout = 6
     launch = torchrun(3, sets(*TINY, "local.stages=3", "local.runtime=processes", "train.batch_size=16",
                               "train.epochs=100", f"local.timeout_s={timeout}"))
@@ -443,11 +441,13 @@ def test_stalled_stage_times_out_with_a_clear_message() -> None:
         assert launch.finish() != 0
     finally:
         launch.close()
-    assert f"waited {timeout} s to take a message from stage 1 (rank 1)" in line0, line0
+    assert (f"waited {timeout} s to take a message from stage 1 (rank 1)" in line0
+            or f"exchanging reports with the other stages failed: one of them exited, was killed or stalled longer "
+               f"than local.timeout_s={timeout} s" in line0), line0
     assert f"waited {timeout} s for a message from stage 1 (rank 1)" in line2, line2
     for line, t in ((line0, t0), (line2, t2)):
         assert "raise local.timeout_s" in line
-        assert timeout - 0.5 < t - stopped < timeout + 10, (t - stopped, line)
+        assert timeout - 1 < t - stopped < timeout + 10, (t - stopped, line)
 
 
 # ------------------------------------------------------------------------------------ bounded memory

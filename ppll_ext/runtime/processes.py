@@ -241,7 +241,8 @@ class ProcessRunner:
         except RuntimeError as exc:
             raise PipelineError(f"stage {self.rank} (rank {self.rank}): exchanging reports with the other stages "
                                 f"failed: one of them exited, was killed or stalled longer than local.timeout_s="
-                                f"{self.timeout_s:g} s ({exc})") from exc
+                                f"{self.timeout_s:g} s (raise local.timeout_s if a stage's work between reports "
+                                f"really takes that long) ({exc})") from exc
 
     def _drive(self, messages: Iterable[Msg]) -> list[Report]:
         reports: list[Report] = []
