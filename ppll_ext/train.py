@@ -10,6 +10,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +146,12 @@ def restore_checkpoint(folder: Path, state: dict, layered: LayeredModel, blocks:
     for block in blocks.values():
         ckpt.load_stage(folder, block, same_cut)
         if not same_cut:
-            # Re-partitioned: fresh aux heads and optimizers, but the schedule continues where it was.
-            for _ in range(position.step):
-                block.lr_scheduler.step()
+            # Re-partitioned: fresh aux heads and optimizers, but the schedule continues where it was (a
+            # deliberate fast-forward before any optimizer step, which torch would otherwise warn about).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                for _ in range(position.step):
+                    block.lr_scheduler.step()
             block.steps = position.step
     if not same_cut and 0 in blocks:
         print(f"resuming with stages at {boundaries} from a checkpoint cut at {state['boundaries']}: model weights "
