@@ -29,7 +29,7 @@ from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import ConfigError
 from ppll_ext.models import LayeredModel
 from ppll_ext.runtime import EpochStats, EvalResult, SequentialRunner, StageStats, trace
-from ppll_ext.runtime.launch import init_distributed
+from ppll_ext.runtime.launch import check_same_config, init_distributed
 from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.sequential import Saver
 from ppll_ext.runtime.threads import ThreadRunner
@@ -175,6 +175,7 @@ def run_training(cfg: Config, *, out: TextIO | None = None,
     owns_group = False
     if runtime == "processes":
         rank, owns_group, device = init_distributed(cfg.local.stages, cfg.train.device, cfg.local.timeout_s)
+        check_same_config(cfg.to_dict())
     threads = cfg.train.threads or (1 if runtime == "processes" else 0)
     if threads:
         torch.set_num_threads(threads)

@@ -31,7 +31,7 @@ from ppll_ext.core import LocalBlock
 from ppll_ext.data import BatchLoader
 from ppll_ext.errors import ConfigError
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats
-from ppll_ext.runtime.launch import init_distributed
+from ppll_ext.runtime.launch import check_same_config, init_distributed
 from ppll_ext.runtime.stage import EvalCounts
 from ppll_ext.train import Summary, epoch_line, fail_fast, prepare, restore_checkpoint, resume_state
 
@@ -94,6 +94,7 @@ def run_deepspeed_training(cfg: Config, *, out: TextIO | None = None,
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.device == "cuda" else "cpu")
     k, d = cfg.local.stages, cfg.local.data_parallel
     rank, owns_group, _ = init_distributed(k, cfg.train.device, cfg.local.timeout_s, d)
+    check_same_config(cfg.to_dict())
     torch.set_num_threads(cfg.train.threads or 1)
     from ppll_ext import deepspeed as ppll_ds  # imports DeepSpeed: only when this engine is used
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,32 @@ def test_accelerate_launch_deepspeed_on_cpu() -> None:
 @pytest.mark.parametrize("per_node", [1, 2])
 def test_multinode_localhost(per_node: int) -> None:
     assert_trained(run(["launch/multinode_localhost.sh", *TINY], env={"NPROC_PER_NODE": str(per_node)}), 2 * per_node)
+
+
+def test_nodes_started_with_different_settings_stop_with_one_line_each() -> None:
+    """Two torchrun "nodes" whose --set differ (model.width) would train a silently inconsistent pipeline: every
+    rank stops before training with the same one-line error naming the setting and both values."""
+    port = run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
+                "print(s.getsockname()[1])"]).stdout.strip()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", "--rdzv-id", f"mismatch-{port}", "-m", "ppll_ext.train", *TINY,
+                               "--set", "local.stages=2", "--set", f"model.width={width}"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+             for n, width in ((0, 8), (1, 16))]
+    outcomes = [node.communicate(timeout=120) for node in nodes]
+    errors = []
+    for node, (out, err) in zip(nodes, outcomes, strict=True):
+        assert node.returncode != 0 and "epoch 1/" not in out
+        errors += [line for line in err.splitlines() if line.startswith("ppll: error:")]
+    # c10d assigns the ranks, so either node may be rank 0; like every configuration error, rank 0 prints it
+    widths = {"8", "16"}
+    assert len(errors) == 1, outcomes
+    m = re.fullmatch(r"ppll: error: rank 1 was started with model\.width=(\d+) but rank 0 with model\.width=(\d+) "
+                     r"\(1 setting\(s\) differ\); start every rank with the same --config and --set options", errors[0])
+    assert m and {m[1], m[2]} == widths, errors
 
 
 def test_accelerate_with_wrong_process_count_is_one_line() -> None:

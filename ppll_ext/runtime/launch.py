@@ -6,6 +6,7 @@ import datetime
 import os
 import subprocess
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from ppll_ext.errors import ConfigError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+PER_NODE_KEYS = ("data.root", "data.download", "train.progress", "train.save_dir", "train.resume")
+"""Settings that may differ between ranks (paths on each node's file system, progress bars)."""
 
 
 def under_launcher() -> bool:
@@ -52,3 +55,29 @@ def init_distributed(stages: int, device: str, timeout_s: float,
     if created:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), created, dev
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_config(settings: dict[str, Any]) -> None:
+    """ConfigError on every rank if any rank was started with other settings than rank 0 (e.g. two nodes given
+    different --set): its stages would otherwise train a silently different model."""
+    mine = {k: v for k, v in _flatten(settings).items() if k not in PER_NODE_KEYS}
+    everyone: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    ref = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in ref.keys() | theirs.keys() if ref.get(k) != theirs.get(k))
+        if differ:
+            key = differ[0]
+            raise ConfigError(f"rank {rank} was started with {key}={theirs.get(key)!r} but rank 0 with "
+                              f"{key}={ref.get(key)!r} ({len(differ)} setting(s) differ); start every rank with the "
+                              f"same --config and --set options")
