@@ -24,10 +24,10 @@ from runtime_bench import MODELS, bench_config, profiled_partition, synthetic_ba
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from ppll_ext import trace
 from ppll_ext.build import build_layered, make_optimizer
 from ppll_ext.core import build_aux_head
 from ppll_ext.pipelining import SchedulePPLL
-from ppll_ext.runtime import trace
 
 METHODS = ("gpipe", "1f1b", "ppll")
 

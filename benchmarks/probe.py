@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ppll_ext.runtime import trace
+from ppll_ext import trace
 
 
 def peak_rss_mb() -> float:

@@ -22,12 +22,11 @@ import torch
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
 from probe import gather, peak_rss_mb
 
+from ppll_ext import trace
 from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_boundaries
 from ppll_ext.config import Config, load_config
-from ppll_ext.runtime import SequentialRunner, trace
+from ppll_ext.runtime import ProcessRunner, SequentialRunner, ThreadRunner
 from ppll_ext.runtime.launch import init_distributed
-from ppll_ext.runtime.processes import ProcessRunner
-from ppll_ext.runtime.threads import ThreadRunner
 
 METHODS = ("bp", "sequential", "threads", "processes", "2x-sequential")
 MODELS = {
@@ -92,17 +91,17 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
     else:
         runner = SequentialRunner(ordered, cfg.local.micro_batches)
     title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
+    first = synthetic_batches(warmup, batch, seed=2) if rank == 0 else None
+    later = synthetic_batches(steps, batch, seed=3) if rank == 0 else None
+    runner.train_epoch(first)
+    timed = runner.train_epoch(later)
+    runner.close()
     if rank != 0:
-        runner.serve()
         gather(peak_rss_mb())
         if trace_path:
             trace.finish(trace_path, torch.distributed.group.WORLD)
         torch.distributed.destroy_process_group()
         return None
-    runner.train_epoch(synthetic_batches(warmup, batch, seed=2))
-    timed = runner.train_epoch(synthetic_batches(steps, batch, seed=3))
-    if not isinstance(runner, SequentialRunner):
-        runner.close()
     rss = [peak_rss_mb()]
     if method == "processes":
         rss = gather(rss[0])

@@ -13,10 +13,8 @@ import torch
 from torch import nn
 
 from ppll_ext.config import Config, OptimConfig
-from ppll_ext.core import LocalBlock, build_aux_head, partition
+from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, partition
 from ppll_ext.models import LayeredModel, build_model
-
-AUX_SEED_OFFSET = 7919
 
 
 def make_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -88,30 +86,22 @@ def build_blocks(
 ) -> tuple[list[int], dict[int, LocalBlock]]:
     """Cut the model at `boundaries` (computed if None) and build the blocks listed in `stages` (default all).
 
-    Each aux head is seeded by its stage index, so building a subset gives the same weights as building all.
+    Each aux head is seeded by its stage index (core.aux_seed), so building a subset gives the same weights as
+    building all, in every engine.
     """
     k = cfg.local.stages
     if boundaries is None:
         boundaries = stage_boundaries(cfg, layered, example)
-    wanted = set(range(k) if stages is None else stages)
     num_classes = _num_classes(layered, example)
     loss_fn = nn.CrossEntropyLoss()
     blocks: dict[int, LocalBlock] = {}
-    h = example
-    for s in range(k):
-        body = layered.sequential(boundaries[s], boundaries[s + 1])
-        with torch.no_grad():
-            was = body.training
-            h = body.eval()(h)
-            body.train(was)
-        if s not in wanted:
-            continue
+    for s in sorted(set(range(k) if stages is None else stages)):
         aux = None
         if s < k - 1:
-            torch.manual_seed(cfg.train.seed + AUX_SEED_OFFSET * (s + 1))
-            nxt = layered.layers[boundaries[s + 1]: boundaries[s + 1] + cfg.local.aux_next_blocks]
-            aux = build_aux_head(cfg.local.aux, h, num_classes, hidden=cfg.local.aux_hidden,
-                                 next_layers=nxt, final_head=layered.layers[-1])
+            aux = build_stage_aux_head(layered.layers, s, boundaries, cfg.local.aux, example, num_classes=num_classes,
+                                       hidden=cfg.local.aux_hidden, seed=cfg.train.seed,
+                                       next_blocks=cfg.local.aux_next_blocks)
+        body = layered.sequential(boundaries[s], boundaries[s + 1])
         block = LocalBlock(body, aux, loss_fn, index=s, grad_clip=cfg.optim.grad_clip, autocast=cfg.train.autocast,
                            on_nan=cfg.train.on_nan)
         block.optimizer = make_optimizer(cfg.optim, block.parameters())

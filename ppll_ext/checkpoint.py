@@ -17,7 +17,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ppll_ext import hooks
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError
 from ppll_ext.models import LayeredModel
-from ppll_ext.runtime.stage import parse_fault
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -108,9 +107,7 @@ def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[
     body = {key_map[n]: t for n, t in block.body.state_dict().items()}
     shard = shard_name(k, num_stages)
     _atomic_save(body, folder / shard)
-    fault = parse_fault(os.environ.get("PPLL_FAULT"))
-    if fault is not None and fault[2] == "kill-in-save" and fault[0] == k and folder.name == f"step-{fault[1]:06d}.tmp":
-        os.kill(os.getpid(), signal.SIGKILL)
+    hooks.shard_written(folder, k)
     opt_tensors, opt_meta = _flatten_optimizer(block.optimizer.state_dict()) if block.optimizer else ({}, None)
     (folder / STATE_DIR).mkdir(exist_ok=True)
     _atomic_save({**opt_tensors, "rng.cpu": torch.get_rng_state()}, folder / STATE_DIR / f"stage-{k}.safetensors")
@@ -121,9 +118,11 @@ def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[
     return StageManifest(k, shard, {name: t.numel() * t.element_size() for name, t in body.items()}, aux)
 
 
-def finalize(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
-             config: dict, keep: int) -> Path:
-    """First rank: aux heads, trainer state, then the index (last), then rename `step-N.tmp` to `step-N`."""
+def commit(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
+           config: dict, keep: int) -> Path:
+    """Complete the checkpoint the stages wrote into `folder` (`step-N.tmp`): aux heads, trainer state, then the
+    index (last), then the rename to `step-N`; prune to the `keep` newest. The one place a checkpoint becomes
+    visible, called once (on the first rank) by every engine and by SchedulePPLL.save_checkpoint."""
     manifests = sorted(manifests, key=lambda m: m.index)
     _atomic_save({k: v for m in manifests for k, v in m.aux.items()}, folder / AUX)
     _atomic_json({"position": asdict(position), "num_stages": len(manifests), "boundaries": boundaries,

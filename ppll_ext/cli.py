@@ -5,10 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ppll_ext import logs
+from ppll_ext.config import ENGINES, RUNTIMES, config_keys, load_config
+from ppll_ext.core.block import ON_NAN
 from ppll_ext.errors import ConfigError, PPLLError
-from ppll_ext.launchers import is_secondary_rank
+from ppll_ext.launchers import apply_launcher_env, is_secondary_rank
 
 EXIT_USAGE = 2
+
+FLAGS: dict[str, str] = {
+    "local.runtime": "--runtime",
+    "train.save_dir": "--save-dir",
+    "train.save_every": "--save-every",
+    "train.keep": "--keep",
+    "train.resume": "--resume",
+    "local.engine": "--engine",
+    "train.on_nan": "--on-nan",
+    "train.trace": "--trace",
+}
+"""Config keys that `ppll train` also takes as a flag of their own (each flag = --set <key>=...)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,15 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="experiment YAML file (see configs/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=1 (repeatable)")
-    train.add_argument("--runtime", choices=("sequential", "threads", "processes"),
+    train.add_argument("--runtime", choices=RUNTIMES,
                        help="shortcut for --set local.runtime=...")
     train.add_argument("--save-dir", help="run directory for checkpoints (= --set train.save_dir=...)")
     train.add_argument("--save-every", type=int, help="checkpoint every N steps (= --set train.save_every=N)")
     train.add_argument("--keep", type=int, help="keep the N newest checkpoints (= --set train.keep=N)")
     train.add_argument("--resume", help="checkpoint or run directory to resume from (= --set train.resume=...)")
-    train.add_argument("--engine", choices=("native", "deepspeed"),
+    train.add_argument("--engine", choices=ENGINES,
                        help="run the stages with ppll_ext's loop or the DeepSpeed adapter (= --set local.engine=...)")
-    train.add_argument("--on-nan", choices=("error", "skip"), help="NaN/inf loss: stop or skip the step (= --set "
+    train.add_argument("--on-nan", choices=ON_NAN, help="NaN/inf loss: stop or skip the step (= --set "
                        "train.on_nan=...)")
     train.add_argument("--trace", help="write a Chrome-trace JSON of every stage here (= --set train.trace=...)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -72,16 +87,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ppll_ext.config import load_config
-    from ppll_ext.launchers import apply_launcher_env
-    from ppll_ext.runtime.launch import spawn_torchrun, under_launcher
-    from ppll_ext.train import prepare, run_training
-
     overrides = list(args.overrides)
-    for key, value in (("local.runtime", args.runtime), ("train.save_dir", args.save_dir),
-                       ("train.save_every", args.save_every), ("train.keep", args.keep),
-                       ("train.resume", args.resume), ("local.engine", args.engine),
-                       ("train.on_nan", args.on_nan), ("train.trace", args.trace)):
+    for key, flag in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
@@ -89,7 +97,11 @@ def _train(args: argparse.Namespace) -> int:
     deepspeed = cfg.train.method == "local" and cfg.local.engine == "deepspeed"
     if deepspeed and cfg.local.runtime != "processes":
         raise ConfigError(f"local.engine=deepspeed runs one process per stage; local.runtime={cfg.local.runtime!r} "
-                          f"must be processes")
+                          f"must be processes", key="local.runtime")
+    # The training stack is imported only once the config is known to be valid: bad input fails fast.
+    from ppll_ext.runtime.launch import spawn_torchrun, under_launcher
+    from ppll_ext.train import prepare, run_training
+
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
         prepare(cfg)
         forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
@@ -132,7 +144,6 @@ def _bench(argv: list[str]) -> int:
 def _import_deepspeed(args: argparse.Namespace) -> int:
     from ppll_ext import checkpoint as ckpt
     from ppll_ext.build import build_layered
-    from ppll_ext.config import load_config
     from ppll_ext.data import dataset_shape
 
     cfg = load_config(args.config, args.overrides)
@@ -146,8 +157,25 @@ def _import_deepspeed(args: argparse.Namespace) -> int:
     return 0
 
 
+def flag_hint(exc: PPLLError) -> str:
+    """The command-line spelling of the setting `exc.key` names (its flag and/or --set), appended to the error line."""
+    key = exc.key
+    if not key:
+        return ""
+    if "." not in key:  # a Python argument of the library: its config key, if it matches one that has a flag
+        key = next((k for k in FLAGS if k.split(".", 1)[1] == key), "")
+    if key not in config_keys():
+        return ""
+    message = str(exc)
+    flag = FLAGS.get(key)
+    if f"--set {key}=" in message or (flag is not None and flag in message):
+        return ""  # the message already says it
+    return f" (command line: {flag} or --set {key}=...)" if flag else f" (command line: --set {key}=...)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the command; PPLLErrors become one line on stderr and exit code 2."""
+    logs.configure()
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
@@ -165,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(rest)
     except PPLLError as exc:
         if not is_secondary_rank():
-            print(f"ppll: error: {exc}", file=sys.stderr)
+            print(f"ppll: error: {exc}{flag_hint(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ppll: interrupted", file=sys.stderr)

@@ -1,4 +1,10 @@
-"""Experiment configuration: dataclasses with one docstring per field, YAML files and `--set` overrides."""
+"""Experiment configuration: dataclasses with one docstring per field, YAML files and `--set` overrides.
+
+Each section is owned by the code that uses it: `ModelConfig` lives in ppll_ext.models and `DataConfig` in
+ppll_ext.data (both re-exported here), and the allowed values of every choice field are `Literal` types built
+from constants of the module that acts on them. Every section checks itself (`check()`); `Config.check` adds
+the checks that span sections. Every ConfigError raised here carries `key=`, the dotted config key.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +12,26 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from ppll_ext.core.aux import AUX_KINDS
+from ppll_ext.core.block import AUTOCAST, ON_NAN
+from ppll_ext.data.datasets import DataConfig
 from ppll_ext.errors import ConfigError
+from ppll_ext.models import ModelConfig
+from ppll_ext.runtime import RUNTIMES
 
+# --- local -----------------------------------------------------------------------------------------------------------
 
-@dataclass
-class ModelConfig:
-    """Which network to build; its input shape and class count come from the data set."""
+"""Allowed values of local.runtime: where the stages run."""
+ENGINES: tuple[str, ...] = ("native", "deepspeed")
+"""Allowed values of local.engine: who runs the stages with runtime=processes."""
 
-    name: str = "resnet8"
-    """Model: resnet8 | resnet20 | resnet32 | resnet56 | resnet110 (CIFAR ResNets, 6n+2 layers) or vit."""
-    width: int = 16
-    """ResNet: channels of the first group (the groups use width, 2*width, 4*width)."""
-    patch_size: int = 4
-    """ViT: side of the square patches."""
-    depth: int = 6
-    """ViT: number of encoder blocks."""
-    hidden_dim: int = 192
-    """ViT: token width."""
-    heads: int = 3
-    """ViT: attention heads per block."""
-    mlp_dim: int = 384
-    """ViT: hidden width of each block's MLP."""
-    dropout: float = 0.0
-    """ViT: dropout inside the encoder."""
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are augmented."""
-
-    name: str = "digits"
-    """Data set: digits (scikit-learn's bundled 8x8 digits) | cifar10 | svhn | stl10 | imagefolder."""
-    root: str | None = None
-    """Folder of the data set (for imagefolder: the folder holding train/ and test/). Not used by digits."""
-    download: bool = False
-    """Let torchvision download a missing data set into root (never done silently)."""
-    cache_dir: str | None = None
-    """Where decoded image-folder trees are cached as uint8 tensors (default: <root>/.ppll_cache)."""
-    train_subset: int | None = None
-    """Use only the first N training images (after a seeded shuffle); None = all."""
-    test_subset: int | None = None
-    """Use only the first N test images; None = all."""
-    augment: bool = True
-    """Random crop with padding (and horizontal flip where the data set allows it) on training batches."""
+AuxKind = Literal.__getitem__(AUX_KINDS)
+Runtime = Literal.__getitem__(RUNTIMES)
+Engine = Literal.__getitem__(ENGINES)
 
 
 @dataclass
@@ -63,7 +42,7 @@ class LocalConfig:
     """K: number of blocks, one per pipeline stage (K = 1 is end-to-end backprop)."""
     partition: str = "parameters"
     """Split method: uniform | parameters | profile | explicit boundaries such as "0,5,9"."""
-    aux: str = "conv"
+    aux: AuxKind = "conv"
     """Auxiliary head kind: conv | mlp-sr | vit | next-blocks."""
     aux_hidden: int = 128
     """Hidden width of the auxiliary heads' classifier."""
@@ -73,11 +52,11 @@ class LocalConfig:
     """M: micro-batches per mini-batch; each stage accumulates their gradients and steps once."""
     queue_depth: int = 2
     """Bound of every queue between stages (pipeline runtimes)."""
-    runtime: str = "processes"
+    runtime: Runtime = "processes"
     """Where stages run: sequential (one process, in turn) | threads | processes (one process per stage)."""
     timeout_s: float = 300.0
     """Longest wait for a neighbour stage before the run stops with an error."""
-    engine: str = "native"
+    engine: Engine = "native"
     """Who runs the stages with runtime=processes: native (ppll_ext's stage loop) | deepspeed (the DeepSpeed
     adapter, LocalPipelineEngine, configured by local.deepspeed_config)."""
     deepspeed_config: str | None = None
@@ -87,12 +66,31 @@ class LocalConfig:
     data_parallel: int = 1
     """engine=deepspeed: data-parallel replicas per stage (processes = stages x data_parallel)."""
 
+    def check(self) -> None:
+        """Reject local.* values that cannot work (ConfigError with the key), before any work is done."""
+        _check_choices(self, "local.")
+        for name in ("stages", "micro_batches", "queue_depth", "data_parallel", "aux_hidden", "aux_next_blocks"):
+            _at_least(self, "local.", name, 1)
+        if not self.timeout_s > 0:
+            raise ConfigError(f"local.timeout_s={self.timeout_s} must be positive", key="local.timeout_s")
+
+
+# --- optim -----------------------------------------------------------------------------------------------------------
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+"""Allowed values of optim.name (ppll_ext.build makes the optimizers)."""
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+"""Allowed values of optim.schedule (ppll_ext.build makes the schedules)."""
+
+Optimizer = Literal.__getitem__(OPTIMIZERS)
+Schedule = Literal.__getitem__(SCHEDULES)
+
 
 @dataclass
 class OptimConfig:
     """Every block gets its own optimizer and schedule built from these values."""
 
-    name: str = "sgd"
+    name: Optimizer = "sgd"
     """Optimizer: sgd | adam | adamw."""
     lr: float = 0.1
     """Peak learning rate."""
@@ -102,19 +100,40 @@ class OptimConfig:
     """SGD Nesterov momentum."""
     weight_decay: float = 5e-4
     """L2 weight decay."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """Learning-rate schedule per optimizer step: cosine | constant."""
     warmup_steps: int = 0
     """Linear warm-up steps before the schedule."""
     grad_clip: float | None = None
     """Clip each block's gradient norm to this value (per stage, never across stages)."""
 
+    def check(self) -> None:
+        """Reject optim.* values that cannot work (ConfigError with the key), before any work is done."""
+        _check_choices(self, "optim.")
+        for name in ("lr", "momentum", "weight_decay", "warmup_steps"):
+            _at_least(self, "optim.", name, 0)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping)",
+                              key="optim.grad_clip")
+
+
+# --- train -----------------------------------------------------------------------------------------------------------
+
+METHODS: tuple[str, ...] = ("local", "bp")
+"""Allowed values of train.method: local learning or end-to-end backprop."""
+AUTOCAST_MODES: tuple[str, ...] = tuple(AUTOCAST)
+"""Allowed values of train.autocast: the keys of ppll_ext.core.block.AUTOCAST (mode -> dtype), which owns them."""
+
+Method = Literal.__getitem__(METHODS)
+Autocast = Literal.__getitem__(AUTOCAST_MODES)
+OnNan = Literal.__getitem__(ON_NAN)
+
 
 @dataclass
 class TrainConfig:
     """The training loop."""
 
-    method: str = "local"
+    method: Method = "local"
     """local (local learning, any runtime) | bp (end-to-end backprop, one process)."""
     epochs: int = 30
     """Passes over the training set."""
@@ -126,10 +145,11 @@ class TrainConfig:
     """Seed of model initialisation, data order and augmentation."""
     device: str = "cpu"
     """cpu | cuda (threads runtime: stage k on cuda:k; processes: cuda:local_rank)."""
-    autocast: str = "none"
+    autocast: Autocast = "none"
     """Mixed precision: none | bf16 | fp16."""
     threads: int = 0
-    """torch threads per process (0 = leave torch's default)."""
+    """torch threads per process (0 = one per stage for local learning, so every runtime gives bit-identical
+    weights; torch's default for train.method=bp)."""
     progress: bool = True
     """Show a tqdm progress bar."""
     save_dir: str | None = None
@@ -142,10 +162,28 @@ class TrainConfig:
     """Resume from this checkpoint (or the newest one in this run directory); another K re-partitions."""
     stop_at_step: int | None = None
     """End the run after this many steps, as if interrupted (the LR schedule still spans train.epochs)."""
-    on_nan: str = "error"
+    on_nan: OnNan = "error"
     """A NaN/inf local loss: error (stop, naming stage and step) | skip (that stage skips that step, logged)."""
     trace: str | None = None
     """Write a Chrome-trace / Perfetto JSON of every stage's forward, send, backward, step and waits here."""
+
+    def check(self) -> None:
+        """Reject train.* values that cannot work (ConfigError with the key), before any work is done."""
+        _check_choices(self, "train.")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            _at_least(self, "train.", name, 1)
+        _at_least(self, "train.", "threads", 0)
+        if self.save_every < 0 or self.keep < 1:
+            raise ConfigError(f"train.save_every={self.save_every} must be >= 0 and train.keep={self.keep} >= 1",
+                              key="train.save_every" if self.save_every < 0 else "train.keep")
+        if self.save_every and not self.save_dir:
+            raise ConfigError("train.save_every needs a run directory: set train.save_dir", key="train.save_dir")
+        if self.stop_at_step is not None and self.stop_at_step < 0:
+            raise ConfigError(f"train.stop_at_step={self.stop_at_step} must be at least 0 (or null)",
+                              key="train.stop_at_step")
+
+
+# --- the whole experiment --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -162,10 +200,54 @@ class Config:
         """Plain nested dict (for logs, YAML and checkpoints)."""
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Check every section, then the values that depend on each other across sections (ConfigError with key)."""
+        self.model.check()
+        self.data.check()
+        self.local.check()
+        self.optim.check()
+        self.train.check()
+        if self.train.batch_size % self.local.micro_batches:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} is not divisible by local.micro_batches="
+                f"{self.local.micro_batches}; choose a batch size that is a multiple of M",
+                key="train.batch_size",
+            )
+
+
+def config_keys() -> tuple[str, ...]:
+    """Every dotted config key ("train.on_nan", ...), so that callers can tell a config key from anything else."""
+    cfg = Config()
+    return tuple(f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+                 for f in dataclasses.fields(getattr(cfg, section.name)))
+
+
+def _check_choices(section: Any, prefix: str) -> None:
+    """ConfigError for the first Literal-typed field of `section` whose value is not one of its allowed values."""
+    for name, hint in get_type_hints(type(section)).items():
+        if get_origin(hint) is Literal:
+            _choice(getattr(section, name), get_args(hint), f"{prefix}{name}")
+
+
+def _choice(value: Any, allowed: tuple[Any, ...], key: str) -> None:
+    """ConfigError naming `key` and the allowed values unless `value` is one of them."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(str(a) for a in allowed)}", key=key)
+
+
+def _at_least(section: Any, prefix: str, name: str, low: int) -> None:
+    """ConfigError naming the key unless the numeric field `name` of `section` is at least `low`."""
+    value = getattr(section, name)
+    if value < low:
+        raise ConfigError(f"{prefix}{name}={value} must be at least {low}", key=f"{prefix}{name}")
+
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check/convert a YAML value to the field's annotated type; ConfigError if it cannot be."""
     origin = get_origin(hint)
+    if origin is Literal:
+        _choice(value, get_args(hint), key)
+        return value
     if origin is Union or str(origin) == "<class 'types.UnionType'>":
         args = [a for a in get_args(hint) if a is not type(None)]
         if value is None:
@@ -174,25 +256,26 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}", key=key)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r}", key=key)
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}", key=key)
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, list):
             return ",".join(str(v) for v in value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {value!r}", key=key)
     return value
 
 
 def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
+    """Set the (nested) `values` on `section_obj`, each coerced to its field's type; ConfigError with the key."""
     hints = get_type_hints(type(section_obj))
     names = [f.name for f in dataclasses.fields(section_obj)]
     for key, value in values.items():
@@ -201,11 +284,11 @@ def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
             close = difflib.get_close_matches(key, names, n=1)
             valid = ", ".join(prefix + n for n in names)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {valid}"
-            raise ConfigError(f"unknown config key {full!r}{hint}")
+            raise ConfigError(f"unknown config key {full!r}{hint}", key=full)
         current = getattr(section_obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a mapping of keys, got {value!r}")
+                raise ConfigError(f"{full}: expected a mapping of keys, got {value!r}", key=full)
             _apply(current, value, f"{full}.")
         else:
             setattr(section_obj, key, _coerce(value, hints[key], full))
@@ -214,12 +297,13 @@ def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
 def parse_override(text: str) -> dict[str, Any]:
     """Turn 'a.b=value' into {'a': {'b': value}}, the value parsed as YAML (so 0.1, true, null work)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=1")
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=1", key=text.strip())
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})",
+                          key=key.strip()) from None
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -235,15 +319,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config")
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config",
+                              key="path")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax", key="path") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model:, data:, ...)")
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model:, data:, ...)",
+                              key="path")
         _apply(cfg, data, "")
     for text in overrides:
         _apply(cfg, parse_override(text), "")
@@ -251,39 +337,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-
 def validate(cfg: Config) -> None:
-    """Reject values that cannot work, before any work is done."""
-    _choice(cfg.data.name, ("digits", "cifar10", "svhn", "stl10", "imagefolder"), "data.name")
-    _choice(cfg.local.aux, ("conv", "mlp-sr", "vit", "next-blocks"), "local.aux")
-    _choice(cfg.local.runtime, ("sequential", "threads", "processes"), "local.runtime")
-    _choice(cfg.optim.name, ("sgd", "adam", "adamw"), "optim.name")
-    _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
-    _choice(cfg.train.method, ("local", "bp"), "train.method")
-    _choice(cfg.train.autocast, ("none", "bf16", "fp16"), "train.autocast")
-    _choice(cfg.train.on_nan, ("error", "skip"), "train.on_nan")
-    _choice(cfg.local.engine, ("native", "deepspeed"), "local.engine")
-    for key, value, low in (
-        ("local.stages", cfg.local.stages, 1),
-        ("local.micro_batches", cfg.local.micro_batches, 1),
-        ("local.queue_depth", cfg.local.queue_depth, 1),
-        ("local.data_parallel", cfg.local.data_parallel, 1),
-        ("train.epochs", cfg.train.epochs, 1),
-        ("train.batch_size", cfg.train.batch_size, 1),
-        ("train.eval_batch_size", cfg.train.eval_batch_size, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"{key}={value} must be at least {low}")
-    if cfg.train.save_every < 0 or cfg.train.keep < 1:
-        raise ConfigError(f"train.save_every={cfg.train.save_every} must be >= 0 and train.keep={cfg.train.keep} >= 1")
-    if cfg.train.save_every and not cfg.train.save_dir:
-        raise ConfigError("train.save_every needs a run directory: set train.save_dir (or --save-dir DIR)")
-    if cfg.train.batch_size % cfg.local.micro_batches:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by local.micro_batches="
-            f"{cfg.local.micro_batches}; choose a batch size that is a multiple of M"
-        )
+    """Reject values that cannot work, before any work is done (the same as `cfg.check()`)."""
+    cfg.check()

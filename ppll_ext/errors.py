@@ -1,8 +1,19 @@
 """Exception families: each message names the bad value and how to fix it."""
 
+from __future__ import annotations
+
 
 class PPLLError(Exception):
-    """Base class of every error ppll_ext raises on purpose."""
+    """Base class of every error ppll_ext raises on purpose.
+
+    `key` names the setting the message is about: a config key such as "train.on_nan" or a Python
+    argument such as "on_nan". The library words its messages for the Python API; the CLI adds the
+    matching command-line flag from `key`.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class ConfigError(PPLLError, ValueError):

@@ -28,8 +28,8 @@ from ppll_ext import checkpoint as ckpt
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime.base import split_micro
-from ppll_ext.runtime.processes import open_links
-from ppll_ext.runtime.stage import Kind, Msg, StageWorker
+from ppll_ext.runtime.stage import StageWorker
+from ppll_ext.transport import Kind, Msg, open_links
 
 __all__ = ["SchedulePPLL"]
 
@@ -164,7 +164,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         if not self._stage.is_first:
             return None
         position = ckpt.Position(self.block.steps, 0, self.block.steps)
-        return ckpt.finalize(folder, gathered, position, None, config or {}, keep)
+        return ckpt.commit(folder, gathered, position, None, config or {}, keep)
 
     def load_checkpoint(self, path: str | Path, *, names: Callable[[str], str] | None = None) -> None:
         """Restore this stage's weights, aux head, optimizer, LR schedule and step count from a checkpoint written

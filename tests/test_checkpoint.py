@@ -193,8 +193,11 @@ def test_corrupt_truncated_missing_and_foreign_checkpoints(saved: Path, tmp_path
 
 def test_kill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None:
     base = sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=processes", "train.epochs=1")
-    res = ppll("train", *base, "--save-dir", str(tmp_path), "--save-every", "4",
-               env={"PPLL_FAULT": "1:8:kill-in-save"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "faults.py"), "1:8:kill-in-save", "train", *base, "--save-dir", str(tmp_path),
+           "--save-every", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
     assert (tmp_path / "step-000008.tmp").is_dir() and not (tmp_path / "step-000008").exists()
     folder = ckpt.resolve(tmp_path)

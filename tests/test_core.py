@@ -54,8 +54,19 @@ def test_next_blocks_head_is_a_fresh_copy() -> None:
 
 
 def test_unknown_aux_kind() -> None:
-    with pytest.raises(ConfigError, match="local.aux='nope'"):
+    with pytest.raises(ConfigError, match="aux head kind 'nope' is not one of conv, .*auto") as err:
         build_aux_head("nope", torch.randn(2, 16, 8, 8), 10)
+    assert err.value.key == "aux"
+
+
+def test_auto_aux_head_fits_the_activation() -> None:
+    conv = build_aux_head("auto", torch.randn(2, 16, 8, 8), 10)
+    tokens = build_aux_head("auto", torch.randn(2, 5, 12), 10)
+    flat = build_aux_head("auto", torch.randn(2, 12), 10)
+    assert isinstance(conv[1], torch.nn.Conv2d) and isinstance(tokens[0], torch.nn.LayerNorm)
+    assert isinstance(flat, torch.nn.Linear)
+    for head, x in ((conv, torch.randn(3, 16, 8, 8)), (tokens, torch.randn(3, 5, 12)), (flat, torch.randn(3, 12))):
+        assert head.eval()(x).shape == (3, 10)
 
 
 def test_partition_methods() -> None:

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ppll_ext.config import DataConfig
-from ppll_ext.data import DATASET_NAMES, ArrayDataset, BatchLoader, load_dataset
+from ppll_ext.data import DATASET_NAMES, ArrayDataset, BatchLoader, DataConfig, load_dataset
 from ppll_ext.errors import ConfigError, DataError
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -8,9 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from ppll_ext.config import ModelConfig
 from ppll_ext.errors import ConfigError
-from ppll_ext.models import MODEL_NAMES, LayeredModel, build_model, original_names, resnet_layered, vit_layered
+from ppll_ext.models import (
+    MODEL_NAMES,
+    LayeredModel,
+    ModelConfig,
+    build_model,
+    original_names,
+    resnet_layered,
+    vit_layered,
+)
 
 CASES = [
     pytest.param("resnet8", 1, 8, id="resnet8-1x8"),

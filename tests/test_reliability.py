@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import faults
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,7 @@ def sets(*items: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PPLL_FAULT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -203,11 +204,13 @@ class Launch:
             self.proc.wait()
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 120, **env: str) -> Launch:
-    """`python -m torch.distributed.run ... -m ppll_ext.train args` (what `ppll train` spawns, monitored faster)."""
+def torchrun(nproc: int, args: list[str], timeout: float = 120, fault: str | None = None) -> Launch:
+    """`python -m torch.distributed.run ... -m ppll_ext.train args` (what `ppll train` spawns, monitored faster);
+    with `fault`, tests/faults.py installs it in every rank and runs `ppll train args`."""
+    entry = ["-m", "ppll_ext.train"] if fault is None else [str(REPO / "tests" / "faults.py"), fault, "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--monitor-interval={MONITOR_S}", "-m", "ppll_ext.train", *args]
-    return Launch(cmd, _env(**env), timeout)
+           f"--monitor-interval={MONITOR_S}", *entry, *args]
+    return Launch(cmd, _env(), timeout)
 
 
 def deepspeed_launch(nproc: int, script: Path, *args: str, timeout: float = 150) -> Launch:
@@ -261,7 +264,7 @@ def _sgd_block(losses: list[float], micro: int) -> LocalBlock:
     return block
 
 
-def test_on_nan_skip_drops_the_update_but_keeps_step_and_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+def test_on_nan_skip_drops_the_update_but_keeps_step_and_schedule(caplog: pytest.LogCaptureFixture) -> None:
     x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
     nan = float("nan")
     # step 0: normal; step 1: second micro-batch NaN (the first one's gradients must be dropped too); step 2: normal.
@@ -282,13 +285,13 @@ def test_on_nan_skip_drops_the_update_but_keeps_step_and_schedule(capsys: pytest
     block.train_step(x, y, 2)
     block.train_step(x, y, 2)
     assert block.steps == 3 and not torch.equal(block.body.weight, before["body.weight"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ppll: warning: stage 2: loss is nan at step 1; this stage skips the step's update "
-                   "(train.on_nan=skip)"]
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ppll_ext.core.block", "WARNING", "stage 2: loss is nan at step 1; this stage skips the step's update "
+                                           "(on_nan=skip)")]
 
     strict = LocalBlock(nn.Linear(4, 3), None, lambda out, t: out.sum() * nan, index=1)
     strict.optimizer = torch.optim.SGD(strict.parameters(), lr=0.1)
-    with pytest.raises(PipelineError, match=r"^stage 1: loss is nan at step 0; .*--on-nan skip"):
+    with pytest.raises(PipelineError, match=r'^stage 1: loss is nan at step 0; .*on_nan="skip"$'):
         strict.train_step(x, y)
     assert all(p.grad is None for p in strict.parameters())  # raised before the backward pass
 
@@ -308,14 +311,16 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     return run
 
 
-def test_threads_stage_failure_reaches_the_caller_and_nan_skip(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_stage_failure_reaches_the_caller_and_nan_skip(cli: Cli, request: pytest.FixtureRequest) -> None:
     args = ["train", "--runtime", "threads", *sets(*TINY, "local.stages=3", "data.train_subset=192",
                                                    "train.batch_size=32", "train.epochs=2")]
-    monkeypatch.setenv("PPLL_FAULT", "1:4:nan")
+    faults.install("1:4:nan")
+    request.addfinalizer(faults.clear)
     rc, _, err = cli(*args)
-    assert rc == 2 and err == ["ppll: error: stage 1 failed: PipelineError: stage 1: loss is nan at step 4; lower "
-                               "optim.lr or enable optim.grad_clip, or skip such steps with --on-nan skip "
-                               "(train.on_nan=skip)"]
+    assert len(err) == 1 and err[0].startswith(
+        "ppll: error: stage 1 failed: PipelineError: stage 1: loss is nan at step 4; lower the learning rate or clip "
+        "gradients, or skip such steps with on_nan=\"skip\" (command line: --on-nan"), err
+    assert rc == 2
     deadline = time.monotonic() + 10
     while any(t.name.startswith("ppll-stage-") and t.is_alive() for t in threading.enumerate()):
         assert time.monotonic() < deadline, "stage threads still running after the failure"
@@ -323,7 +328,7 @@ def test_threads_stage_failure_reaches_the_caller_and_nan_skip(cli: Cli, monkeyp
 
     rc, out, err = cli(*args, "--on-nan", "skip")
     assert rc == 0 and err == ["ppll: warning: stage 1: loss is nan at step 4; this stage skips the step's update "
-                               "(train.on_nan=skip)"]
+                               "(on_nan=skip)"]
     # the skipped step's NaN is left out of stage 1's mean loss; every stage did all 12 steps
     for epoch in (1, 2):
         assert re.search(rf"^epoch {epoch}/2 \| loss [0-9.]+ [0-9.]+ [0-9.]+ \|", out, re.M), out
@@ -474,7 +479,7 @@ def test_memory_stays_flat_with_a_slow_last_stage_and_nan_skip() -> None:
     """
     launch = torchrun(2, [*sets(*TINY, "local.stages=2", "local.runtime=processes", "local.partition=0,1",
                                 "local.aux_hidden=16", "train.batch_size=64", "train.epochs=22"), "--on-nan", "skip"],
-                      PPLL_FAULT="1:200:nan")
+                      fault="1:200:nan")
     samples: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
     try:
         launch.wait_for(r"^training ")
@@ -505,7 +510,7 @@ def test_memory_stays_flat_with_a_slow_last_stage_and_nan_skip() -> None:
     assert int(summary[1][2]) > int(summary[0][2]), ("stage 1 was not the slow stage", launch.stdout[-1000:])
     warnings = [line for line in launch.stderr.splitlines() if "ppll: warning:" in line]
     assert warnings == ["ppll: warning: stage 1: loss is nan at step 200; this stage skips the step's update "
-                        "(train.on_nan=skip)"]
+                        "(on_nan=skip)"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -9,15 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from equivalence_cases import DEPTHS, VARIANTS, case_config
 from safetensors.torch import load_file
 
 from ppll_ext.errors import PipelineError
-from ppll_ext.runtime.processes import decode_header, encode_header
-from ppll_ext.runtime.stage import Kind, Msg
 from ppll_ext.train import run_training
+from ppll_ext.transport import Kind, Msg, decode_header, encode_header
 
 REPO = Path(__file__).resolve().parents[1]
 _REFERENCE: dict[tuple[str, int], dict[int, dict[str, torch.Tensor]]] = {}
@@ -90,19 +90,23 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_threads_stage_exception_is_raised_with_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PPLL_FAULT", "1:3:raise")
-    with pytest.raises(PipelineError, match=r"stage 1 failed: RuntimeError: fault injected by PPLL_FAULT at step 3"):
-        run_training(case_config("resnet_m1", 3, "threads"), out=io.StringIO())
+def test_threads_stage_exception_is_raised_with_stage() -> None:
+    faults.install("1:3:raise")
+    try:
+        with pytest.raises(PipelineError, match=r"stage 1 failed: RuntimeError: fault injected at step 3"):
+            run_training(case_config("resnet_m1", 3, "threads"), out=io.StringIO())
+    finally:
+        faults.clear()
 
 
 @pytest.mark.parametrize("kind", ["raise"])  # SIGKILLs from outside: tests/test_reliability.py
 def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
-    cmd = [sys.executable, "-m", "ppll_ext.train", "--set", "local.stages=3", "--set", "train.epochs=50",
-           "--set", "train.progress=false", "--set", "local.runtime=processes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+           str(REPO / "tests" / "faults.py"), f"1:5:{kind}", "train", "--set", "local.stages=3", "--set",
+           "train.epochs=50", "--set", "train.progress=false", "--set", "local.runtime=processes"]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(PPLL_FAULT=f"1:5:{kind}"), start_new_session=True)
+                            env=_env(), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -112,7 +116,7 @@ def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
     assert proc.returncode != 0
     assert elapsed < 60 + 30, elapsed  # 60 s for the failure, plus process start-up
     if kind == "raise":
-        assert "stage 1 (rank 1) failed: RuntimeError: fault injected by PPLL_FAULT at step 5" in err, err[-3000:]
+        assert "stage 1 (rank 1) failed: RuntimeError: fault injected at step 5" in err, err[-3000:]
     else:
         assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
     assert "summary:" not in out

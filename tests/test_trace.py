@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ppll_ext import cli
+from ppll_ext import cli, trace
 from ppll_ext.config import load_config
-from ppll_ext.runtime import trace
 from ppll_ext.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """Local-learning core: blocks, auxiliary heads and partitioning (no distributed code)."""
 
-from ppll_ext.core.aux import AUX_KINDS, build_aux_head
-from ppll_ext.core.block import LocalBlock
+from ppll_ext.core.aux import AUX_KINDS, aux_seed, build_aux_head, build_stage_aux_head
+from ppll_ext.core.block import AUTOCAST, ON_NAN, LocalBlock, TorchUpdater, Updater
 from ppll_ext.core.partition import PARTITION_METHODS, partition
 
-__all__ = ["AUX_KINDS", "PARTITION_METHODS", "LocalBlock", "build_aux_head", "partition"]
+__all__ = ["AUTOCAST", "AUX_KINDS", "ON_NAN", "PARTITION_METHODS", "LocalBlock", "TorchUpdater", "Updater",
+           "aux_seed", "build_aux_head", "build_stage_aux_head", "partition"]

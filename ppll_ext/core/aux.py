@@ -7,16 +7,20 @@ transformer (N, T, D).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ppll_ext.errors import ConfigError
 
-AUX_KINDS = ("conv", "mlp-sr", "vit", "next-blocks")
+AUX_KINDS = ("conv", "mlp-sr", "vit", "next-blocks", "auto")
+"""Auxiliary head kinds, for every engine: "auto" picks conv for (N, C, H, W) activations, vit for (N, T, D)
+and a linear classifier for (N, D)."""
+AUX_SEED_OFFSET = 7919
 
 
 class TokensToGrid(nn.Module):
@@ -159,7 +163,14 @@ def build_aux_head(
 ) -> nn.Module:
     """Build an auxiliary head of `kind` for activations shaped like `example` (a dry-forward output)."""
     shape = tuple(example.shape)
-    if kind == "conv":
+    if kind == "auto":
+        kind = {4: "conv", 3: "vit"}.get(len(shape), "linear")
+    if kind == "linear":
+        if len(shape) != 2:
+            raise ConfigError(f"no auxiliary head fits activations of shape {shape}; build one and pass it in",
+                              key="aux")
+        head = nn.Linear(shape[1], num_classes)
+    elif kind == "conv":
         head = conv_head(shape, num_classes, hidden)
     elif kind == "mlp-sr":
         head = mlp_sr_head(shape, num_classes, hidden)
@@ -170,5 +181,67 @@ def build_aux_head(
             raise ConfigError("local.aux=next-blocks needs the model's final head layer")
         head = next_blocks_head(example, num_classes, next_layers, final_head)
     else:
-        raise ConfigError(f"local.aux={kind!r} is not one of {', '.join(AUX_KINDS)}")
+        raise ConfigError(f"aux head kind {kind!r} is not one of {', '.join(AUX_KINDS)}", key="aux")
     return head.to(device=example.device)
+
+
+def aux_seed(seed: int, stage: int) -> int:
+    """The seed stage `stage`'s aux head is initialised from: every engine and every rank builds the same head."""
+    return seed + AUX_SEED_OFFSET * (stage + 1)
+
+
+@contextlib.contextmanager
+def eval_mode(layers: Sequence[Callable]) -> Iterator[None]:
+    """The modules among `layers` in eval mode (a dry forward updates no BatchNorm statistics), restored after."""
+    modules = [m for m in layers if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
+def build_stage_aux_head(
+    layers: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    stage: int,
+    parts: Sequence[int],
+    kind: str,
+    example_input: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    hidden: int = 128,
+    seed: int = 0,
+    next_blocks: int = 1,
+) -> nn.Module:
+    """Aux head `kind` for stage `stage` of a model cut into `layers` at start indices `parts` (K+1 entries).
+
+    Sized by a dry forward of `example_input` through layers[:parts[stage+1]] (eval mode, no gradients) and
+    initialised from aux_seed(seed, stage) without touching the global RNG, so every rank, engine and a
+    single-process reference build the same head. `num_classes` defaults to the last dimension of the whole
+    model's output. "next-blocks" copies the next `next_blocks` layers and the last layer (they must be modules).
+    """
+    if kind not in AUX_KINDS:
+        raise ConfigError(f"aux head kind {kind!r} is not one of {', '.join(AUX_KINDS)}", key="aux")
+    end = parts[stage + 1]
+    with torch.no_grad(), eval_mode(layers):
+        h = example_input
+        for layer in layers[:end]:
+            h = layer(h)
+        if num_classes is None:
+            out = h
+            for layer in layers[end:]:
+                out = layer(out)
+            num_classes = int(out.shape[-1])
+    extra: dict = {}
+    if kind == "next-blocks":
+        following = list(layers[end:end + next_blocks])
+        if not all(isinstance(m, nn.Module) for m in [*following, layers[-1]]):
+            raise ConfigError("aux head kind 'next-blocks' copies the following layers, which must be nn.Modules; "
+                              "choose another kind or build the heads yourself", key="aux")
+        extra = {"next_layers": following, "final_head": layers[-1]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(aux_seed(seed, stage))
+        return build_aux_head(kind, h, num_classes, hidden=hidden, **extra)

@@ -11,16 +11,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ppll_ext.config import DataConfig
-from ppll_ext.errors import DataError
+from ppll_ext.errors import ConfigError, DataError
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "svhn", "stl10", "imagefolder")
 SPLITS: tuple[str, ...] = ("train", "test")
+# The type of data.name, built from DATASET_NAMES so that the config accepts exactly what load_dataset loads.
+DatasetName = Literal.__getitem__(DATASET_NAMES)
 
 # Seed of the subset permutation: fixed so that a subset is the same whatever the training seed.
 _SUBSET_SEED = 0
@@ -31,6 +32,35 @@ _STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "mon
 _DIGIT_CLASSES = [str(d) for d in range(10)]
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    name: DatasetName = "digits"
+    """Data set: digits (scikit-learn's bundled 8x8 digits) | cifar10 | svhn | stl10 | imagefolder."""
+    root: str | None = None
+    """Folder of the data set (for imagefolder: the folder holding train/ and test/). Not used by digits."""
+    download: bool = False
+    """Let torchvision download a missing data set into root (never done silently)."""
+    cache_dir: str | None = None
+    """Where decoded image-folder trees are cached as uint8 tensors (default: <root>/.ppll_cache)."""
+    train_subset: int | None = None
+    """Use only the first N training images (after a seeded shuffle); None = all."""
+    test_subset: int | None = None
+    """Use only the first N test images; None = all."""
+    augment: bool = True
+    """Random crop with padding (and horizontal flip where the data set allows it) on training batches."""
+
+    def check(self) -> None:
+        """Reject a data section that cannot work (ConfigError with the data.* key), before anything is loaded."""
+        if self.name not in DATASET_NAMES:
+            raise ConfigError(f"data.name={self.name!r} is not one of {', '.join(DATASET_NAMES)}", key="data.name")
+        for field, value in (("train_subset", self.train_subset), ("test_subset", self.test_subset)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{field}={value} must be at least 1 (or null for the whole split)",
+                                  key=f"data.{field}")
 
 
 @dataclass
@@ -53,12 +83,13 @@ class ArrayDataset:
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise DataError(f"images must be a uint8 N x C x H x W tensor, got {self.images.dtype} "
-                            f"{tuple(self.images.shape)}")
+                            f"{tuple(self.images.shape)}", key="images")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
             raise DataError(f"labels must be an int64 tensor of length {self.images.shape[0]}, got "
-                            f"{self.labels.dtype} {tuple(self.labels.shape)}")
+                            f"{self.labels.dtype} {tuple(self.labels.shape)}", key="labels")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
-            raise DataError(f"mean/std need one value per channel ({self.in_channels}), got {self.mean} / {self.std}")
+            raise DataError(f"mean/std need one value per channel ({self.in_channels}), got {self.mean} / {self.std}",
+                            key="mean" if len(self.mean) != self.in_channels else "std")
         self.images = self.images.contiguous()
 
     @property
@@ -97,7 +128,7 @@ def dataset_shape(cfg: DataConfig) -> tuple[int, int, int]:
 def load_dataset(cfg: DataConfig, split: str) -> ArrayDataset:
     """Load split "train" or "test" of `cfg.name` into memory, optionally cut to a fixed random subset."""
     if split not in SPLITS:
-        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}", key="split")
     loaders: dict[str, Callable[[DataConfig, str], ArrayDataset]] = {
         "digits": _load_digits,
         "cifar10": _load_torchvision,
@@ -106,7 +137,7 @@ def load_dataset(cfg: DataConfig, split: str) -> ArrayDataset:
         "imagefolder": _load_imagefolder,
     }
     if cfg.name not in loaders:
-        raise DataError(f"data.name={cfg.name!r} is not one of {', '.join(DATASET_NAMES)}")
+        raise DataError(f"data.name={cfg.name!r} is not one of {', '.join(DATASET_NAMES)}", key="data.name")
     ds = loaders[cfg.name](cfg, split)
     return _subset(ds, cfg.train_subset if split == "train" else cfg.test_subset, f"data.{split}_subset")
 
@@ -116,7 +147,7 @@ def _subset(ds: ArrayDataset, n: int | None, key: str) -> ArrayDataset:
     if n is None or n >= len(ds):
         return ds
     if n < 1:
-        raise DataError(f"{key}={n} must be at least 1 (or null for the whole split)")
+        raise DataError(f"{key}={n} must be at least 1 (or null for the whole split)", key=key)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(_SUBSET_SEED))[:n]
     return ArrayDataset(ds.images[perm].contiguous(), ds.labels[perm].contiguous(), ds.classes, ds.mean, ds.std,
                         ds.flip)
@@ -140,7 +171,7 @@ def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> Stats:
 def _root(cfg: DataConfig, title: str, expected: str) -> Path:
     """cfg.root as a Path; DataError saying what the folder must hold when it is not set."""
     if not cfg.root:
-        raise DataError(f"{title} needs data.root: set data.root to the folder holding {expected}")
+        raise DataError(f"{title} needs data.root: set data.root to the folder holding {expected}", key="data.root")
     return Path(cfg.root).expanduser()
 
 
@@ -242,14 +273,14 @@ def _load_torchvision(cfg: DataConfig, split: str) -> ArrayDataset:
         return dataclasses.replace(_load_imagefolder(cfg, split), mean=spec.mean, std=spec.std, flip=spec.flip)
     if missing and not cfg.download:
         raise DataError(f"{spec.title} not found under {str(root)!r} (expected {spec.expected}, missing {missing[0]}); "
-                        f"set data.root to the folder holding it or pass --set data.download=true")
+                        f"set data.root to the folder holding it or set data.download=true", key="data.root")
     kwargs = {"train": split == "train"} if cfg.name == "cifar10" else {"split": split}
     try:
         tv = cls(str(root), download=cfg.download, **kwargs)
     except Exception as exc:
         fix = "check the network or put the files there by hand" if cfg.download else "replace them with intact copies"
         action = "download or read" if cfg.download else "read"
-        raise DataError(f"could not {action} {spec.title} under {str(root)!r}: {exc}; {fix}") from exc
+        raise DataError(f"could not {action} {spec.title} under {str(root)!r}: {exc}; {fix}", key="data.root") from exc
     if cfg.name == "cifar10":
         images = torch.from_numpy(np.ascontiguousarray(tv.data)).permute(0, 3, 1, 2)
         labels, classes = np.asarray(tv.targets), list(tv.classes)
@@ -269,7 +300,7 @@ def _load_imagefolder(cfg: DataConfig, split: str) -> ArrayDataset:
     root = _root(cfg, "imagefolder", "train/<class>/*.jpg and test/<class>/*.jpg")
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} does not exist; "
-                        f"set data.root to the folder holding train/ and test/")
+                        f"set data.root to the folder holding train/ and test/", key="data.root")
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else root / ".ppll_cache"
     data = _cached_split(root, split, cache_dir, prune=not cfg.cache_dir)
     if split == "train":
@@ -291,7 +322,7 @@ def _cached_split(root: Path, split: str, cache_dir: Path, *, prune: bool, mmap:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"image folder split {str(split_dir)!r} does not exist; "
-                        f"data.root must hold train/<class>/ and test/<class>/ folders of images")
+                        f"data.root must hold train/<class>/ and test/<class>/ folders of images", key="data.root")
     try:
         folder = ImageFolder(str(split_dir))
     except OSError as exc:

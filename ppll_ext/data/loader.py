@@ -35,10 +35,10 @@ class BatchLoader:
     def __init__(self, ds: ArrayDataset, batch_size: int, *, shuffle: bool, augment: bool, seed: int = 0,
                  drop_last: bool = False) -> None:
         if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size} must be at least 1")
+            raise ConfigError(f"batch_size={batch_size} must be at least 1", key="batch_size")
         if drop_last and batch_size > len(ds):
             raise ConfigError(f"batch_size={batch_size} exceeds the {len(ds)} samples and drop_last is set, so there "
-                              f"would be no batch; lower the batch size or use more data")
+                              f"would be no batch; lower the batch size or use more data", key="batch_size")
         self.dataset = ds
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -75,7 +75,7 @@ class BatchLoader:
         """Yield the epoch's batches batch_index, batch_index + stride, ... (a data-parallel replica's share),
         identical to the same batches of a full pass."""
         if batch_index < 0:
-            raise ConfigError(f"batch_index={batch_index} must be non-negative")
+            raise ConfigError(f"batch_index={batch_index} must be non-negative", key="batch_index")
         order = self.order()
         images, labels = self.dataset.images, self.dataset.labels
         for i in range(batch_index, len(self), stride):

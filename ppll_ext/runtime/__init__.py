@@ -1,6 +1,12 @@
 """Runtimes that execute local blocks: sequential (reference), threads and processes."""
 
-from ppll_ext.runtime.base import EpochStats, EvalResult, StageStats, split_micro
+from ppll_ext.runtime.base import EpochStats, EvalCounts, EvalResult, StageStats, eval_result, split_micro
+from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.sequential import SequentialRunner, evaluate_blocks
+from ppll_ext.runtime.threads import ThreadRunner
 
-__all__ = ["EpochStats", "EvalResult", "SequentialRunner", "StageStats", "evaluate_blocks", "split_micro"]
+RUNTIMES = ("sequential", "threads", "processes")
+"""Where the stages of the native engine run: in turn in one thread, one thread each, one process each."""
+
+__all__ = ["RUNTIMES", "EpochStats", "EvalCounts", "EvalResult", "ProcessRunner", "SequentialRunner", "StageStats",
+           "ThreadRunner", "eval_result", "evaluate_blocks", "split_micro"]

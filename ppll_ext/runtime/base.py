@@ -1,11 +1,23 @@
-"""What every runtime reports, and the micro-batch split they share."""
+"""What every runtime shares: the reports stages make, the micro-batch split, the message streams.
+
+The runtimes (sequential, threads, processes) import this module and `stage`, never each other.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from ppll_ext.core import LocalBlock
+from ppll_ext.transport import Kind, Msg
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+OnBatch = Callable[[int], None]
+Saver = Callable[[LocalBlock, int], object]
+"""Writes a stage's part of the checkpoint of `step` and returns what the first rank needs to commit it."""
 
 
 def split_micro(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -33,6 +45,15 @@ class StageStats:
         self.loss += loss * n
         self.samples += n
 
+    def merge(self, other: StageStats) -> None:
+        """Add `other` (a later segment of the same stage) to these stats."""
+        self.loss += other.loss
+        self.samples += other.samples
+        self.steps = other.steps
+        self.busy_s += other.busy_s
+        self.wait_in_s += other.wait_in_s
+        self.wait_out_s += other.wait_out_s
+
     @property
     def mean_loss(self) -> float:
         """Sample-weighted mean loss over the epoch."""
@@ -41,7 +62,7 @@ class StageStats:
 
 @dataclass
 class EpochStats:
-    """A training epoch as seen from the first rank: wall time and every stage's stats."""
+    """A stretch of training as seen from the first rank: wall time, samples and every stage's stats."""
 
     seconds: float
     samples: int
@@ -52,6 +73,33 @@ class EpochStats:
         """Training throughput of the whole pipeline."""
         return self.samples / max(self.seconds, 1e-9)
 
+    @staticmethod
+    def merge(parts: list[EpochStats]) -> EpochStats:
+        """One epoch's stats from the segments it was trained in (checkpoints cut an epoch into segments)."""
+        stages = []
+        for group in zip(*(p.stages for p in parts)):
+            merged = StageStats(group[0].index)
+            for st in group:
+                merged.merge(st)
+            stages.append(merged)
+        return EpochStats(sum(p.seconds for p in parts), sum(p.samples for p in parts), stages)
+
+
+@dataclass
+class EvalCounts:
+    """One stage's evaluation tally: correct predictions of its classifier and summed loss."""
+
+    index: int
+    correct: int = 0
+    loss: float = 0.0
+    samples: int = 0
+
+    def add(self, correct: int, loss_sum: float, n: int) -> None:
+        """Count one evaluated batch of `n` samples."""
+        self.correct += correct
+        self.loss += loss_sum
+        self.samples += n
+
 
 @dataclass
 class EvalResult:
@@ -61,3 +109,44 @@ class EvalResult:
     loss: float
     aux_accuracy: list[float]
     samples: int
+
+
+def eval_result(counts: Iterable[EvalCounts]) -> EvalResult:
+    """Combine evaluation tallies (several per stage when data-parallel replicas split the test set)."""
+    per_stage: dict[int, EvalCounts] = {}
+    for c in counts:
+        total = per_stage.setdefault(c.index, EvalCounts(c.index))
+        total.add(c.correct, c.loss, c.samples)
+    ordered = [per_stage[k] for k in sorted(per_stage)]
+    acc = [c.correct / max(1, c.samples) for c in ordered]
+    last = ordered[-1]
+    return EvalResult(acc[-1], last.loss / max(1, last.samples), acc[:-1], last.samples)
+
+
+@dataclass
+class SaveRequest:
+    """A stage reached CHECKPOINT(step): everything before it is trained, nothing after it has started."""
+
+    index: int
+    step: int
+
+
+Report = StageStats | EvalCounts | SaveRequest
+
+
+def train_messages(batches: Batches, micro_batches: int, on_batch: OnBatch | None = None) -> Iterator[Msg]:
+    """The first stage's input for a stretch of training: every mini-batch cut into micro-batches, then EPOCH_END."""
+    for x, y in batches:
+        micro = split_micro(x, y, micro_batches)
+        for xm, ym in micro:
+            yield Msg(Kind.TRAIN, xm, ym, len(micro))
+        if on_batch is not None:
+            on_batch(len(y))
+    yield Msg(Kind.EPOCH_END)
+
+
+def eval_messages(batches: Batches) -> Iterator[Msg]:
+    """The first stage's input for an evaluation pass, ending with EVAL_END."""
+    for x, y in batches:
+        yield Msg(Kind.EVAL, x, y)
+    yield Msg(Kind.EVAL_END)

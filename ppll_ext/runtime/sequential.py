@@ -7,18 +7,22 @@ body is the whole model it is plain end-to-end backprop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
 
 import torch
 
+from ppll_ext import hooks, trace
 from ppll_ext.core import LocalBlock
-from ppll_ext.runtime import trace
-from ppll_ext.runtime.base import EpochStats, EvalResult, StageStats, split_micro
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-OnBatch = Callable[[int], None]
-Saver = Callable[[LocalBlock, int], object]
-"""Writes a stage's part of the checkpoint of `step` and returns what the first rank needs to finish it."""
+from ppll_ext.runtime.base import (
+    Batches,
+    EpochStats,
+    EvalCounts,
+    EvalResult,
+    OnBatch,
+    Saver,
+    StageStats,
+    eval_result,
+    split_micro,
+)
 
 
 class SequentialRunner:
@@ -29,6 +33,8 @@ class SequentialRunner:
         self.micro_batches = micro_batches
         self.saver = saver
         self._train_steps = [trace.current().train_step(b) for b in blocks]
+        for b in blocks:
+            hooks.stage_started(b)
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, stats: list[StageStats]) -> None:
         """One mini-batch through every block; block k trains on block k-1's detached outputs."""
@@ -38,9 +44,7 @@ class SequentialRunner:
             outputs = []
             for xm, ym in micro:
                 out, loss = train_step(xm, ym, n_micro=len(micro))
-                value = float(loss)
-                block.check_finite(value)
-                st.add_loss(value, len(ym))
+                st.add_loss(float(loss), len(ym))
                 outputs.append((out, ym))
             micro = outputs
             st.steps = block.steps
@@ -68,23 +72,21 @@ class SequentialRunner:
         """Every stage's saver result (the blocks are idle between batches here)."""
         return [self.saver(b, step) for b in self.blocks]
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
 
 def evaluate_blocks(blocks: list[LocalBlock], batches: Batches) -> EvalResult:
     """Run every batch through all blocks in eval mode, counting each block's correct predictions."""
     for b in blocks:
         b.eval()
-    correct = [0] * len(blocks)
-    loss_sum = 0.0
-    n = 0
+    counts = [EvalCounts(b.index) for b in blocks]
     with torch.no_grad():
         for x, y in batches:
             h = x
-            for i, b in enumerate(blocks):
-                h, c, loss = b.eval_step(h, y)
-                correct[i] += c
-            loss_sum += loss
-            n += len(y)
+            for b, c in zip(blocks, counts, strict=True):
+                h, correct, loss = b.eval_step(h, y)
+                c.add(correct, loss, len(y))
     for b in blocks:
         b.train()
-    n = max(n, 1)
-    return EvalResult(correct[-1] / n, loss_sum / n, [c / n for c in correct[:-1]], n)
+    return eval_result(counts)

@@ -14,21 +14,21 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from ppll_ext import trace
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
-from ppll_ext.runtime import trace
-from ppll_ext.runtime.base import EpochStats, EvalResult
-from ppll_ext.runtime.sequential import Saver
-from ppll_ext.runtime.stage import (
-    EvalCounts,
-    Kind,
-    Msg,
+from ppll_ext.runtime.base import (
+    EpochStats,
+    EvalResult,
     Report,
+    Saver,
     SaveRequest,
-    StageWorker,
     eval_messages,
+    eval_result,
     train_messages,
 )
+from ppll_ext.runtime.stage import StageWorker
+from ppll_ext.transport import Kind, Msg
 
 _POLL_S = 0.05
 
@@ -60,7 +60,8 @@ class ThreadRunner:
     def _check(self, what: str, started: float) -> None:
         if self._failure is not None:
             k, exc = self._failure
-            raise PipelineError(f"stage {k} failed: {type(exc).__name__}: {exc}") from exc
+            raise PipelineError(f"stage {k} failed: {type(exc).__name__}: {exc}",
+                                key=getattr(exc, "key", None)) from exc
         if self._stop.is_set():
             raise _Stopped
         if time.monotonic() - started > self.timeout_s:
@@ -159,8 +160,3 @@ class ThreadRunner:
             if self._failure is not None:
                 self._check("stopping", time.monotonic())
 
-
-def eval_result(counts: list[EvalCounts]) -> EvalResult:
-    """Combine the stages' EvalCounts (in stage order) into the run's accuracies."""
-    n = max(1, counts[-1].samples)
-    return EvalResult(counts[-1].correct / n, counts[-1].loss / n, [c.correct / n for c in counts[:-1]], n)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ppll_ext.core import LocalBlock
+from ppll_ext.core.block import LocalBlock
 
 KINDS = ("forward", "send", "backward", "step", "wait-in", "wait-out", "eval")
 """Event names the runtimes record; `ppll plot` colours them in this order."""

@@ -1,0 +1,5 @@
+"""`python -m ppll_ext ...` = `ppll ...`."""
+
+from ppll_ext.cli import entry
+
+entry()

@@ -1,0 +1,369 @@
+"""`LocalPipelineEngine`: DeepSpeed's PipelineEngine interpreting a schedule with no gradient instructions.
+
+Each instruction calls the stage's `LocalBlock` — the same forward, local loss + backward and update the native
+stage loop runs — so `on_nan`, clipping, autocast and evaluation have one implementation; DeepSpeed supplies the
+backward (its loss scaling and gradient accumulation bookkeeping), the gradient all-reduce within a stage's
+data-parallel replicas and the optimizer step (its bf16 optimizer, LR schedule and step counters).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ppll_ext import hooks
+from ppll_ext.core import LocalBlock
+from ppll_ext.deepspeed import _ds
+from ppll_ext.deepspeed.module import LocalPipelineModule
+from ppll_ext.errors import ConfigError, PipelineError
+from ppll_ext.runtime.base import EvalCounts
+from ppll_ext.transport import Kind, Msg, open_links
+
+log = logging.getLogger(__name__)
+schedule = _ds.schedule
+
+
+class LocalBackwardPass(schedule.BufferOpInstruction):
+    """Compute this stage's own loss on a buffered output and backpropagate it through this stage only."""
+
+
+class LocalTrainSchedule(schedule.PipeSchedule):
+    """One train_batch of one PPLL stage: per micro-batch load (first stage) or receive activations with labels,
+    forward, send both downstream, local loss + backward; then reduce within the stage's data-parallel group and
+    step once. No instruction sends or receives gradients, so no stage waits for a later one. With zero
+    micro-batches (a replica without data in an epoch's last step) only the reduce and the step remain."""
+
+    def steps(self) -> Iterator[list[schedule.PipeInstruction]]:
+        """Yield the instructions of each micro-batch, then the reduce and the step."""
+        for _ in range(self.micro_batches):
+            cmds: list[schedule.PipeInstruction] = [
+                schedule.LoadMicroBatch(buffer_id=0) if self.is_first_stage else schedule.RecvActivation(buffer_id=0),
+                schedule.ForwardPass(buffer_id=0),
+            ]
+            if not self.is_last_stage:
+                cmds.append(schedule.SendActivation(buffer_id=0))
+            cmds.append(LocalBackwardPass(buffer_id=0))
+            yield cmds
+        yield [schedule.ReduceGrads(), schedule.OptimizerStep()]
+
+    def num_pipe_buffers(self) -> int:
+        """A micro-batch is finished before the next one starts: one buffer."""
+        return 1
+
+
+class DeepSpeedUpdater:
+    """A LocalBlock's updater inside the DeepSpeed engine: DeepSpeed's backward and optimizer step."""
+
+    def __init__(self, engine: LocalPipelineEngine) -> None:
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed's backward; the block already divided the loss by its micro-batch count."""
+        _ds.DeepSpeedEngine.backward(self.engine, loss * self.engine.grad_weight, scale_wrt_gas=False)
+
+    def apply(self) -> None:
+        """DeepSpeed's OptimizerStep: clip (this stage only), step, zero grads, LR schedule, step counters."""
+        _ds.stock_optimizer_step(self.engine)
+
+    def skip(self) -> None:
+        """Drop the gradients; the LR schedule and DeepSpeed's step counters advance as after an update."""
+        engine = self.engine
+        if engine.bfloat16_enabled() and hasattr(engine.optimizer, "zero_grad"):
+            engine.optimizer.zero_grad()
+        else:
+            engine.zero_grad()
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()
+        engine.global_steps += 1
+        engine.global_samples += engine.train_batch_size()
+
+
+class LocalPipelineEngine(_ds.PipelineEngine):
+    """PipelineEngine running LocalTrainSchedule over the stage's LocalBlock: per-stage losses, steps, clipping."""
+
+    def __init__(self, *args: Any, queue_depth: int = 2, timeout_s: float = 300.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.module, LocalPipelineModule):
+            raise ConfigError("LocalPipelineEngine needs a LocalPipelineModule", key="model")
+        _ds.stage_norm_only(self.optimizer)
+        world = dist.get_world_size()
+        group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s))
+        ranks = [self.grid.stage_to_global(s) for s in range(self.num_stages)]
+        self._sender, receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
+        self._inbox = receiver.messages() if receiver is not None else None
+        self._peeked: Msg | None = None
+        self._loss_sum = 0.0
+        self._micro = self.micro_batches
+        self.grad_weight = 1.0
+        """Factor on this replica's loss: replicas / replicas with data, when an epoch's last step has fewer
+        batches than replicas (the all-reduce averages over all replicas)."""
+        self.wait_in_s = 0.0
+        """Seconds spent waiting for activations from the previous stage (the data loader on the first stage)."""
+        self.wait_out_s = 0.0
+        """Seconds spent waiting for room in the bounded link to the next stage."""
+        module: LocalPipelineModule = self.module
+        # Kept out of the engine's submodules (it holds the module itself as its body).
+        object.__setattr__(self, "block", LocalBlock(
+            module, module.aux_head, module.loss_fn, index=self.stage_id, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, on_nan=module.on_nan, autocast=_autocast_of(self),
+            updater=DeepSpeedUpdater(self)))
+        hooks.stage_started(self.block)
+
+    def train_batch(self, data_iter: Any = None, num_micro_batches: int | None = None) -> torch.Tensor:
+        """Train this stage on one mini-batch of micro-batches and step once (or skip the update, on_nan="skip").
+
+        `num_micro_batches` defaults to gradient_accumulation_steps on the first stage; later stages take the
+        count the first stage sent (so a smaller last batch, cut into fewer micro-batches, needs no special
+        case). 0 means this replica has no data in this step (it still joins the reduce and the step).
+        Returns this stage's mean local loss (the model's loss on the last stage, its aux head's elsewhere),
+        averaged over the stage's data-parallel replicas; unlike stock DeepSpeed it is not broadcast from the
+        last stage, which would make every stage wait for the last one.
+        """
+        if not torch.is_grad_enabled():
+            raise PipelineError("train_batch() needs gradients enabled; use eval_batch() for evaluation")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self._micro = self._micro_count(num_micro_batches)
+        self._loss_sum = 0.0
+        _ds.exec_schedule(self, LocalTrainSchedule(self._micro, self.num_stages, self.stage_id))
+        self.agg_train_loss = self._mean_over_replicas(
+            torch.tensor(self._loss_sum / max(1, self._micro), device=self.device), self._micro > 0)
+        if self.steps_per_print() and self.global_steps % self.steps_per_print() == 0 \
+                and _ds.stage_of(self.module)[0] == 0:
+            log.info("stage %d steps: %d local loss: %.4f", self.stage_id, self.global_steps,
+                     float(self.agg_train_loss))
+        return self.agg_train_loss
+
+    def _micro_count(self, requested: int | None) -> int:
+        if requested is not None or self.is_first_stage():
+            return self.micro_batches if requested is None else requested
+        msg = self._next_message()
+        if msg.kind is not Kind.TRAIN:
+            raise PipelineError(f"stage {self.stage_id} expected a training micro-batch from stage "
+                                f"{self.stage_id - 1} but got {msg.kind.name}: every rank must make the same "
+                                f"train_batch / eval_batch calls")
+        self._peeked = msg
+        return msg.n_micro
+
+    def _next_message(self) -> Msg:
+        if self._peeked is not None:
+            msg, self._peeked = self._peeked, None
+            return msg
+        began = time.perf_counter()
+        msg = next(self._inbox)
+        self.wait_in_s += time.perf_counter() - began
+        return msg
+
+    @torch.no_grad()
+    def eval_batch(self, data_iter: Any = None, num_micro_batches: int | None = None) -> torch.Tensor:
+        """Forward only over num_micro_batches (default gradient_accumulation_steps) micro-batches; returns this
+        stage's mean local loss over them, averaged over its data-parallel replicas."""
+        micro = num_micro_batches or self.micro_batches
+        train_iter = self.data_iterator
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.eval()
+        total = 0.0
+        try:
+            for _ in range(micro):
+                x, y = self._load() if self.is_first_stage() else self._receive(Kind.EVAL, micro)
+                h = self.block(x)
+                if self._sender is not None:
+                    self._sender.send(Msg(Kind.EVAL, h.contiguous(), y, micro))
+                total += float(self.block.local_loss(h, y).float())
+        finally:
+            self.module.train()
+            self.set_dataiterator(train_iter)
+        return self._mean_over_replicas(torch.tensor(total / micro, device=self.device))
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None, num_batches: int) -> EvalCounts:
+        """Forward `num_batches` whole batches (the first stage reads `batches`, the others receive them) and count
+        this stage's classifier's correct predictions: its aux head's (early exit), or the model's on the last stage.
+        """
+        self.module.eval()
+        counts = EvalCounts(self.stage_id)
+        source = iter(batches) if batches is not None else None
+        try:
+            for _ in range(num_batches):
+                if self.is_first_stage():
+                    if source is None:
+                        raise PipelineError("the first stage has no data: pass evaluate(batches, num_batches)")
+                    x, y = self._to_device(next(source))
+                else:
+                    x, y = self._receive(Kind.EVAL, 1)
+                h, correct, loss = self.block.eval_step(x, y)
+                if self._sender is not None:
+                    self._sender.send(Msg(Kind.EVAL, h.contiguous(), y, 1))
+                counts.add(correct, loss, len(y))
+        finally:
+            self.module.train()
+        return counts
+
+    def _mean_over_replicas(self, value: torch.Tensor, has_data: bool = True) -> torch.Tensor:
+        if self.is_data_parallel:
+            both = torch.stack([value.float() * has_data, torch.tensor(float(has_data), device=self.device)])
+            dist.all_reduce(both, group=self.grid.get_data_parallel_group())
+            value = both[0] / both[1].clamp(min=1.0)
+        return value
+
+    def flush(self) -> None:
+        """Block until every activation this stage sent has been received downstream."""
+        if self._sender is not None:
+            self._sender.flush()
+
+    def clip_fp32_gradients(self) -> None:
+        """Clip by this stage's own gradient norm (stock code all-reduces the norm over all stages)."""
+        nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping())
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        began = time.perf_counter()
+        batch = _ds.next_batch(self)
+        self.wait_in_s += time.perf_counter() - began
+        if batch is None:
+            raise PipelineError("the first stage has no data: pass train_batch(data_iter) / eval_batch(data_iter) "
+                                "or training_data= to initialize")
+        return self._to_device(batch)
+
+    def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
+            raise PipelineError("the data iterator must yield (inputs, labels) pairs of tensors")
+        x, y = batch[0].to(self.device), batch[1].to(self.device)
+        if self.bfloat16_enabled() and x.is_floating_point():
+            x = x.to(torch.bfloat16)
+        return x, y
+
+    def _receive(self, kind: Kind, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        msg = self._next_message()
+        if msg.kind is not kind or msg.n_micro != micro:
+            raise PipelineError(
+                f"stage {self.stage_id} expected a {kind.name} micro-batch ({micro} per batch) from stage "
+                f"{self.stage_id - 1} but got {msg.kind.name} ({msg.n_micro} per batch): every rank must make the "
+                f"same train_batch / eval_batch calls with the same number of micro-batches")
+        return msg.x, msg.y
+
+    def _stage_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Reentrant activation checkpointing needs inputs that require grad (as stock DeepSpeed sets them)."""
+        if x.is_floating_point() and _ds.reentrant_checkpointing(self):
+            x = x.detach().requires_grad_(True)
+        return x
+
+    def _exec_load_micro_batch(self, buffer_id: int) -> None:
+        x, y = self._load()
+        self.pipe_buffers["inputs"][buffer_id], self.pipe_buffers["labels"][buffer_id] = self._stage_input(x), y
+
+    def _exec_recv_activations(self, buffer_id: int) -> None:
+        x, y = self._receive(Kind.TRAIN, self._micro)
+        self.pipe_buffers["inputs"][buffer_id], self.pipe_buffers["labels"][buffer_id] = self._stage_input(x), y
+
+    def _exec_forward_pass(self, buffer_id: int) -> None:
+        self.tput_timer.start()
+        outputs = self.block(self.pipe_buffers["inputs"][buffer_id])
+        if not torch.is_tensor(outputs):
+            raise PipelineError(f"stage {self.stage_id} returned a {type(outputs).__name__}; PPLL stages pass one "
+                                f"tensor on (the labels travel beside it)")
+        self.pipe_buffers["inputs"][buffer_id] = None
+        self.pipe_buffers["outputs"][buffer_id] = outputs
+
+    def _exec_send_activations(self, buffer_id: int) -> None:
+        out = self.pipe_buffers["outputs"][buffer_id].detach().contiguous()
+        began = time.perf_counter()
+        self._sender.send(Msg(Kind.TRAIN, out, self.pipe_buffers["labels"][buffer_id], self._micro))
+        self.wait_out_s += time.perf_counter() - began
+
+    def _exec_local_backward(self, buffer_id: int) -> None:
+        h, y = self.pipe_buffers["outputs"][buffer_id], self.pipe_buffers["labels"][buffer_id]
+        value = self.block.backward(self.block.local_loss(h, y), self._micro)
+        if math.isfinite(value):
+            self._loss_sum += value
+        self.pipe_buffers["outputs"][buffer_id] = None
+        self.pipe_buffers["labels"][buffer_id] = None
+
+    def _exec_reduce_grads(self) -> None:
+        """All replicas of a stage skip together (one saw a non-finite loss), then reduce as DeepSpeed does."""
+        if self.is_data_parallel and self.block.on_nan == "skip":
+            flag = torch.tensor(float(self.block.will_skip), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.grid.get_data_parallel_group())
+            if flag.item() and not self.block.will_skip:
+                self.block.mark_skip()
+        _ds.stock_reduce_grads(self)
+
+    def _exec_optimizer_step(self) -> None:
+        self.block.step()
+
+    _INSTRUCTION_MAP = _ds.instruction_map({
+        schedule.LoadMicroBatch: _exec_load_micro_batch,
+        schedule.RecvActivation: _exec_recv_activations,
+        schedule.ForwardPass: _exec_forward_pass,
+        schedule.SendActivation: _exec_send_activations,
+        LocalBackwardPass: _exec_local_backward,
+        schedule.ReduceGrads: _exec_reduce_grads,
+        schedule.OptimizerStep: _exec_optimizer_step,
+    })
+
+
+def _autocast_of(engine: LocalPipelineEngine) -> str:
+    """The block's autocast from ds_config's torch_autocast section ("none" when it is off)."""
+    if not engine.torch_autocast_enabled():
+        return "none"
+    dtype = engine.torch_autocast_dtype()
+    if dtype is torch.bfloat16:
+        return "bf16"
+    raise ConfigError(f"torch_autocast with {dtype} is not supported by the PPLL adapter (its loss scaler is shared "
+                      f"across stages); use dtype bfloat16", key="torch_autocast")
+
+
+def initialize(
+    args: Any = None,
+    model: LocalPipelineModule | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    *,
+    collate_fn: Callable | None = None,
+    config: str | dict | None = None,
+    queue_depth: int = 2,
+    timeout_s: float = 300.0,
+) -> tuple[LocalPipelineEngine, Any, Any, Any]:
+    """`deepspeed.initialize` for a LocalPipelineModule: same arguments and results, but a LocalPipelineEngine
+    (deepspeed.initialize builds the stock PipelineEngine for every PipelineModule).
+
+    `queue_depth` bounds the micro-batches in flight to the next stage; `timeout_s` bounds every wait on a link.
+    """
+    if not isinstance(model, LocalPipelineModule):
+        raise ConfigError(f"model must be a LocalPipelineModule, got {type(model).__name__}; for other models use "
+                          f"deepspeed.initialize", key="model")
+    if config is None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ConfigError("no DeepSpeed config: pass config= (a dict or a JSON file such as "
+                          "configs/deepspeed/ppll.json) or args.deepspeed_config", key="config")
+    if not isinstance(config, dict):
+        if not os.path.isfile(config):
+            raise ConfigError(f"DeepSpeed config {config!r} is not a file (paths are relative to {os.getcwd()})",
+                              key="config")
+        config = _ds.load_ds_config(config)
+    conf = _ds.config_class(config, model)
+    if conf.zero_optimization_stage > 0:
+        raise ConfigError(f"zero_optimization.stage={int(conf.zero_optimization_stage)}: use stage 0 "
+                          f"(ZeRO-1's gradient norm spans all stages; ZeRO-2/3 do not support pipelines)",
+                          key="zero_optimization")
+    if conf.float16_config.enabled:
+        raise ConfigError("fp16 syncs loss-scale overflows across stages; use bf16 (configs/deepspeed/ppll_bf16.json)",
+                          key="fp16")
+    engine = _ds.build_engine(LocalPipelineEngine, config, conf, model, args=args, optimizer=optimizer,
+                              model_parameters=model_parameters, training_data=training_data,
+                              lr_scheduler=lr_scheduler, collate_fn=collate_fn, queue_depth=queue_depth,
+                              timeout_s=timeout_s)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

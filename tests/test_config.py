@@ -1,0 +1,331 @@
+"""Configuration: Literal choice fields owned by their modules, per-section checks, `key=` on errors, CLI flag hints."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
+
+import pytest
+
+import ppll_ext.config as config_module
+from ppll_ext.cli import FLAGS, flag_hint, main
+from ppll_ext.config import (
+    AUTOCAST_MODES,
+    ENGINES,
+    METHODS,
+    OPTIMIZERS,
+    RUNTIMES,
+    SCHEDULES,
+    Config,
+    DataConfig,
+    LocalConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    config_keys,
+    load_config,
+    parse_override,
+    validate,
+)
+from ppll_ext.core.aux import AUX_KINDS
+from ppll_ext.core.block import AUTOCAST, ON_NAN
+from ppll_ext.data import DATASET_NAMES
+from ppll_ext.errors import ConfigError, DataError
+from ppll_ext.models import MODEL_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHOICES = [
+    ("model.name", MODEL_NAMES),
+    ("data.name", DATASET_NAMES),
+    ("local.aux", AUX_KINDS),
+    ("local.runtime", RUNTIMES),
+    ("local.engine", ENGINES),
+    ("optim.name", OPTIMIZERS),
+    ("optim.schedule", SCHEDULES),
+    ("train.method", METHODS),
+    ("train.autocast", tuple(AUTOCAST)),
+    ("train.on_nan", ON_NAN),
+]
+
+
+def _hint(key: str) -> object:
+    """The resolved type annotation of a dotted config key."""
+    section, name = key.split(".")
+    return get_type_hints(type(getattr(Config(), section)))[name]
+
+
+# --- ownership -------------------------------------------------------------------------------------------------------
+
+
+def test_model_and_data_config_live_with_their_owners_and_are_re_exported() -> None:
+    from ppll_ext.data import DataConfig as data_owned
+    from ppll_ext.data.datasets import DataConfig as datasets_owned
+    from ppll_ext.models import ModelConfig as models_owned
+
+    assert ModelConfig is models_owned and ModelConfig.__module__ == "ppll_ext.models"
+    assert DataConfig is data_owned is datasets_owned and DataConfig.__module__ == "ppll_ext.data.datasets"
+    assert config_module.ModelConfig is ModelConfig and config_module.DataConfig is DataConfig
+    # the per-field docstrings came along
+    assert '"""ResNet: channels of the first group (the groups use width, 2*width, 4*width)."""' in inspect.getsource(
+        ModelConfig)
+    assert '"""Use only the first N training images (after a seeded shuffle); None = all."""' in inspect.getsource(
+        DataConfig)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an import statement of `path` names (top level and inside functions)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+@pytest.mark.parametrize("package", ["models", "data"])
+def test_models_and_data_never_import_the_config(package: str) -> None:
+    for path in sorted((REPO / "ppll_ext" / package).glob("*.py")):
+        assert "ppll_ext.config" not in _imported_modules(path), path
+
+
+def test_owners_import_without_the_config_module() -> None:
+    code = ("import sys, ppll_ext.models, ppll_ext.data; "
+            "assert 'ppll_ext.config' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ppll_ext'))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+# --- Literal choice fields -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, allowed", CHOICES, ids=[k for k, _ in CHOICES])
+def test_choice_fields_are_literals_of_the_owners_constants(key: str, allowed: tuple[str, ...]) -> None:
+    hint = _hint(key)
+    assert get_origin(hint) is Literal and get_args(hint) == tuple(allowed)
+    section, name = key.split(".")
+    assert getattr(getattr(Config(), section), name) in allowed  # the default is allowed
+
+
+def test_constants() -> None:
+    assert OPTIMIZERS == ("sgd", "adam", "adamw") and SCHEDULES == ("cosine", "constant")
+    assert RUNTIMES == ("sequential", "threads", "processes") and ENGINES == ("native", "deepspeed")
+    assert METHODS == ("local", "bp") and AUTOCAST_MODES == tuple(AUTOCAST)
+
+
+@pytest.mark.parametrize("key, allowed", CHOICES, ids=[k for k, _ in CHOICES])
+def test_a_value_outside_a_literal_is_rejected_with_its_key(key: str, allowed: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}=maybe"])
+    assert str(info.value) == f"{key}='maybe' is not one of {', '.join(allowed)}"
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("key, allowed", CHOICES, ids=[k for k, _ in CHOICES])
+def test_every_allowed_value_is_accepted(key: str, allowed: tuple[str, ...]) -> None:
+    section, name = key.split(".")
+    for value in allowed:
+        overrides = [f"{key}={value}"]
+        if value in ("imagefolder", "cifar10", "svhn", "stl10"):
+            overrides.append("data.root=/somewhere")  # a data root is only needed when loading
+        assert getattr(getattr(load_config(None, overrides), section), name) == value
+
+
+def test_literal_rejects_a_non_string_and_the_message_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^train.autocast=16 is not one of none, bf16, fp16$") as info:
+        load_config(None, ["train.autocast=16"])
+    assert info.value.key == "train.autocast"
+
+
+def test_literal_in_a_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim: {name: rmsprop}\n")
+    with pytest.raises(ConfigError, match=r"optim.name='rmsprop' is not one of sgd, adam, adamw") as info:
+        load_config(path)
+    assert info.value.key == "optim.name"
+    path.write_text("optim: {name: adamw, schedule: constant}\nlocal: {aux: mlp-sr}\n")
+    cfg = load_config(path)
+    assert (cfg.optim.name, cfg.optim.schedule, cfg.local.aux) == ("adamw", "constant", "mlp-sr")
+
+
+# --- per-section checks ----------------------------------------------------------------------------------------------
+
+SECTION_CASES = [
+    (ModelConfig(name="foo"), "model.name", "model.name='foo' is not one of resnet8, resnet20"),
+    (ModelConfig(width=0), "model.width", "model.width=0 must be at least 1"),
+    (ModelConfig(dropout=1.0), "model.dropout", "model.dropout=1.0 must be in [0, 1)"),
+    (DataConfig(name="mnist"), "data.name", "data.name='mnist' is not one of digits, cifar10"),
+    (DataConfig(train_subset=0), "data.train_subset", "data.train_subset=0 must be at least 1 (or null"),
+    (DataConfig(test_subset=-1), "data.test_subset", "data.test_subset=-1 must be at least 1"),
+    (LocalConfig(stages=0), "local.stages", "local.stages=0 must be at least 1"),
+    (LocalConfig(micro_batches=0), "local.micro_batches", "local.micro_batches=0 must be at least 1"),
+    (LocalConfig(queue_depth=0), "local.queue_depth", "local.queue_depth=0 must be at least 1"),
+    (LocalConfig(data_parallel=0), "local.data_parallel", "local.data_parallel=0 must be at least 1"),
+    (LocalConfig(aux="magic"), "local.aux", "local.aux='magic' is not one of"),
+    (LocalConfig(runtime="gpus"), "local.runtime", "local.runtime='gpus' is not one of sequential, threads, processes"),
+    (LocalConfig(engine="megatron"), "local.engine", "local.engine='megatron' is not one of native, deepspeed"),
+    (LocalConfig(timeout_s=0.0), "local.timeout_s", "local.timeout_s=0.0 must be positive"),
+    (OptimConfig(name="lion"), "optim.name", "optim.name='lion' is not one of sgd, adam, adamw"),
+    (OptimConfig(schedule="step"), "optim.schedule", "optim.schedule='step' is not one of cosine, constant"),
+    (OptimConfig(lr=-0.1), "optim.lr", "optim.lr=-0.1 must be at least 0"),
+    (OptimConfig(warmup_steps=-1), "optim.warmup_steps", "optim.warmup_steps=-1 must be at least 0"),
+    (OptimConfig(grad_clip=0.0), "optim.grad_clip", "optim.grad_clip=0.0 must be positive"),
+    (TrainConfig(method="dp"), "train.method", "train.method='dp' is not one of local, bp"),
+    (TrainConfig(autocast="fp8"), "train.autocast", "train.autocast='fp8' is not one of none, bf16, fp16"),
+    (TrainConfig(on_nan="maybe"), "train.on_nan", "train.on_nan='maybe' is not one of error, skip"),
+    (TrainConfig(epochs=0), "train.epochs", "train.epochs=0 must be at least 1"),
+    (TrainConfig(batch_size=0), "train.batch_size", "train.batch_size=0 must be at least 1"),
+    (TrainConfig(eval_batch_size=0), "train.eval_batch_size", "train.eval_batch_size=0 must be at least 1"),
+    (TrainConfig(save_every=-1), "train.save_every", "train.save_every=-1 must be >= 0 and train.keep=2 >= 1"),
+    (TrainConfig(keep=0), "train.keep", "train.save_every=0 must be >= 0 and train.keep=0 >= 1"),
+    (TrainConfig(save_every=5), "train.save_dir", "train.save_every needs a run directory: set train.save_dir"),
+    (TrainConfig(stop_at_step=-1), "train.stop_at_step", "train.stop_at_step=-1 must be at least 0"),
+]
+
+
+@pytest.mark.parametrize("section, key, message", SECTION_CASES, ids=[c[1] + "-" + str(i)
+                                                                      for i, c in enumerate(SECTION_CASES)])
+def test_each_section_checks_itself_and_the_whole_config_too(section: object, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        section.check()  # type: ignore[attr-defined]
+    assert str(info.value).startswith(message) and info.value.key == key
+    assert not isinstance(info.value, DataError)
+    cfg = Config()
+    setattr(cfg, key.split(".")[0], section)
+    for check in (cfg.check, lambda: validate(cfg)):
+        with pytest.raises(ConfigError) as info:
+            check()
+        assert str(info.value).startswith(message) and info.value.key == key
+
+
+def test_defaults_and_good_sections_pass() -> None:
+    Config().check()
+    for section in (ModelConfig(name="vit"), DataConfig(train_subset=1), LocalConfig(stages=1), OptimConfig(lr=0.0),
+                    TrainConfig(save_every=3, save_dir="run", stop_at_step=0)):
+        section.check()
+
+
+def test_cross_section_batch_size_must_divide_into_micro_batches() -> None:
+    cfg = Config()
+    cfg.train.batch_size, cfg.local.micro_batches = 10, 3
+    with pytest.raises(ConfigError, match="train.batch_size=10 is not divisible by local.micro_batches=3") as info:
+        cfg.check()
+    assert info.value.key == "train.batch_size"
+    cfg.train.batch_size = 9
+    cfg.check()
+
+
+def test_load_config_runs_the_checks() -> None:
+    with pytest.raises(ConfigError, match="local.stages=0 must be at least 1") as info:
+        load_config(None, ["local.stages=0"])
+    assert info.value.key == "local.stages"
+
+
+# --- key= on the other errors of config.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, key, needle", [
+    ("train.epoch=3", "train.epoch", "did you mean train.epochs"),
+    ("trainer.epochs=3", "trainer", "unknown config key 'trainer'"),
+    ("train=3", "train", "train: expected a mapping of keys"),
+    ("train.epochs=many", "train.epochs", "train.epochs: expected an integer"),
+    ("train.progress=3", "train.progress", "train.progress: expected true or false"),
+    ("optim.lr=fast", "optim.lr", "optim.lr: expected a number"),
+    ("train.save_dir={a: 1}", "train.save_dir", "train.save_dir: expected a string"),
+    ("train.epochs", "train.epochs", "expected key=value"),
+    ("train.epochs=[", "train.epochs", "value is not valid YAML"),
+])
+def test_config_errors_carry_the_key(override: str, key: str, needle: str | None) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key
+    assert needle is None or needle in str(info.value)
+
+
+def test_config_file_errors_name_the_path_argument(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n")
+    for path in (tmp_path / "missing.yaml", bad):
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.key == "path"
+
+
+def test_parse_override_and_config_keys() -> None:
+    assert parse_override("train.on_nan=skip") == {"train": {"on_nan": "skip"}}
+    keys = config_keys()
+    assert "train.on_nan" in keys and "model.name" in keys and "data.train_subset" in keys
+    assert len(keys) == sum(len(dataclasses.fields(getattr(Config(), s.name))) for s in dataclasses.fields(Config))
+    assert set(FLAGS) <= set(keys)
+
+
+# --- the CLI's flag hints --------------------------------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]]:
+    """`ppll train ...` in this process: exit code and stderr lines."""
+    rc = main(["train", *args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(autouse=True)
+def _first_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Errors are printed on rank 0 only, and no launcher settings leak in."""
+    for name in ("RANK", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_cli_names_the_flag_of_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _cli(capsys, "--set", "train.on_nan=maybe")
+    assert rc == 2 and err == ["ppll: error: train.on_nan='maybe' is not one of error, skip "
+                               "(command line: --on-nan or --set train.on_nan=...)"]
+
+
+@pytest.mark.parametrize("args, suffix", [
+    (["--set", "local.runtime=gpus"], " (command line: --runtime or --set local.runtime=...)"),
+    (["--set", "local.engine=megatron"], " (command line: --engine or --set local.engine=...)"),
+    (["--keep", "0"], " (command line: --keep or --set train.keep=...)"),
+    (["--save-every", "-1"], " (command line: --save-every or --set train.save_every=...)"),
+    (["--save-every", "5"], " (command line: --save-dir or --set train.save_dir=...)"),
+    (["--engine", "deepspeed", "--runtime", "threads"], " (command line: --runtime or --set local.runtime=...)"),
+    (["--set", "model.name=resnet9000"], " (command line: --set model.name=...)"),
+    (["--set", "train.epochs=0"], " (command line: --set train.epochs=...)"),
+    (["--set", "train.batch_size=10", "--set", "local.micro_batches=3"],
+     " (command line: --set train.batch_size=...)"),
+])
+def test_cli_hint_is_one_line(args: list[str], suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _cli(capsys, *args)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("ppll: error: ") and err[0].endswith(suffix), err
+    assert err[0].count("(command line:") == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "train.epoch=3"],  # an unknown key: nothing to set
+    ["--set", "train.epochs"],  # the message already shows --set
+    ["--config", "/nonexistent.yaml"],  # the `path` argument: the message already names --config
+])
+def test_cli_adds_no_hint_where_there_is_none(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _cli(capsys, *args)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("ppll: error: ") and "(command line:" not in err[0], err
+
+
+def test_flag_hint_maps_python_arguments_and_config_keys() -> None:
+    assert flag_hint(ConfigError("on_nan='x' is not one of error, skip", key="on_nan")) == \
+        " (command line: --on-nan or --set train.on_nan=...)"
+    assert flag_hint(ConfigError("bad", key="save_dir")) == " (command line: --save-dir or --set train.save_dir=...)"
+    assert flag_hint(ConfigError("bad", key="runtime")) == " (command line: --runtime or --set local.runtime=...)"
+    assert flag_hint(ConfigError("bad", key="trace")) == " (command line: --trace or --set train.trace=...)"
+    assert flag_hint(ConfigError("bad", key="optim.lr")) == " (command line: --set optim.lr=...)"
+    assert flag_hint(ConfigError("bad", key="batch_size")) == ""  # a Python argument without a flag
+    assert flag_hint(ConfigError("bad", key="path")) == ""
+    assert flag_hint(ConfigError("bad", key="train.nope")) == ""  # not a config key
+    assert flag_hint(ConfigError("bad")) == ""
+    assert flag_hint(ConfigError("skip it with --on-nan skip", key="on_nan")) == ""  # already said
+    assert flag_hint(DataError("bad", key="data.root")) == " (command line: --set data.root=...)"
