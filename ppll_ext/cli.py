@@ -100,10 +100,10 @@ def _train(args: argparse.Namespace) -> int:
                           f"must be processes", key="local.runtime")
     # The training stack is imported only once the config is known to be valid: bad input fails fast.
     from ppll_ext.runtime.launch import spawn_torchrun, under_launcher
-    from ppll_ext.train import prepare, run_training
+    from ppll_ext.train import preflight, run_training
 
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
-        prepare(cfg)
+        preflight(cfg)
         forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
         return spawn_torchrun(cfg.local.stages * (cfg.local.data_parallel if deepspeed else 1), forwarded)
     run_training(cfg)

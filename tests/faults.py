@@ -73,7 +73,9 @@ def clear() -> None:
 
 
 if __name__ == "__main__":
-    install(sys.argv[1])
+    # the deepspeed launcher puts --local_rank=N first; the rank comes from the environment as well
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]
+    install(argv[0])
     from ppll_ext.cli import main
 
-    sys.exit(main(sys.argv[2:]))
+    sys.exit(main(argv[1:]))

@@ -50,6 +50,8 @@ def test_train_bp_method(tmp_path: Path) -> None:
     (["--set", "local.stages=40"], "local.stages=40"),
     (["--set", "train.batch_size=10", "--set", "local.micro_batches=3"], "not divisible"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["--set", "train.stop_at_step=0"], "train.stop_at_step=0 is not after the starting step 0 (a new run)"),
+    (["--runtime", "sequential", "--set", "train.stop_at_step=0"], "train.stop_at_step=0 is not after"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI's own code path in this process (a subprocess would only add start-up time)."""

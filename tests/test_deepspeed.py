@@ -4,6 +4,7 @@ learning in one process, data-parallel replicas stay identical, checkpoints roun
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -18,11 +19,13 @@ from deepspeed.runtime.pipe import schedule
 from safetensors.torch import load_file
 from torch import nn
 
-from ppll_ext.config import ModelConfig
+from ppll_ext.build import build_blocks
+from ppll_ext.config import ModelConfig, load_config
 from ppll_ext.core import LocalBlock
 from ppll_ext.deepspeed import LocalBackwardPass, LocalPipelineEngine, LocalTrainSchedule, build_stage_aux_head
 from ppll_ext.models import build_model
 from ppll_ext.runtime import SequentialRunner, StageStats
+from ppll_ext.train import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
@@ -58,7 +61,7 @@ def train(nproc: int, out: Path, *args: str) -> dict[int, tuple[dict, dict[str, 
 
 
 def reference(parts: list[int], micro: int, size: int, steps: int, replicas: int = 1,
-              clip: float | None = None) -> list[dict[str, torch.Tensor]]:
+              clip: float | None = None, nan_step: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Sequential local learning of the script's layers, aux heads, AdamW and LR warm-up in this process, with
     all replicas' micro-batches of a step as one mini-batch; tensors named as in the stage's module."""
     layers = script.make_layers()
@@ -74,14 +77,14 @@ def reference(parts: list[int], micro: int, size: int, steps: int, replicas: int
                                 weight_decay=script.WEIGHT_DECAY)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, script.lr_factor)
         blocks.append(LocalBlock(body, aux, nn.CrossEntropyLoss(), index=s, optimizer=opt, lr_scheduler=sched,
-                                 grad_clip=clip))
+                                 grad_clip=clip, on_nan="skip" if nan_step is not None else "error"))
     runner = SequentialRunner(blocks, micro * replicas)
     stats = [StageStats(b.index) for b in blocks]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for step in range(steps):
-            mbs = [mb for r in range(replicas) for mb in script.micro_batches(step, r, replicas, micro, size)]
+            mbs = [mb for r in range(replicas) for mb in script.micro_batches(step, r, replicas, micro, size, nan_step)]
             runner.train_batch(torch.cat([x for x, _ in mbs]), torch.cat([y for _, y in mbs]), stats)
     finally:
         torch.set_num_threads(threads)
@@ -111,7 +114,7 @@ def test_schedule_never_moves_gradients_and_steps_once() -> None:
     for stages, stage in [(1, 0), (3, 0), (3, 1), (3, 2)]:
         steps = list(LocalTrainSchedule(micro_batches=4, stages=stages, stage_id=stage))
         cmds = [type(c) for step in steps for c in step]
-        assert len(steps) == 4
+        assert len(steps) == 5 and [type(c) for c in steps[-1]] == [schedule.ReduceGrads, schedule.OptimizerStep]
         assert not {schedule.SendGrad, schedule.RecvGrad, schedule.BackwardPass} & set(cmds)
         assert cmds.count(schedule.OptimizerStep) == 1 and cmds[-1] is schedule.OptimizerStep
         assert cmds.count(LocalBackwardPass) == 4
@@ -121,6 +124,9 @@ def test_schedule_never_moves_gradients_and_steps_once() -> None:
     handled = set(LocalPipelineEngine._INSTRUCTION_MAP)
     assert {schedule.SendGrad, schedule.RecvGrad, schedule.BackwardPass, schedule.ReduceTiedGrads}.isdisjoint(handled)
     assert LocalPipelineEngine._INSTRUCTION_MAP[schedule.ForwardPass] is LocalPipelineEngine._exec_forward_pass
+    # a replica with no batch in an epoch's last step only joins the reduce and the step
+    idle = list(LocalTrainSchedule(micro_batches=0, stages=2, stage_id=1))
+    assert [[type(c) for c in step] for step in idle] == [[schedule.ReduceGrads, schedule.OptimizerStep]]
 
 
 def test_configs_are_consistent() -> None:
@@ -174,6 +180,30 @@ def test_three_stages_with_per_stage_clipping_equal_sequential(tmp_path: Path) -
     for r, (info, tensors) in runs.items():
         assert info["stage"] == r and info["finite"]
         assert_matches(tensors, ref[r], f"stage {r}", atol=1e-5)
+
+
+@pytest.mark.parametrize("stages, reentrant", [(2, True), (3, True), (2, False), (3, False)])
+def test_activation_checkpointing_and_nan_skip_equal_sequential(tmp_path: Path, stages: int, reentrant: bool) -> None:
+    """activation_checkpoint_interval=1 with DeepSpeed's reentrant (default) or non-reentrant checkpointing trains
+    every stage's parameters exactly as sequential local learning; with on_nan="skip", a train_batch whose labels
+    make every stage's loss NaN is skipped by every stage, as sequential local learning skips it. (BatchNorm
+    running statistics are left out: checkpointing recomputes the forward pass, which updates them again.)"""
+    runs = train(stages, tmp_path, "--stages", str(stages), "--micro", "2", "--size", "8", "--steps", "6", "--aux",
+                 "list", "--checkpoint-interval", "1", *([] if reentrant else ["--non-reentrant"]),
+                 "--nan-step", "3", "--on-nan", "skip")
+    ref = reference(runs[0][0]["parts"], micro=2, size=8, steps=6, nan_step=3)
+    for r, (info, tensors) in runs.items():
+        assert info["stage"] == r and info["global_steps"] == 6 and info["skipped_steps"] == 1, info
+        assert [math.isnan(v) for v in info["losses"]] == [False, False, False, True, False, False], info
+        assert_matches(params_only(tensors), params_only(ref[r]), f"stage {r} of {stages}", atol=1e-5)
+
+
+def test_nan_loss_stops_the_run_naming_stage_and_step(tmp_path: Path) -> None:
+    res = launch(2, DIST / "deepspeed_train.py", "--out", str(tmp_path), "--stages", "2", "--steps", "6",
+                 "--nan-step", "2")
+    assert res.returncode != 0
+    assert "PipelineError: stage 0: loss is nan at step 2" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "rank0.json").exists()
 
 
 def test_data_parallel_replicas_stay_identical(tmp_path: Path) -> None:
@@ -287,22 +317,29 @@ def launch_script(nproc: int, *args: str, timeout: float = 240) -> subprocess.Co
 
 
 def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path) -> None:
-    """`ppll train --engine deepspeed` under the deepspeed launcher, stopped at step 30 and resumed, ends with the
-    same weights, aux heads and optimizer state as the native engine's uninterrupted run."""
-    common = ["--set", "train.epochs=2", "--set", "train.progress=false"]
-    ds = ["--module", "ppll_ext.train", "--engine", "deepspeed", *common, "--save-dir", str(tmp_path / "ds")]
+    """`ppll train --engine deepspeed --on-nan skip` under the deepspeed launcher, with a NaN loss on stage 1 at
+    step 4, stopped at step 30 and resumed, ends with the same weights, aux heads and optimizer state as the native
+    engine's uninterrupted run. 1409 training images in batches of 64 cut into M = 2 micro-batches: the last batch
+    of each epoch holds one image (fewer than M), and both engines train on it."""
+    common = ["--on-nan", "skip", "--set", "train.epochs=2", "--set", "train.progress=false", "--set",
+              "local.micro_batches=2", "--set", "data.train_subset=1409"]
+    faulty = str(REPO / "tests" / "faults.py")
+    ds = [faulty, "1:4:nan", "train", "--engine", "deepspeed", *common, "--save-dir", str(tmp_path / "ds")]
     first = launch_script(2, *ds, "--set", "train.stop_at_step=30")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "stopped at step 30" in first.stdout and "step-000030" in first.stdout, first.stdout
+    assert "ppll: warning: stage 1: loss is nan at step 4; this stage skips the step's update" in first.stderr
     second = launch_script(2, *ds, "--resume", str(tmp_path / "ds"))
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "resuming at epoch 2 batch 7 (step 30)" in second.stdout, second.stdout
-    native = subprocess.run([sys.executable, "-m", "ppll_ext.train", *common, "--save-dir", str(tmp_path / "native")],
+    native = subprocess.run([sys.executable, faulty, "1:4:nan", "train", "--runtime", "sequential", *common,
+                             "--save-dir", str(tmp_path / "native")],
                             capture_output=True, text=True, cwd=REPO, timeout=240,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert native.returncode == 0, native.stderr[-3000:]
     accuracy = [line for line in native.stdout.splitlines() if "test accuracy" in line]
     assert accuracy and accuracy[0] in second.stdout, (accuracy, second.stdout)
+    assert "(1409 train / 360 test)" in second.stdout and second.stdout.count("| steps 46") == 2, second.stdout
     a, b = tmp_path / "ds" / "step-000046", tmp_path / "native" / "step-000046"
     files = sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
     assert sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors")) == files
@@ -312,3 +349,32 @@ def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path) -
         assert x.keys() == y.keys(), name
         for k in x.keys() - {"rng.cpu"}:  # DeepSpeed draws random numbers of its own while starting
             assert torch.equal(x[k], y[k]), (name, k)
+
+
+def test_data_parallel_trains_the_last_uneven_step(tmp_path: Path) -> None:
+    """`ppll train --engine deepspeed` with 2 data-parallel replicas and 3 batches per epoch (32, 32, 6 images):
+    step 1 averages the replicas' batches, step 2 trains the 6-image batch on replica 0 alone (replica 1 only joins
+    the all-reduce), as one process training on batches 0+1 together, then batch 2."""
+    sets = ["model.name=vit", "model.hidden_dim=16", "model.mlp_dim=32", "model.depth=2", "model.heads=2",
+            "data.train_subset=70", "data.test_subset=50", "train.batch_size=32", "train.epochs=2",
+            "train.progress=false", "local.stages=1", "local.data_parallel=2", "optim.lr=0.05"]
+    res = launch_script(2, "--module", "ppll_ext.train", "--engine", "deepspeed", "--save-dir", str(tmp_path),
+                        *[a for s in sets for a in ("--set", s)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "| steps 4" in res.stdout and "(70 train / 50 test)" in res.stdout, res.stdout
+    cfg = load_config(None, [*sets, "local.runtime=sequential", "local.engine=native", "local.data_parallel=1"])
+    job = prepare(cfg)
+    _, blocks = build_blocks(cfg, job.layered, job.example, total_steps=4)
+    block = blocks[0]
+    torch.set_num_threads(1)
+    for epoch in range(2):
+        job.train_loader.set_epoch(epoch)
+        (x0, y0), (x1, y1), (x2, y2) = job.train_loader.iter_from(0)
+        assert len(y2) == 6
+        block.train_step(torch.cat([x0, x1]), torch.cat([y0, y1]))
+        block.train_step(x2, y2)
+    trained = load_file(str(tmp_path / "step-000004" / "model-00001-of-00001.safetensors"))
+    want = job.layered.model.state_dict()
+    assert trained.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.allclose(trained[k], v, atol=1e-5, rtol=0), (k, (trained[k] - v).abs().max())

@@ -120,3 +120,23 @@ def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
     else:
         assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
     assert "summary:" not in out
+
+
+def test_default_job_sequential_equals_processes(tmp_path: Path) -> None:
+    """The README's promise: with the default thread setting (one torch thread per stage for local learning),
+    `--runtime sequential` and the default processes runtime train the default job to bit-identical weights."""
+    runs = {}
+    for runtime in ("sequential", "processes"):
+        res = subprocess.run([sys.executable, "-m", "ppll_ext", "train", "--runtime", runtime, "--set",
+                              "train.epochs=2", "--set", "train.progress=false", "--save-dir", str(tmp_path / runtime)],
+                             capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[runtime] = res.stdout
+    line = [x for x in runs["sequential"].splitlines() if "test accuracy" in x]
+    assert line and line[0] in runs["processes"], runs
+    a, b = tmp_path / "sequential" / "step-000046", tmp_path / "processes" / "step-000046"
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
+    assert len(files) == 5 and files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+    for name in files:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if k != "rng.cpu"), name

@@ -101,7 +101,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         self._sender, receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
         self._inbox = receiver.messages() if receiver is not None else None
         self._peeked: Msg | None = None
-        self._loss_sum = 0.0
+        self._loss_sum, self._losses = 0.0, 0
         self._micro = self.micro_batches
         self.grad_weight = 1.0
         """Factor on this replica's loss: replicas / replicas with data, when an epoch's last step has fewer
@@ -124,9 +124,9 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         `num_micro_batches` defaults to gradient_accumulation_steps on the first stage; later stages take the
         count the first stage sent (so a smaller last batch, cut into fewer micro-batches, needs no special
         case). 0 means this replica has no data in this step (it still joins the reduce and the step).
-        Returns this stage's mean local loss (the model's loss on the last stage, its aux head's elsewhere),
-        averaged over the stage's data-parallel replicas; unlike stock DeepSpeed it is not broadcast from the
-        last stage, which would make every stage wait for the last one.
+        Returns this stage's mean finite local loss (the model's loss on the last stage, its aux head's elsewhere;
+        NaN when every one was NaN/inf), averaged over the stage's data-parallel replicas; unlike stock DeepSpeed
+        it is not broadcast from the last stage, which would make every stage wait for the last one.
         """
         if not torch.is_grad_enabled():
             raise PipelineError("train_batch() needs gradients enabled; use eval_batch() for evaluation")
@@ -134,10 +134,9 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             self.set_dataiterator(data_iter)
         self.module.train()
         self._micro = self._micro_count(num_micro_batches)
-        self._loss_sum = 0.0
+        self._loss_sum, self._losses = 0.0, 0
         _ds.exec_schedule(self, LocalTrainSchedule(self._micro, self.num_stages, self.stage_id))
-        self.agg_train_loss = self._mean_over_replicas(
-            torch.tensor(self._loss_sum / max(1, self._micro), device=self.device), self._micro > 0)
+        self.agg_train_loss = self._mean_over_replicas(self._loss_sum, self._losses)
         if self.steps_per_print() and self.global_steps % self.steps_per_print() == 0 \
                 and _ds.stage_of(self.module)[0] == 0:
             log.info("stage %d steps: %d local loss: %.4f", self.stage_id, self.global_steps,
@@ -184,7 +183,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         finally:
             self.module.train()
             self.set_dataiterator(train_iter)
-        return self._mean_over_replicas(torch.tensor(total / micro, device=self.device))
+        return self._mean_over_replicas(total, micro)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None, num_batches: int) -> EvalCounts:
@@ -210,12 +209,12 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             self.module.train()
         return counts
 
-    def _mean_over_replicas(self, value: torch.Tensor, has_data: bool = True) -> torch.Tensor:
+    def _mean_over_replicas(self, total: float, count: int) -> torch.Tensor:
+        """Mean of `count` losses summing to `total`, over the stage's replicas (NaN when there are none)."""
+        both = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
         if self.is_data_parallel:
-            both = torch.stack([value.float() * has_data, torch.tensor(float(has_data), device=self.device)])
             dist.all_reduce(both, group=self.grid.get_data_parallel_group())
-            value = both[0] / both[1].clamp(min=1.0)
-        return value
+        return (both[0] / both[1]).float() if both[1] > 0 else torch.tensor(math.nan, device=self.device)
 
     def flush(self) -> None:
         """Block until every activation this stage sent has been received downstream."""
@@ -286,6 +285,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         value = self.block.backward(self.block.local_loss(h, y), self._micro)
         if math.isfinite(value):
             self._loss_sum += value
+            self._losses += 1
         self.pipe_buffers["outputs"][buffer_id] = None
         self.pipe_buffers["labels"][buffer_id] = None
 

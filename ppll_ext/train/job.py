@@ -20,7 +20,7 @@ from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.models import LayeredModel
-from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at
+from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,14 @@ def resume_position(cfg: Config, total_steps: int) -> tuple[ckpt.Position, Path 
     start = ckpt.Position(**info["position"]) if info else ckpt.Position(0, 0, 0)
     check_stop_at(cfg.train.stop_at_step, start, total_steps, repr(str(folder)) if folder else "a new run")
     return start, folder, info
+
+
+def preflight(cfg: Config) -> Job:
+    """Everything that can be checked before processes are started: data, model, resume point, stop step."""
+    job = prepare(cfg)
+    replicas = cfg.local.data_parallel if cfg.train.method == "local" and cfg.local.engine == "deepspeed" else 1
+    resume_position(cfg, cfg.train.epochs * steps_per_epoch(len(job.train_loader), replicas))
+    return job
 
 
 def loop_settings(cfg: Config) -> LoopSettings:

@@ -51,12 +51,17 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(data.target, dtype=torch.int64)
 
 
-def micro_batches(step: int, replica: int, replicas: int, micro: int, size: int) -> list[tuple[torch.Tensor, ...]]:
-    """The `micro` micro-batches that data-parallel replica `replica` trains on at train_batch `step`."""
+def micro_batches(step: int, replica: int, replicas: int, micro: int, size: int,
+                  nan_step: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The `micro` micro-batches that data-parallel replica `replica` trains on at train_batch `step`; at
+    `nan_step` every label is CrossEntropyLoss's ignore_index, so every stage's loss is NaN (0 / 0)."""
     x, y = digits()
     start = (step * replicas + replica) * micro * size
-    return [(x[start + j * size: start + (j + 1) * size], y[start + j * size: start + (j + 1) * size])
-            for j in range(micro)]
+    out = [(x[start + j * size: start + (j + 1) * size], y[start + j * size: start + (j + 1) * size])
+           for j in range(micro)]
+    if step == nan_step:
+        out = [(xm, torch.full_like(ym, -100)) for xm, ym in out]
+    return out
 
 
 def lr_factor(step: int) -> float:
@@ -64,9 +69,10 @@ def lr_factor(step: int) -> float:
     return min(1.0, (step + 1) / WARMUP)
 
 
-def ds_config(micro: int, size: int, clip: float, bf16: bool) -> dict:
+def ds_config(micro: int, size: int, clip: float, bf16: bool, reentrant: bool = True) -> dict:
     """The ds_config of the tests: torch AdamW, gradient_accumulation_steps = micro-batches per train_batch."""
     return {
+        "pipeline": {"use_reentrant": reentrant},
         "train_micro_batch_size_per_gpu": size,
         "gradient_accumulation_steps": micro,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
@@ -103,6 +109,10 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--load-ckpt", help="checkpoint folder to resume from before training")
     parser.add_argument("--eval", action="store_true", help="run eval_batch after training")
+    parser.add_argument("--checkpoint-interval", type=int, default=0, help="activation_checkpoint_interval")
+    parser.add_argument("--non-reentrant", action="store_true", help="ds_config pipeline.use_reentrant=false")
+    parser.add_argument("--nan-step", type=int, help="a train_batch whose labels make every stage's loss NaN")
+    parser.add_argument("--on-nan", default="error", choices=["error", "skip"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -132,9 +142,11 @@ def main() -> None:
                    for s in range(args.stages - 1)]
         partition = ",".join(str(p) for p in parts[:-1]) if args.aux == "list" else "parameters"
         net = LocalPipelineModule(layers, num_stages=args.stages, loss_fn=nn.CrossEntropyLoss(), aux_heads=aux,
-                                  example_input=example, aux_hidden=AUX_HIDDEN, partition_method=partition)
+                                  example_input=example, aux_hidden=AUX_HIDDEN, partition_method=partition,
+                                  on_nan=args.on_nan, activation_checkpoint_interval=args.checkpoint_interval)
         warmup = None if args.config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor))
-        engine, *_ = initialize(model=net, config=args.config or ds_config(args.micro, args.size, args.clip, args.bf16),
+        conf = ds_config(args.micro, args.size, args.clip, args.bf16, reentrant=not args.non_reentrant)
+        engine, *_ = initialize(model=net, config=args.config or conf,
                                 model_parameters=[p for p in net.parameters() if p.requires_grad],
                                 lr_scheduler=warmup)
     stage, replica, replicas = engine.stage_id, engine.grid.data_parallel_id, engine.grid.data_parallel_size
@@ -148,7 +160,7 @@ def main() -> None:
         info["loaded_steps"], info["loaded_samples"] = engine.global_steps, engine.global_samples
     start = time.perf_counter()
     for step in range(args.start, args.start + args.steps):
-        data = iter(micro_batches(step, replica, replicas, micro, size))
+        data = iter(micro_batches(step, replica, replicas, micro, size, args.nan_step))
         # PPLL: only the first stage reads data, labels travel with the activations; stock also feeds the last.
         info["losses"].append(float(engine.train_batch(data if stage == 0 or args.engine == "stock" else None)))
         if args.save_ckpt and step + 1 - args.start == args.save_at:
@@ -161,6 +173,8 @@ def main() -> None:
     info["global_steps"], info["global_samples"] = engine.global_steps, engine.global_samples
     info["lr"] = engine.get_lr()[0]
     info["finite"] = all(math.isfinite(v) for v in info["losses"])
+    if args.engine == "ppll":
+        info["skipped_steps"] = engine.block.skipped_steps
     save_file(state(engine), str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
