@@ -635,7 +635,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, cli: Cl
     rc, out, err = cli("train", *sets(*small, "local.stages=3"), "--resume", str(run), "--save-dir",
                         str(tmp_path / "k3"))
     assert rc == 0, err
-    assert "aux heads and optimizer states start fresh" in out
+    assert err == ["ppll: resuming with stages at [0, 2, 4, 5] from a checkpoint cut at [0, 3, 5]: model weights "
+                   "loaded, aux heads and optimizer states start fresh"], err
+    assert "resuming at epoch" in out
     assert ckpt.resolve(tmp_path / "k3").name == "step-000004"
 
 
