@@ -10,12 +10,14 @@ later stage. The training step is ppll_ext's LocalBlock run by the runtime's Sta
 activations travel over ppll_ext's links (a small header per message carries shape and dtype, so
 batches of any size work and no shape-inference pass touches the weights or BatchNorm statistics).
 
-Tested with torch 2.13–2.14 (`PipelineScheduleSingle` and `PipelineStage` attributes used here:
-`submod`, `stage_index`, `num_stages`, `is_first`, `is_last`, `group`, `device`).
+Tested with torch 2.13–2.14 (`TESTED`; pyproject.toml asks for torch>=2.13). `PipelineScheduleSingle` and
+`PipelineStage` attributes used here: `submod`, `stage_index`, `num_stages`, `is_first`, `is_last`, `group`,
+`device`; a newer torch that moves one of them is reported once at construction.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,18 @@ from ppll_ext.runtime.stage import StageWorker
 from ppll_ext.transport import Kind, Msg, open_links
 
 __all__ = ["SchedulePPLL"]
+
+TESTED = ((2, 13), (2, 15))
+"""torch releases SchedulePPLL is tested with: at least the first, below the second."""
+log = logging.getLogger(__name__)
+
+
+def _check_torch_version() -> None:
+    """Warn when torch is outside the tested range (the schedule uses undocumented pipelining internals)."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if not TESTED[0] <= version < TESTED[1]:
+        log.warning("torch %s is outside the range SchedulePPLL is tested with (>=%d.%d, <%d.%d)", torch.__version__,
+                    *TESTED[0], *TESTED[1])
 
 
 class _SingleOutput(nn.Module):
@@ -75,6 +89,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         queue_depth: int = 2,
         timeout_s: float = 300.0,
     ) -> None:
+        _check_torch_version()
         super().__init__(stage, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
         if loss_fn is None:
             raise ConfigError("SchedulePPLL needs loss_fn: every stage trains on its own loss")

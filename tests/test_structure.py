@@ -138,3 +138,23 @@ def test_python_m_entry_points() -> None:
                              timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "usage: ppll" in res.stdout
+
+
+def test_tested_ranges_match_pyproject() -> None:
+    """The adapters' tested version ranges are the ones pyproject.toml asks for, and the installed ones are in."""
+    import deepspeed
+    import torch
+
+    from ppll_ext import pipelining
+    from ppll_ext.deepspeed import _ds
+
+    deps = (REPO / "pyproject.toml").read_text()
+
+    def dotted(v: tuple[int, int]) -> str:
+        return ".".join(map(str, v))
+
+    assert f'"deepspeed>={dotted(_ds.TESTED[0])},<{dotted(_ds.TESTED[1])}"' in deps
+    assert f'"torch>={dotted(pipelining.TESTED[0])}"' in deps
+    for module, tested in ((deepspeed, _ds.TESTED), (torch, pipelining.TESTED)):
+        version = tuple(int(p) for p in module.__version__.split("+")[0].split(".")[:2])
+        assert tested[0] <= version < tested[1], (module.__name__, module.__version__)
