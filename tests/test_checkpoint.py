@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from ppll_ext import checkpoint as ckpt
+from ppll_ext.cli import main as cli_main
 from ppll_ext.config import load_config
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import CheckpointError
@@ -150,16 +151,16 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ckpt.resolve(root)
 
 
-def _resume_error(folder: Path, *extra: str) -> str:
-    res = ppll("train", *sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=sequential",
-                              "train.epochs=2", *extra), "--resume", str(folder), timeout=120)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ppll: error:"), res.stderr
-    return lines[0]
+def test_corrupt_truncated_missing_and_foreign_checkpoints(saved: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def _resume_error(folder: Path, *extra: str) -> str:
+        """`ppll train --resume folder` through the CLI's own code path in this process: one error line, exit 2."""
+        rc = cli_main(["train", *sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=sequential",
+                                      "train.epochs=2", *extra), "--resume", str(folder)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("ppll: error:"), lines
+        return lines[0]
 
-
-def test_corrupt_truncated_missing_and_foreign_checkpoints(saved: Path, tmp_path: Path) -> None:
     def copy(name: str) -> Path:
         return Path(shutil.copytree(saved, tmp_path / name))
 

@@ -183,4 +183,4 @@ def test_profile_refinement_keeps_valid_boundaries() -> None:
     for start in ([0, 1, 11], [0, 9, 10, 11], [0, 5, 11]):
         b = refine_boundaries(layered.layers, start, x, lambda h: build_aux_head("conv", h, 10), repeats=1)
         assert len(b) == len(start) and b[0] == 0 and b[-1] == 11 and all(p < q for p, q in zip(b, b[1:]))
-    assert refine_boundaries(layered.layers, [0, 1, 11], x, repeats=1)[1] > 1
+    assert refine_boundaries(layered.layers, [0, 1, 11], x, repeats=3)[1] > 1

@@ -89,6 +89,14 @@ def run_training(cfg: Config, *, out: TextIO | None = None,
     `on_finish(blocks)` receives this process's trained blocks, by stage index; `out` defaults to sys.stdout.
     """
     out = sys.stdout if out is None else out
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, out, on_finish)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting: a library call leaves no global change behind
+
+
+def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], None] | None) -> Summary | None:
     if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
         from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
 

@@ -1,7 +1,8 @@
-"""Bad arguments to ppll_ext.deepspeed raise ConfigError on every rank (run with deepspeed --num_gpus 2).
+"""Bad arguments to ppll_ext.deepspeed raise ConfigError on every rank (run with deepspeed --num_gpus 2), and a NaN
+local loss with the default on_nan="error" raises a PipelineError naming the stage and the step.
 
-Rank 0 prints one `ok <case>: <message>` line per case that raised ConfigError, `FAIL <case>` otherwise; a rank
-on which some case did not raise exits with status 1.
+Rank 0 prints one `ok <case>: <message>` line per case that raised as expected (for the NaN case every rank prints
+its own line), `FAIL <case>` otherwise; a rank on which some case did not raise exits with status 1.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ppll_ext.deepspeed import LocalPipelineModule, PipeDataParallelTopology, initialize
-from ppll_ext.errors import ConfigError
+from ppll_ext.errors import ConfigError, PipelineError
 
 
 def main() -> None:
@@ -50,15 +51,22 @@ def main() -> None:
         "ZeRO": lambda: initialize(model=module()(), config={**config, "zero_optimization": {"stage": 1}}),
         "fp16": lambda: initialize(model=module()(), config={**config, "fp16": {"enabled": True}}),
     }
+    def nan_loss() -> None:
+        """Two good steps, then a batch whose labels (all ignore_index) make every stage's loss NaN."""
+        engine, *_ = initialize(model=module(aux_heads="auto")(), config=config)
+        for step in range(3):
+            y = torch.tensor([0, 1]) if step < 2 else torch.tensor([-100, -100])
+            engine.train_batch(iter([(torch.randn(2, 4), y)]) if engine.is_first_stage() else None)
+
     failed = False
-    for name, fn in cases.items():
+    for name, fn in [*cases.items(), ("nan loss", nan_loss)]:
         try:
             fn()
-        except ConfigError as exc:
+        except (PipelineError if name == "nan loss" else ConfigError) as exc:
             line = f"ok {name}: {exc}"
         else:
             line, failed = f"FAIL {name}", True
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0 or name == "nan loss":
             print(line, flush=True)
     dist.barrier()
     dist.destroy_process_group()
