@@ -123,7 +123,7 @@ def test_schedule_never_moves_gradients_and_steps_once() -> None:
         assert cmds.count(schedule.SendActivation) == (0 if stage == stages - 1 else 4)
     handled = set(LocalPipelineEngine._INSTRUCTION_MAP)
     assert {schedule.SendGrad, schedule.RecvGrad, schedule.BackwardPass, schedule.ReduceTiedGrads}.isdisjoint(handled)
-    assert LocalPipelineEngine._INSTRUCTION_MAP[schedule.ForwardPass] is LocalPipelineEngine._exec_forward_pass
+    assert LocalPipelineEngine._INSTRUCTION_MAP[schedule.ForwardPass] is LocalPipelineEngine._local_forward
     # a replica with no batch in an epoch's last step only joins the reduce and the step
     idle = list(LocalTrainSchedule(micro_batches=0, stages=2, stage_id=1))
     assert [[type(c) for c in step] for step in idle] == [[schedule.ReduceGrads, schedule.OptimizerStep]]

@@ -1,12 +1,13 @@
 """Every use of DeepSpeed's private or undocumented pipeline API, in one place.
 
 The adapter relies on these names of DeepSpeed 0.19 (tested: 0.19.8; pyproject.toml admits >=0.19,<0.20):
-`PipelineModule._partition_layers` / `_set_bounds` / `parts` / `_layer_specs` / `_local_start` /
-`_local_stop` / `forward_funcs` / `tied_modules` / `tied_comms` / `_grid._topo`, `PipelineEngine.
+`PipelineModule._partition_layers` / `_build` / `_set_bounds` / `_num_layers` / `parts` / `_layer_specs` /
+`_local_start` / `_local_stop` / `forward_funcs` / `tied_modules` / `tied_comms` / `_grid`, `PipelineEngine.
 _INSTRUCTION_MAP` / `_exec_schedule` / `_exec_reduce_grads` / `_exec_optimizer_step` / `_next_batch` /
-`pipe_buffers` / `_reentrant_activation_checkpointing`, `BF16_Optimizer.mpu`, `deepspeed.set_optimizer_flags`
-and `deepspeed.zero.partition_parameters.shutdown_init_context` / `restore_init_context`. A DeepSpeed release
-that moves one of them breaks only this file (and tests/test_deepspeed.py says so).
+`pipe_buffers` / `tput_timer` / `_reentrant_activation_checkpointing` / `_configure_python_gc`,
+`BF16_Optimizer.mpu`, `deepspeed.set_optimizer_flags` and `deepspeed.zero.partition_parameters.
+shutdown_init_context` / `restore_init_context`. A DeepSpeed release that moves one of them breaks only this file
+(and tests/test_deepspeed.py says so).
 """
 
 from __future__ import annotations
@@ -57,10 +58,27 @@ def check_version() -> None:
                     deepspeed.__version__, ".".join(map(str, TESTED[0])), ".".join(map(str, TESTED[1])))
 
 
-def set_stage_bounds(module: PipelineModule, parts: list[int]) -> None:
-    """Give `module` explicit stage start layers (DeepSpeed's partition methods cannot express them)."""
-    module.parts = parts
-    module._set_bounds(start=parts[module.stage_id], stop=parts[module.stage_id + 1])
+class PipelineModuleHooks(PipelineModule):
+    """A PipelineModule whose private build steps call two public hooks a subclass overrides."""
+
+    def _partition_layers(self, method: str = "parameters") -> None:
+        parts = self.explicit_partition(method, self._num_layers)
+        if parts is None:
+            super()._partition_layers(method)
+            return
+        self.parts = parts
+        self._set_bounds(start=parts[self.stage_id], stop=parts[self.stage_id + 1])
+
+    def _build(self) -> None:
+        super()._build()
+        self.after_build()
+
+    def explicit_partition(self, method: str, num_layers: int) -> list[int] | None:
+        """Stage start layers (K+1 entries) for `method`, or None to use DeepSpeed's own partitioning."""
+        return None
+
+    def after_build(self) -> None:
+        """Called once this rank's layers are built."""
 
 
 def dry_layers(module: PipelineModule, all_layers: bool) -> list[Callable]:
@@ -124,6 +142,21 @@ def stock_reduce_grads(engine: PipelineEngine) -> None:
 def stock_optimizer_step(engine: PipelineEngine) -> None:
     """Clip, step, zero the gradients, advance the LR schedule and global_steps (DeepSpeed's own OptimizerStep)."""
     PipelineEngine._exec_optimizer_step(engine)
+
+
+def buffer(engine: PipelineEngine, name: str, buffer_id: int) -> Any:
+    """A pipeline buffer slot ("inputs", "labels" or "outputs") of the engine's schedule."""
+    return engine.pipe_buffers[name][buffer_id]
+
+
+def set_buffer(engine: PipelineEngine, name: str, buffer_id: int, value: Any) -> None:
+    """Fill (or, with None, release) a pipeline buffer slot."""
+    engine.pipe_buffers[name][buffer_id] = value
+
+
+def start_throughput_timer(engine: PipelineEngine) -> None:
+    """DeepSpeed's samples/s timer starts at a micro-batch's forward pass."""
+    engine.tput_timer.start()
 
 
 def next_batch(engine: PipelineEngine) -> Any:

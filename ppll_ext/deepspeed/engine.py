@@ -257,39 +257,41 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             x = x.detach().requires_grad_(True)
         return x
 
-    def _exec_load_micro_batch(self, buffer_id: int) -> None:
+    def _local_load(self, buffer_id: int) -> None:
         x, y = self._load()
-        self.pipe_buffers["inputs"][buffer_id], self.pipe_buffers["labels"][buffer_id] = self._stage_input(x), y
+        _ds.set_buffer(self, "inputs", buffer_id, self._stage_input(x))
+        _ds.set_buffer(self, "labels", buffer_id, y)
 
-    def _exec_recv_activations(self, buffer_id: int) -> None:
+    def _local_recv(self, buffer_id: int) -> None:
         x, y = self._receive(Kind.TRAIN, self._micro)
-        self.pipe_buffers["inputs"][buffer_id], self.pipe_buffers["labels"][buffer_id] = self._stage_input(x), y
+        _ds.set_buffer(self, "inputs", buffer_id, self._stage_input(x))
+        _ds.set_buffer(self, "labels", buffer_id, y)
 
-    def _exec_forward_pass(self, buffer_id: int) -> None:
-        self.tput_timer.start()
-        outputs = self.block(self.pipe_buffers["inputs"][buffer_id])
+    def _local_forward(self, buffer_id: int) -> None:
+        _ds.start_throughput_timer(self)
+        outputs = self.block(_ds.buffer(self, "inputs", buffer_id))
         if not torch.is_tensor(outputs):
             raise PipelineError(f"stage {self.stage_id} returned a {type(outputs).__name__}; PPLL stages pass one "
                                 f"tensor on (the labels travel beside it)")
-        self.pipe_buffers["inputs"][buffer_id] = None
-        self.pipe_buffers["outputs"][buffer_id] = outputs
+        _ds.set_buffer(self, "inputs", buffer_id, None)
+        _ds.set_buffer(self, "outputs", buffer_id, outputs)
 
-    def _exec_send_activations(self, buffer_id: int) -> None:
-        out = self.pipe_buffers["outputs"][buffer_id].detach().contiguous()
+    def _local_send(self, buffer_id: int) -> None:
+        out = _ds.buffer(self, "outputs", buffer_id).detach().contiguous()
         began = time.perf_counter()
-        self._sender.send(Msg(Kind.TRAIN, out, self.pipe_buffers["labels"][buffer_id], self._micro))
+        self._sender.send(Msg(Kind.TRAIN, out, _ds.buffer(self, "labels", buffer_id), self._micro))
         self.wait_out_s += time.perf_counter() - began
 
-    def _exec_local_backward(self, buffer_id: int) -> None:
-        h, y = self.pipe_buffers["outputs"][buffer_id], self.pipe_buffers["labels"][buffer_id]
+    def _local_backward(self, buffer_id: int) -> None:
+        h, y = _ds.buffer(self, "outputs", buffer_id), _ds.buffer(self, "labels", buffer_id)
         value = self.block.backward(self.block.local_loss(h, y), self._micro)
         if math.isfinite(value):
             self._loss_sum += value
             self._losses += 1
-        self.pipe_buffers["outputs"][buffer_id] = None
-        self.pipe_buffers["labels"][buffer_id] = None
+        _ds.set_buffer(self, "outputs", buffer_id, None)
+        _ds.set_buffer(self, "labels", buffer_id, None)
 
-    def _exec_reduce_grads(self) -> None:
+    def _local_reduce(self) -> None:
         """All replicas of a stage skip together (one saw a non-finite loss), then reduce as DeepSpeed does."""
         if self.is_data_parallel and self.block.on_nan == "skip":
             flag = torch.tensor(float(self.block.will_skip), device=self.device)
@@ -298,17 +300,17 @@ class LocalPipelineEngine(_ds.PipelineEngine):
                 self.block.mark_skip()
         _ds.stock_reduce_grads(self)
 
-    def _exec_optimizer_step(self) -> None:
+    def _local_step(self) -> None:
         self.block.step()
 
     _INSTRUCTION_MAP = _ds.instruction_map({
-        schedule.LoadMicroBatch: _exec_load_micro_batch,
-        schedule.RecvActivation: _exec_recv_activations,
-        schedule.ForwardPass: _exec_forward_pass,
-        schedule.SendActivation: _exec_send_activations,
-        LocalBackwardPass: _exec_local_backward,
-        schedule.ReduceGrads: _exec_reduce_grads,
-        schedule.OptimizerStep: _exec_optimizer_step,
+        schedule.LoadMicroBatch: _local_load,
+        schedule.RecvActivation: _local_recv,
+        schedule.ForwardPass: _local_forward,
+        schedule.SendActivation: _local_send,
+        LocalBackwardPass: _local_backward,
+        schedule.ReduceGrads: _local_reduce,
+        schedule.OptimizerStep: _local_step,
     })
 
 

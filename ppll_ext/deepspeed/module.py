@@ -66,7 +66,7 @@ def _check_aux_heads(aux_heads: str | Sequence[nn.Module], num_stages: int,
     return heads
 
 
-class LocalPipelineModule(_ds.PipelineModule):
+class LocalPipelineModule(_ds.PipelineModuleHooks):
     """A DeepSpeed PipelineModule whose stages also own an auxiliary head and a local loss (PPLL).
 
     Extra arguments beyond PipelineModule's: `aux_heads` (a kind of `ppll_ext.core.AUX_KINDS`, built from a dry
@@ -117,19 +117,18 @@ class LocalPipelineModule(_ds.PipelineModule):
             raise ConfigError(f"tied layers {across} span several stages: their gradients would be all-reduced "
                               f"between stages, which local learning never does; untie them", key="layers")
 
-    def _partition_layers(self, method: str = "parameters") -> None:
-        """DeepSpeed's methods, plus explicit start layers "0,5,9" (ppll_ext's partition format)."""
+    def explicit_partition(self, method: str, num_layers: int) -> list[int] | None:
+        """DeepSpeed's methods (None), or explicit start layers "0,5,9" (ppll_ext's partition format)."""
         if method.lower() in ("uniform", "parameters") or method.lower().startswith("type:"):
-            super()._partition_layers(method)
-            return
+            return None
         if not method.replace(",", "").replace(" ", "").isdigit():
             raise ConfigError(f"partition_method={method!r} is none of uniform, parameters, type:REGEX or start "
                               f"layers like 0,5,9 (e.g. from ppll_ext.core.partition(layers, K, 'profile', ...))",
                               key="partition_method")
-        _ds.set_stage_bounds(self, parse_explicit(method, self._num_layers, self.num_stages))
+        return parse_explicit(method, num_layers, self.num_stages)
 
-    def _build(self) -> None:
-        super()._build()
+    def after_build(self) -> None:
+        """Build this stage's aux head once its layers exist (it is sized by a dry forward through them)."""
         self.aux_head = self._make_aux_head()
         if self.aux_head is not None:
             for p in self.aux_head.parameters():
