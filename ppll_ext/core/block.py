@@ -81,10 +81,14 @@ class TorchUpdater:
             self.scaler.update()
         else:
             optimizer.step()
-        self.skip()
+        self._advance()
 
     def skip(self) -> None:
-        """Clear the gradients and advance the schedule."""
+        """Drop the gradients without an update; the schedule advances all the same."""
+        self._advance()
+
+    def _advance(self) -> None:
+        """Clear the gradients and advance the LR schedule (after every mini-batch, updated or skipped)."""
         self._optimizer().zero_grad(set_to_none=True)
         if self.block.lr_scheduler is not None:
             self.block.lr_scheduler.step()
