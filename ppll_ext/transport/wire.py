@@ -42,11 +42,6 @@ class Msg:
     y: torch.Tensor | None = None
     n_micro: int = 1
 
-    @property
-    def is_data(self) -> bool:
-        """True for messages that carry tensors."""
-        return self.kind in (Kind.TRAIN, Kind.EVAL)
-
 
 def payload_shape(msg: Msg) -> Shape | None:
     """(activation shape, dtype, label count) of a data message; None for control messages."""
