@@ -66,10 +66,11 @@ def ds_cmd(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
 
 def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> dict | None:
     """This rank's stage trained with `method`; rank 0 returns samples/s, busy fractions and peak RSS per rank."""
-    from ppll_ext.deepspeed import LocalPipelineModule, initialize
+    from ppll_ext.deepspeed import LocalPipelineModule, initialize, release_shm_buffer
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = bench_config(model, "processes", world, batch, partition)
     layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)

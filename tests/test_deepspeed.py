@@ -7,7 +7,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -31,10 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import deepspeed_train as script  # noqa: E402
+from procs import kill_tree  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("deepspeed_cpu_ops")
 
 
 def launch(nproc: int, path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus nproc path args` on a free port; the whole process group is killed on timeout."""
+    """`deepspeed --num_gpus nproc path args` on a free port; the whole process tree is killed on timeout."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,10 +48,19 @@ def launch(nproc: int, path: Path, *args: str, timeout: float = 240) -> subproce
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         out, err = proc.communicate()
         pytest.fail(f"deepspeed launcher timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    assert_no_shm_left(port)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def assert_no_shm_left(port: int) -> None:
+    """DeepSpeed's CPU comm op leaves a ~66 MB /dev/shm buffer per rank behind; LocalPipelineModule removes it."""
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for f in left:
+        f.unlink()
+    assert not left, f"shared-memory buffers left behind: {[f.name for f in left]}"
 
 
 def train(nproc: int, out: Path, *args: str) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
@@ -306,9 +317,10 @@ def launch_script(nproc: int, *args: str, timeout: float = 240) -> subprocess.Co
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         out, err = proc.communicate()
         pytest.fail(f"launch/deepspeed.sh timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    assert_no_shm_left(port)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

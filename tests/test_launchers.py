@@ -9,15 +9,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.epochs=2", "--set", "train.progress=false", "--set", "data.train_subset=640"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a launcher to completion; on timeout every process below it is killed and the test fails."""
     full = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full,
-                          start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[0]} timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def assert_trained(res: subprocess.CompletedProcess, stages: int, runtime: str = "processes") -> None:
@@ -36,6 +45,7 @@ def test_accelerate_launch_cpu_2proc() -> None:
     assert_trained(run(["launch/accelerate.sh", *TINY, "--set", "local.stages=2"]), 2)
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops")
 def test_accelerate_launch_deepspeed_on_cpu() -> None:
     """distributed_type DEEPSPEED: ACCELERATE_USE_DEEPSPEED selects the DeepSpeed adapter, with the ds_config file
     that the Accelerate config names."""

@@ -411,6 +411,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, tmp_pa
         assert torch.equal(got[key], value), key
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops")
 @pytest.mark.parametrize("dead", [0, 1, 2])
 def test_sigkill_any_stage_under_the_deepspeed_launcher(dead: int) -> None:
     """The DeepSpeed adapter's stages talk over the same links: the stage upstream of the dead one fails while

@@ -13,6 +13,7 @@ import faults
 import pytest
 import torch
 from equivalence_cases import DEPTHS, VARIANTS, case_config
+from procs import kill_tree
 from safetensors.torch import load_file
 
 from ppll_ext.errors import PipelineError
@@ -111,7 +112,7 @@ def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, 9)
+            kill_tree(proc)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 60 + 30, elapsed  # 60 s for the failure, plus process start-up

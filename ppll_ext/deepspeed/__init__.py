@@ -13,10 +13,14 @@ own loss through itself only, and after its micro-batches all-reduces gradients 
 `LocalBlock`, the code the native engine runs. Activations travel over `ppll_ext.transport` links (a small
 header per message, so batch sizes may vary) on a process group of their own, so no stage ever waits for a later
 one. Tested with DeepSpeed 0.19 (see `_ds.TESTED`).
+
+On the CPU, DeepSpeed's comm op leaves a ~66 MB /dev/shm file per rank behind after every run; LocalPipelineModule
+removes it once all ranks have mapped it, and `release_shm_buffer()` does the same for scripts that build only a
+stock PipelineModule.
 """
 
 from ppll_ext.core import build_stage_aux_head
-from ppll_ext.deepspeed._ds import LayerSpec, PipeDataParallelTopology
+from ppll_ext.deepspeed._ds import LayerSpec, PipeDataParallelTopology, release_shm_buffer
 from ppll_ext.deepspeed.engine import (
     DeepSpeedUpdater,
     LocalBackwardPass,
@@ -36,4 +40,5 @@ __all__ = [
     "PipeDataParallelTopology",
     "build_stage_aux_head",
     "initialize",
+    "release_shm_buffer",
 ]

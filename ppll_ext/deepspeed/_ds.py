@@ -6,19 +6,24 @@ The adapter relies on these names of DeepSpeed 0.19 (tested: 0.19.8; pyproject.t
 _INSTRUCTION_MAP` / `_exec_schedule` / `_exec_reduce_grads` / `_exec_optimizer_step` / `_next_batch` /
 `pipe_buffers` / `tput_timer` / `_reentrant_activation_checkpointing` / `_configure_python_gc`,
 `BF16_Optimizer.mpu`, `deepspeed.set_optimizer_flags` and `deepspeed.zero.partition_parameters.
-shutdown_init_context` / `restore_init_context`. A DeepSpeed release that moves one of them breaks only this file
+shutdown_init_context` / `restore_init_context`, `deepspeed.comm.comm.cdb.shm_comm_op` and the name of the CPU
+comm op's shared-memory buffer. A DeepSpeed release that moves one of them breaks only this file
 (and tests/test_deepspeed.py says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import deepspeed
+import deepspeed.comm
 import torch
+import torch.distributed as dist
 from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -48,6 +53,31 @@ __all__ = [
     "load_ds_config",
     "schedule",
 ]
+
+
+SHM_BUFFER = "deepspeed_allreduce_buffer"
+"""Prefix of the /dev/shm file (about 66 MB per rank) that DeepSpeed's CPU comm op creates and never removes."""
+_shm_released = False
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's CPU all-reduce buffer from /dev/shm once every rank has mapped it (a world barrier).
+
+    DeepSpeed's shared-memory comm op (CPU accelerator) creates `deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK` at
+    `init_distributed` and never unlinks it, so every run leaks ~66 MB of RAM per rank until reboot. The mappings
+    stay valid after the unlink; the memory goes when the last process exits. Collective; a no-op after the first
+    call or when the op is not in use.
+    """
+    global _shm_released
+    backend = getattr(deepspeed.comm.comm, "cdb", None)
+    if _shm_released or getattr(backend, "shm_comm_op", None) is None or not dist.is_initialized():
+        return
+    dist.barrier()
+    name = "_".join((SHM_BUFFER, str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
+    _shm_released = True
 
 
 def check_version() -> None:

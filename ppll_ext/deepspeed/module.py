@@ -104,6 +104,7 @@ class LocalPipelineModule(_ds.PipelineModuleHooks):
         _ds.check_version()
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed()
+        _ds.release_shm_buffer()
         layers = list(layers)
         stages = _pipe_stages(num_stages, topology, len(layers))
         self.on_nan = on_nan

@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from ppll_ext.config import ModelConfig
-from ppll_ext.deepspeed import LocalPipelineModule, build_stage_aux_head, initialize
+from ppll_ext.deepspeed import LocalPipelineModule, build_stage_aux_head, initialize, release_shm_buffer
 from ppll_ext.models import build_model
 
 LR, BETAS, EPS, WEIGHT_DECAY, WARMUP = 3e-3, (0.9, 0.999), 1e-8, 0.01, 8
@@ -118,6 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     deepspeed.init_distributed()
+    release_shm_buffer()
     rank = dist.get_rank()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
