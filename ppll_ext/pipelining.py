@@ -20,20 +20,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import schedules
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
-from ppll_ext.runtime.base import split_micro
 from ppll_ext.runtime.stage import StageWorker
 from ppll_ext.transport import Kind, Msg, open_links
 
-__all__ = ["SchedulePPLL"]
+__all__ = ["SchedulePPLL", "get_schedule_class"]
 
 TESTED = ((2, 13), (2, 15))
 """torch releases SchedulePPLL is tested with: at least the first, below the second."""
@@ -49,19 +50,32 @@ def _check_torch_version() -> None:
 
 
 class _SingleOutput(nn.Module):
-    """Unwraps a one-element tuple output (as graph-split stages return) to the tensor sent downstream."""
+    """Unwraps a one-element tuple output (as graph-split stages return) to the tensor sent downstream; passes the
+    first stage's keyword inputs of the current micro-batch (`extra`) to the stage module."""
 
     def __init__(self, submod: nn.Module) -> None:
         super().__init__()
         self.submod = submod
+        self.extra: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.submod(x)
+        out = self.submod(x, **self.extra)
         if isinstance(out, (tuple, list)):
             if len(out) != 1:
                 raise PipelineError(f"stage output has {len(out)} tensors; SchedulePPLL sends one tensor per stage")
             out = out[0]
         return out
+
+
+class _LossWithKwargs:
+    """The user's loss_fn, called with the `loss_kwargs` of the current step (torch's step(loss_kwargs=...))."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+        self.kwargs: dict[str, Any] = {}
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, target, **self.kwargs)
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> None:
@@ -73,8 +87,21 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Mod
                               f"(e.g. {missing[0]!r}); build it over stage_mod.parameters() and aux_head.parameters()")
 
 
+def _micro_list(value: Any, name: str, m: int) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list with one entry per micro-batch, got {type(value).__name__}")
+    if len(value) != m:
+        raise ConfigError(f"{name} has {len(value)} entries but n_microbatches={m}; give one per micro-batch")
+    return value
+
+
 class SchedulePPLL(PipelineScheduleSingle):
-    """One stage of a local-learning pipeline (one stage per rank), streaming with no flush between steps."""
+    """One stage of a local-learning pipeline (one stage per rank), streaming with no flush between steps.
+
+    Every stage trains on its own loss, so the targets enter at the first stage (`step(x, target=y)`) and travel
+    with the activations, keeping their shape and dtype. `aux_head`, `optimizer` and `lr_scheduler` may be given
+    here or set as attributes before the first `step`.
+    """
 
     def __init__(
         self,
@@ -83,26 +110,28 @@ class SchedulePPLL(PipelineScheduleSingle):
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         *,
         aux_head: nn.Module | None = None,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         scale_grads: bool = True,
         queue_depth: int = 2,
         timeout_s: float = 300.0,
     ) -> None:
         _check_torch_version()
+        if isinstance(stage, (list, tuple)):
+            raise ConfigError(f"SchedulePPLL runs one stage per rank, got a list of {len(stage)} stages: start as "
+                              f"many ranks as stages and give each rank its own PipelineStage(stage_index=rank); "
+                              f"several stages per rank (interleaved schedules) do not apply to local learning")
         super().__init__(stage, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
         if loss_fn is None:
             raise ConfigError("SchedulePPLL needs loss_fn: every stage trains on its own loss")
         if stage.is_last and aux_head is not None:
             raise ConfigError(f"stage {stage.stage_index} is the last stage: pass aux_head=None "
                               f"(its own output is the model's prediction)")
-        if not stage.is_last and aux_head is None:
-            raise ConfigError(f"stage {stage.stage_index} of {stage.num_stages} needs an aux_head (a module mapping "
-                              f"its output to class scores), e.g. ppll_ext.core.build_aux_head('conv', out, classes)")
-        modules = {"stage module": stage.submod, **({"aux head": aux_head} if aux_head is not None else {})}
-        _check_optimizer(optimizer, modules)
-        self.block = LocalBlock(_SingleOutput(stage.submod), aux_head, loss_fn, index=stage.stage_index,
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, scale_grads=scale_grads)
+        self._loss = _LossWithKwargs(loss_fn)
+        self._body = _SingleOutput(stage.submod)
+        self.block = LocalBlock(self._body, aux_head, self._loss, index=stage.stage_index, optimizer=optimizer,
+                                lr_scheduler=lr_scheduler, scale_grads=scale_grads)
+        self._checked = False
         group = stage.group if stage.group is not None else dist.group.WORLD
         ranks = [dist.get_global_rank(group, i) for i in range(stage.num_stages)]
         device = torch.device(stage.device)
@@ -111,47 +140,174 @@ class SchedulePPLL(PipelineScheduleSingle):
         self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device)
         self._group, self._ranks = group, ranks
 
-    def step(self, *args, target: torch.Tensor | None = None, losses: list | None = None, **kwargs) -> None:
-        """Train this stage on one mini-batch (first stage: `step(x, target=y)`); returns without waiting
-        for later stages. `losses` is extended with this stage's per-micro-batch losses."""
-        index = self._stage.stage_index
-        arg_mbs = target_mbs = None
-        if self._stage.is_first:
-            if len(args) != 1 or kwargs or target is None:
-                raise ConfigError("the first stage takes step(x, target=y): one input tensor and its labels")
-            if args[0].shape[0] % self._n_microbatches:
-                raise ConfigError(f"batch size {args[0].shape[0]} is not divisible by n_microbatches="
-                                  f"{self._n_microbatches}; use a multiple of it")
-            micro = split_micro(args[0], target, self._n_microbatches)
-            arg_mbs, target_mbs = [(xm,) for xm, _ in micro], [ym for _, ym in micro]
-        elif args or kwargs:
-            raise ConfigError(f"stage {index} receives its input from the previous stage; call step() without "
-                              f"inputs (losses= and, on the last stage, target= are allowed)")
-        elif target is not None:
-            target_mbs = [target]
-        self._step_microbatches(arg_mbs, None, target_mbs, losses)
+    @property
+    def aux_head(self) -> nn.Module | None:
+        """This stage's auxiliary head (None on the last stage); settable before the first step."""
+        return self.block.aux
 
-    def _step_microbatches(self, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None, *args, **kwargs):
-        """Run one mini-batch given as micro-batches: first stage from `arg_mbs`/`target_mbs`, later stages
-        from their input link (a `target_mbs` given there must equal the labels that arrived)."""
+    @aux_head.setter
+    def aux_head(self, head: nn.Module | None) -> None:
+        self._before_first_step("aux_head")
+        if self._stage.is_last and head is not None:
+            raise ConfigError(f"stage {self._stage.stage_index} is the last stage: it takes no aux_head")
+        self.block.aux = head
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer over this stage's module and aux head, stepped by the schedule; settable before the first
+        step (trainers that build optimizers after the schedule)."""
+        return self.block.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self._before_first_step("optimizer")
+        self.block.optimizer = optimizer
+
+    @property
+    def lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The LR schedule advanced after each of this stage's optimizer steps; settable before the first step."""
+        return self.block.lr_scheduler
+
+    @lr_scheduler.setter
+    def lr_scheduler(self, scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+        self._before_first_step("lr_scheduler")
+        self.block.lr_scheduler = scheduler
+
+    def _before_first_step(self, name: str) -> None:
+        if self._checked:
+            raise ConfigError(f"set {name} before the first step(); this stage has already trained with the old one")
+
+    def _check_ready(self) -> None:
+        """A non-last stage needs its aux head, every training stage its optimizer (checked at the first step)."""
+        if self._checked:
+            return
+        index, k = self._stage.stage_index, self._stage.num_stages
+        if not self._stage.is_last and self.block.aux is None:
+            raise ConfigError(f"stage {index} of {k} needs an aux head for its local loss: pass aux_head= or set "
+                              f"schedule.aux_head before the first step, e.g. ppll_ext.core.build_aux_head(...)")
+        if self.block.optimizer is None:
+            raise ConfigError(f"stage {index} of {k} has no optimizer: pass optimizer= or set schedule.optimizer "
+                              f"before the first step (over the stage module's and the aux head's parameters)")
+        modules = {"stage module": self._stage.submod, **({"aux head": self.block.aux} if self.block.aux else {})}
+        _check_optimizer(self.block.optimizer, modules)
+        self._checked = True
+
+    def step(self, *args: Any, target: Any = None, losses: list | None = None, return_outputs: bool = True,
+             loss_kwargs: dict[str, Any] | None = None, arg_mbs: Any = None, kwarg_mbs: Any = None,
+             target_mbs: Any = None, **kwargs: Any) -> torch.Tensor | None:
+        """Train this stage on one mini-batch (first stage: `step(x, target=y)`, or pre-split `arg_mbs=`/
+        `target_mbs=`); returns without waiting for later stages. `losses` is extended with this stage's
+        per-micro-batch losses; the last stage returns its merged output (None elsewhere or with
+        return_outputs=False). Under torch's `eval()` (no backward) the pass is forward-only."""
+        training = self._has_backward
+        if training and not torch.is_grad_enabled():
+            raise ConfigError("step() trains and needs gradients: call it outside torch.no_grad(), or use eval()")
+        if training:
+            self._check_ready()
+        arg_mbs, kwarg_mbs, target_mbs = self._micro_batches(args, kwargs, target, arg_mbs, kwarg_mbs, target_mbs)
+        self._loss.kwargs = dict(loss_kwargs or {})
+        outputs = self._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs,
+                                          training=training)
+        if self._stage.is_last and return_outputs and outputs:
+            return torch.cat(outputs)
+        return None
+
+    def _micro_batches(self, args: tuple, kwargs: dict, target: Any, arg_mbs: Any, kwarg_mbs: Any,
+                       target_mbs: Any) -> tuple[list | None, list | None, list | None]:
+        """Validate and split this stage's inputs the way torch's step() takes them (whole batch or pre-split)."""
+        index, m = self._stage.stage_index, self._n_microbatches
+        if (args or kwargs) and (arg_mbs is not None or kwarg_mbs is not None):
+            raise ConfigError("pass either whole-batch inputs (step(x, ...)) or pre-split arg_mbs=/kwarg_mbs=, "
+                              "not both")
+        if target is not None and target_mbs is not None:
+            raise ConfigError("pass either target= (whole batch) or target_mbs= (pre-split), not both")
+        if target_mbs is not None:
+            target_mbs = _micro_list(target_mbs, "target_mbs", m)
+        if not self._stage.is_first:
+            if args or kwargs or arg_mbs is not None or kwarg_mbs is not None:
+                raise ConfigError(f"stage {index} receives its input from the previous stage; call step() without "
+                                  f"inputs (losses= and, on the last stage, target= are allowed)")
+            if target is not None:
+                target_mbs = [target]
+            return None, None, target_mbs
+        if target is None and target_mbs is None:
+            raise ConfigError("the first stage needs the targets: every stage's local loss uses them, so they enter "
+                              "the pipeline at the first stage; call step(x, target=y) there")
+        if arg_mbs is not None:
+            arg_mbs = _micro_list(arg_mbs, "arg_mbs", m)
+            kwarg_mbs = _micro_list(kwarg_mbs, "kwarg_mbs", m) if kwarg_mbs is not None else [{}] * m
+            if target_mbs is None:
+                target_mbs = list(target.tensor_split(m))
+            if any(len(a) != 1 for a in arg_mbs):
+                raise ConfigError("each arg_mbs entry must hold one input tensor (keyword inputs go in kwarg_mbs)")
+            return [a[0] for a in arg_mbs], kwarg_mbs, target_mbs
+        if len(args) != 1:
+            raise ConfigError(f"the first stage takes step(x, target=y): one input tensor, got {len(args)}")
+        x = args[0]
+        if x.shape[0] % m:
+            raise ConfigError(f"batch size {x.shape[0]} is not divisible by n_microbatches={m}; use a multiple of it")
+        n = min(m, x.shape[0])
+        xs = list(x.tensor_split(n))
+        kws = [{k: (v.tensor_split(n)[i] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+               for i in range(n)]
+        if target_mbs is None:
+            target_mbs = list(target.tensor_split(n))
+        elif len(target_mbs) != n:
+            raise ConfigError(f"target_mbs has {len(target_mbs)} entries for {n} micro-batches")
+        return xs, kws, target_mbs
+
+    def _step_microbatches(self, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None, return_outputs=True,
+                           *args, training: bool = True, **kwargs) -> list[torch.Tensor]:
+        """Run one mini-batch given as micro-batches: first stage from `arg_mbs`/`target_mbs`, later stages from
+        their input link (a `target_mbs` given there must equal the targets that arrived). Returns this stage's
+        outputs per micro-batch when `return_outputs`."""
         index = self._stage.stage_index
         device = self._worker.device
+        kind = Kind.TRAIN if training else Kind.EVAL
         if self._stage.is_first:
-            messages = [Msg(Kind.TRAIN, a[0].to(device), t.to(device), len(arg_mbs))
-                        for a, t in zip(arg_mbs, target_mbs, strict=True)]
+            messages = [Msg(kind, x.to(device), t.to(device), len(arg_mbs))
+                        for x, t in zip(arg_mbs, target_mbs, strict=True)]
         else:
             first = next(self._inbox)
             messages = [first, *(next(self._inbox) for _ in range(first.n_micro - 1))]
-            if any(m.kind is not Kind.TRAIN for m in messages):
-                raise PipelineError(f"stage {index}: expected training micro-batches from stage {index - 1}")
-            if target_mbs is not None and not torch.equal(torch.cat([m.y for m in messages]).cpu(),
-                                                          torch.cat(list(target_mbs)).cpu()):
-                raise PipelineError(f"stage {index}: target= differs from the labels that arrived with the "
-                                    f"activations; feed every rank the same data order")
-        for msg in messages:
-            self._worker.handle(msg)
+            if any(msg.kind is not kind for msg in messages):
+                what = "training" if training else "evaluation"
+                raise PipelineError(f"stage {index}: expected {what} micro-batches from stage {index - 1}; call "
+                                    f"step() or eval() in the same order on every rank")
+            if target_mbs is not None:
+                given = target_mbs[0] if len(target_mbs) == 1 else torch.cat(list(target_mbs))
+                arrived = torch.cat([msg.y for msg in messages])
+                if given.shape != arrived.shape or not torch.equal(given.to(arrived.device), arrived):
+                    raise PipelineError(f"stage {index}: target= differs from the targets that arrived with the "
+                                        f"activations; feed every rank the same data order")
+        outputs: list[torch.Tensor] = []
+        for i, msg in enumerate(messages):
+            self._body.extra = kwarg_mbs[i] if kwarg_mbs else {}
+            try:
+                out, loss = self._train(msg) if training else self._evaluate(msg)
+            finally:
+                self._body.extra = {}
             if losses is not None:
-                losses.append(self._worker.last_loss)
+                losses.append(loss)
+            if return_outputs and self._stage.is_last:
+                outputs.append(out)
+        return outputs
+
+    def _train(self, msg: Msg) -> tuple[torch.Tensor, torch.Tensor]:
+        self._worker.handle(msg)
+        return self._worker.last_output, self._worker.last_loss
+
+    def _evaluate(self, msg: Msg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only: eval mode (BatchNorm statistics untouched), no gradients, output sent on."""
+        was_training = self.block.training
+        self.block.eval()
+        try:
+            h, _, _, loss_sum = self.block.eval_step(msg.x, msg.y)
+        finally:
+            self.block.train(was_training)
+        if self._sender is not None:
+            self._sender.send(Msg(Kind.EVAL, h.contiguous(), msg.y, msg.n_micro))
+        return h, torch.tensor(loss_sum / max(1, len(msg.y)))
 
     def flush(self) -> None:
         """Block until everything this stage sent has been received downstream."""
@@ -201,3 +357,18 @@ class SchedulePPLL(PipelineScheduleSingle):
                                                                  f"{self._stage.stage_index})")
         self.block.body.load_state_dict(body)
         ckpt.load_stage(folder, self.block, same_cut=True)
+
+
+_torch_get_schedule_class = schedules.get_schedule_class
+
+
+def get_schedule_class(schedule_name: str) -> type:
+    """torch's `get_schedule_class`, which also knows "PPLL" (case-insensitive) -> SchedulePPLL."""
+    if schedule_name.lower() == "ppll":
+        return SchedulePPLL
+    return _torch_get_schedule_class(schedule_name)
+
+
+schedules.get_schedule_class = get_schedule_class
+"""Importing ppll_ext.pipelining makes config-driven trainers (torchtitan's `pipeline_parallel_schedule = "PPLL"`)
+find the schedule by name; import it before the trainer imports `get_schedule_class`."""

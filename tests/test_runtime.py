@@ -80,11 +80,15 @@ def test_processes_equal_sequential(stages: int, tmp_path: Path) -> None:
             assert_same(reference(variant, stages), got, f"processes {variant} K={stages} depth={depth}")
 
 
-def test_header_round_trip() -> None:
+def test_header_round_trip_keeps_target_shape_and_dtype() -> None:
     x = torch.randn(3, 5, 7).to(torch.bfloat16)
-    kind, n_micro, shape, resent = decode_header(encode_header(Msg(Kind.TRAIN, x, torch.arange(3), 4), True))
-    assert (kind, n_micro, shape, resent) == (Kind.TRAIN, 4, ((3, 5, 7), torch.bfloat16, 3), True)
+    for y in (torch.arange(3), torch.randint(0, 50, (3, 5)), torch.rand(3, 10), torch.rand(3, 5, 50).half()):
+        kind, n_micro, shape, resent = decode_header(encode_header(Msg(Kind.TRAIN, x, y, 4), True))
+        assert (kind, n_micro, shape, resent) == (Kind.TRAIN, 4, (((3, 5, 7), torch.bfloat16),
+                                                                  (tuple(y.shape), y.dtype)), True)
     assert decode_header(encode_header(Msg(Kind.EPOCH_END))) == (Kind.EPOCH_END, 1, None, False)
+    with pytest.raises(PipelineError, match="targets of dtype torch.complex64 cannot be sent"):
+        encode_header(Msg(Kind.TRAIN, x, torch.zeros(3, dtype=torch.complex64)))
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -100,6 +100,22 @@ class TorchUpdater:
         return self.block.optimizer
 
 
+def count_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(correct, predictions) of scores against targets of any shape: class labels (N,) against (N, C), token ids
+    (N, T) against (N, T, V) (or (N, V, T)), soft targets against scores of their own shape (argmax of each)."""
+    if y.is_floating_point():
+        if logits.shape != y.shape:
+            return 0, 0
+        return int((logits.argmax(-1) == y.argmax(-1)).sum()), y[..., 0].numel()
+    if logits.dim() != y.dim() + 1:
+        return 0, 0
+    if logits.shape[:-1] == y.shape:
+        return int((logits.argmax(-1) == y).sum()), y.numel()
+    if logits.shape[:1] + logits.shape[2:] == y.shape:
+        return int((logits.argmax(1) == y).sum()), y.numel()
+    return 0, 0
+
+
 class LocalBlock(nn.Module):
     """body (+ aux head unless last) trained on its own loss with its own optimizer."""
 
@@ -216,12 +232,13 @@ class LocalBlock(nn.Module):
         return out, loss.detach()
 
     @torch.no_grad()
-    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, float]:
-        """Evaluate one batch: (output for the next stage, correct predictions, summed loss of this block)."""
+    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, int, float]:
+        """Evaluate one batch: (output for the next stage, correct predictions, predictions made, summed loss of
+        this block over the batch's samples)."""
         h = self(x)
         logits = self.logits(h).float()
-        correct = int((logits.argmax(dim=1) == y).sum())
-        return h, correct, float(self.loss_fn(logits, y)) * len(y)
+        correct, units = count_correct(logits, y)
+        return h, correct, units, float(self.loss_fn(logits, y)) * len(y)
 
     def check_finite(self, loss: float) -> None:
         """PipelineError naming the stage and step when a loss is NaN or infinite (unless on_nan="skip")."""

@@ -87,18 +87,21 @@ class EpochStats:
 
 @dataclass
 class EvalCounts:
-    """One stage's evaluation tally: correct predictions of its classifier and summed loss."""
+    """One stage's evaluation tally: correct predictions of its classifier (out of `predictions`: one per sample
+    for class labels, one per token for token targets) and summed loss."""
 
     index: int
     correct: int = 0
     loss: float = 0.0
     samples: int = 0
+    predictions: int = 0
 
-    def add(self, correct: int, loss_sum: float, n: int) -> None:
+    def add(self, correct: int, loss_sum: float, n: int, predictions: int) -> None:
         """Count one evaluated batch of `n` samples."""
         self.correct += correct
         self.loss += loss_sum
         self.samples += n
+        self.predictions += predictions
 
 
 @dataclass
@@ -116,9 +119,9 @@ def eval_result(counts: Iterable[EvalCounts]) -> EvalResult:
     per_stage: dict[int, EvalCounts] = {}
     for c in counts:
         total = per_stage.setdefault(c.index, EvalCounts(c.index))
-        total.add(c.correct, c.loss, c.samples)
+        total.add(c.correct, c.loss, c.samples, c.predictions)
     ordered = [per_stage[k] for k in sorted(per_stage)]
-    acc = [c.correct / max(1, c.samples) for c in ordered]
+    acc = [c.correct / max(1, c.predictions) for c in ordered]
     last = ordered[-1]
     return EvalResult(acc[-1], last.loss / max(1, last.samples), acc[:-1], last.samples)
 

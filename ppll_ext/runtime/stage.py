@@ -35,6 +35,7 @@ class StageWorker:
         self.stats = StageStats(block.index)
         self.counts = EvalCounts(block.index)
         self.last_loss: torch.Tensor | None = None
+        self.last_output: torch.Tensor | None = None
         self.tracer = trace.current()
         self.tracer.bind(block.index)
         self._train_step = self.tracer.train_step(block)
@@ -54,10 +55,10 @@ class StageWorker:
         report: Report | None = None
         if msg.kind is Kind.TRAIN:
             x, y = msg.x.to(self.device, non_blocking=True), msg.y.to(self.device, non_blocking=True)
-            _, loss = self._train_step(
+            out, loss = self._train_step(
                 x, y, msg.n_micro, on_output=lambda out: self._emit(Msg(Kind.TRAIN, out, y, msg.n_micro))
             )
-            self.last_loss = loss
+            self.last_loss, self.last_output = loss, out
             self.stats.add_loss(float(loss), len(y))
             self.stats.steps = self.block.steps
         elif msg.kind is Kind.EVAL:
@@ -65,9 +66,9 @@ class StageWorker:
                 self.block.eval()
             x, y = msg.x.to(self.device, non_blocking=True), msg.y.to(self.device, non_blocking=True)
             with self.tracer.span("eval", self.block.index):
-                h, correct, loss = self.block.eval_step(x, y)
+                h, correct, units, loss = self.block.eval_step(x, y)
             self._emit(Msg(Kind.EVAL, h, y))
-            self.counts.add(correct, loss, len(y))
+            self.counts.add(correct, loss, len(y), units)
         else:
             self._emit(msg)
         self.stats.busy_s += time.perf_counter() - start - (self.stats.wait_out_s - waited)

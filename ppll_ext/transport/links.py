@@ -79,14 +79,12 @@ class LinkSender:
         works = [self._isend(head, _TAG_HEADER)]
         if self._guess is not None:
             if shape == self._guess:
-                tensors += [msg.x.contiguous(), msg.y.to(torch.int64).contiguous()]
+                tensors += [msg.x.contiguous(), msg.y.contiguous()]
             else:  # the receiver posted buffers of the guessed shape: fill them with a placeholder
-                g_shape, g_dtype, g_labels = self._guess
-                tensors += [torch.zeros(g_shape, dtype=g_dtype, device=self.device),
-                            torch.zeros(g_labels, dtype=torch.int64, device=self.device)]
+                tensors += [torch.zeros(s, dtype=d, device=self.device) for s, d in self._guess]
             works += [self._isend(tensors[-2], _TAG_X), self._isend(tensors[-1], _TAG_Y)]
         if resent:
-            tensors += [msg.x.contiguous(), msg.y.to(torch.int64).contiguous()]
+            tensors += [msg.x.contiguous(), msg.y.contiguous()]
             works += [self._isend(tensors[-2], _TAG_X_RESENT), self._isend(tensors[-1], _TAG_Y_RESENT)]
         self._guess = shape
         self._inflight.append((works, tuple(tensors)))
@@ -119,8 +117,7 @@ class LinkReceiver:
         self._head_work = self._irecv(self._head, _TAG_HEADER)
         self._guess = None
         if shape is not None:
-            x = torch.empty(shape[0], dtype=shape[1], device=self.device)
-            y = torch.empty(shape[2], dtype=torch.int64, device=self.device)
+            x, y = (torch.empty(s, dtype=d, device=self.device) for s, d in shape)
             self._guess = (x, y, [self._irecv(x, _TAG_X), self._irecv(y, _TAG_Y)])
 
     def _wait(self, works: list[dist.Work]) -> None:
@@ -136,8 +133,7 @@ class LinkReceiver:
             self._wait(guess[2])
             msg.x, msg.y = guess[0], guess[1]
         if resent:
-            msg.x = torch.empty(shape[0], dtype=shape[1], device=self.device)
-            msg.y = torch.empty(shape[2], dtype=torch.int64, device=self.device)
+            msg.x, msg.y = (torch.empty(s, dtype=d, device=self.device) for s, d in shape)
             self._wait([self._irecv(msg.x, _TAG_X_RESENT), self._irecv(msg.y, _TAG_Y_RESENT)])
         if shape is None:
             msg.x = msg.y = None

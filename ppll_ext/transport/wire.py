@@ -1,8 +1,10 @@
 """The wire format between neighbouring stages: message kinds, messages and the fixed-size header.
 
-A message is a (micro-)batch with its labels, or an in-band control marker. On a link it travels as a
-fixed-size int64 header (kind, micro-batch count, dtype and shape of the activation, label count)
-followed by the activation and label tensors, so a smaller last batch needs no special case.
+A message is a (micro-)batch with its targets, or an in-band control marker. On a link it travels as a
+fixed-size int64 header (kind, micro-batch count, resent flag, then dtype and shape of the activation and of the
+target) followed by the activation and target tensors. Targets keep their shape and dtype end to end: (N,) class
+labels, (N, T) token ids or (N, C) soft targets arrive as they were given, and a smaller last batch needs no
+special case.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ import torch
 
 from ppll_ext.errors import PipelineError
 
-HEADER_LEN = 16
-MAX_DIMS = HEADER_LEN - 6
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
+MAX_DIMS = 8
+"""Most dimensions an activation or a target may have."""
+_FIXED = 3
+HEADER_LEN = _FIXED + 2 * (2 + MAX_DIMS)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+          torch.bool, torch.int16, torch.int8]
 
-Shape = tuple[tuple[int, ...], torch.dtype, int]
-"""(activation shape, activation dtype, label count) of a data message."""
+TensorSpec = tuple[tuple[int, ...], torch.dtype]
+"""(shape, dtype) of one tensor on the wire."""
+Shape = tuple[TensorSpec, TensorSpec]
+"""(activation spec, target spec) of a data message."""
 
 
 class Kind(enum.IntEnum):
@@ -44,19 +51,34 @@ class Msg:
 
 
 def payload_shape(msg: Msg) -> Shape | None:
-    """(activation shape, dtype, label count) of a data message; None for control messages."""
-    return (tuple(msg.x.shape), msg.x.dtype, msg.y.numel()) if msg.x is not None else None
+    """(activation spec, target spec) of a data message; None for control messages."""
+    if msg.x is None:
+        return None
+    return (tuple(msg.x.shape), msg.x.dtype), (tuple(msg.y.shape), msg.y.dtype)
+
+
+def _put(head: torch.Tensor, at: int, t: torch.Tensor, what: str) -> None:
+    if t.dim() > MAX_DIMS:
+        raise PipelineError(f"{what} with {t.dim()} dimensions cannot be sent (at most {MAX_DIMS}); flatten the "
+                            f"trailing dimensions")
+    if t.dtype not in DTYPES:
+        raise PipelineError(f"{what} of dtype {t.dtype} cannot be sent; use one of "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
+    head[at], head[at + 1] = DTYPES.index(t.dtype), t.dim()
+    head[at + 2:at + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+
+
+def _get(v: list[int], at: int) -> TensorSpec:
+    return tuple(v[at + 2:at + 2 + v[at + 1]]), DTYPES[v[at]]
 
 
 def encode_header(msg: Msg, resent: bool = False) -> torch.Tensor:
-    """[kind, n_micro, dtype code, ndim, label count, resent flag, *shape, 0...] as int64."""
+    """[kind, n_micro, resent flag, x dtype, x ndim, *x shape (MAX_DIMS), y dtype, y ndim, *y shape] as int64."""
     head = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    head[0], head[1], head[5] = int(msg.kind), msg.n_micro, int(resent)
+    head[0], head[1], head[2] = int(msg.kind), msg.n_micro, int(resent)
     if msg.x is not None:
-        if msg.x.dim() > MAX_DIMS:
-            raise PipelineError(f"activations with {msg.x.dim()} dimensions cannot be sent (at most {MAX_DIMS})")
-        head[2], head[3], head[4] = DTYPES.index(msg.x.dtype), msg.x.dim(), msg.y.numel()
-        head[6:6 + msg.x.dim()] = torch.tensor(msg.x.shape)
+        _put(head, _FIXED, msg.x, "activations")
+        _put(head, _FIXED + 2 + MAX_DIMS, msg.y, "targets")
     return head
 
 
@@ -64,5 +86,5 @@ def decode_header(head: torch.Tensor) -> tuple[Kind, int, Shape | None, bool]:
     """Inverse of encode_header: kind, n_micro, payload shape (None without payload), resent flag."""
     v = head.tolist()
     kind = Kind(v[0])
-    shape = (tuple(v[6:6 + v[3]]), DTYPES[v[2]], v[4]) if kind in (Kind.TRAIN, Kind.EVAL) else None
-    return kind, v[1], shape, bool(v[5])
+    shape = (_get(v, _FIXED), _get(v, _FIXED + 2 + MAX_DIMS)) if kind in (Kind.TRAIN, Kind.EVAL) else None
+    return kind, v[1], shape, bool(v[2])
