@@ -10,7 +10,7 @@ from torch import nn
 
 from ppll_ext.build import build_blocks, build_bp_block, build_layered
 from ppll_ext.config import ModelConfig, load_config
-from ppll_ext.core import LocalBlock, build_aux_head, partition
+from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, partition
 from ppll_ext.core.partition import parameter_counts
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import ConfigError, PipelineError
@@ -38,7 +38,7 @@ def test_aux_head_shapes(kind: str, model: str) -> None:
         with torch.no_grad():
             h = layered.sequential(0, cut)(x)
         head = build_aux_head(kind, h, 10, hidden=64, next_layers=layered.layers[cut:cut + 1],
-                              final_head=layered.layers[-1])
+                              final_head=layered.layers[-1], grid=model == "vit")
         out = head(h)
         assert out.shape == (4, 10), (kind, model, cut, tuple(h.shape))
         out.sum().backward()
@@ -67,6 +67,36 @@ def test_auto_aux_head_fits_the_activation() -> None:
     assert isinstance(flat, torch.nn.Linear)
     for head, x in ((conv, torch.randn(3, 16, 8, 8)), (tokens, torch.randn(3, 5, 12)), (flat, torch.randn(3, 12))):
         assert head.eval()(x).shape == (3, 10)
+
+
+def test_token_heads_keep_tokens_and_pooling_heads_refuse_to_guess_a_grid() -> None:
+    h = torch.randn(3, 7, 12)
+    lm = build_aux_head("lm", h, 50)
+    assert lm(h).shape == (3, 7, 50)
+    block = torch.nn.TransformerEncoderLayer(12, 2, 24, dropout=0.0, batch_first=True)
+    deep = build_aux_head("lm-blocks", h, 50, next_layers=[block])
+    assert deep(h).shape == (3, 7, 50) and not {id(p) for p in block.parameters()} & {id(p) for p in deep.parameters()}
+    for kind in ("conv", "mlp-sr"):
+        for t in (64, 50, 7):  # a square grid, a square grid after a class token, neither: never read silently
+            with pytest.raises(ConfigError, match="pools a feature map") as err:
+                build_aux_head(kind, torch.randn(2, t, 12), 10)
+            assert err.value.key == "aux"
+        assert build_aux_head(kind, torch.randn(2, 65, 12), 10, grid=True)(torch.randn(2, 65, 12)).shape == (2, 10)
+        with pytest.raises(ConfigError, match="cannot lay 7 tokens out as a square grid"):
+            build_aux_head(kind, h, 10, grid=True)
+    with pytest.raises(ConfigError, match="maps \\(N, T, D\\) tokens"):
+        build_aux_head("lm", torch.randn(2, 12), 10)
+
+
+def test_stage_aux_head_auto_is_per_token_for_a_language_model() -> None:
+    torch.manual_seed(0)
+    layers = [torch.nn.Embedding(30, 16), torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+              torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), torch.nn.Linear(16, 30)]
+    tokens = torch.randint(0, 30, (2, 9))
+    for kind in ("auto", "lm", "lm-blocks"):
+        head = build_stage_aux_head(layers, 0, [0, 2, 4], kind, tokens)
+        assert head(layers[1](layers[0](tokens))).shape == (2, 9, 30), kind
+    assert isinstance(build_stage_aux_head(layers, 0, [0, 2, 4], "auto", tokens)[0], torch.nn.LayerNorm)
 
 
 def test_partition_methods() -> None:

@@ -17,14 +17,15 @@ from torch import nn
 
 from ppll_ext.errors import ConfigError
 
-AUX_KINDS = ("conv", "mlp-sr", "vit", "next-blocks", "auto")
+AUX_KINDS = ("conv", "mlp-sr", "vit", "next-blocks", "lm", "lm-blocks", "auto")
 """Auxiliary head kinds, for every engine: "auto" picks conv for (N, C, H, W) activations, vit for (N, T, D)
-and a linear classifier for (N, D)."""
+and a linear classifier for (N, D); for a model whose output is per token (N, T, V), lm (per-token head)."""
 AUX_SEED_OFFSET = 7919
 
 
 class TokensToGrid(nn.Module):
-    """(N, T, D) transformer tokens -> (N, D, g, g) feature map; a leading class token is dropped."""
+    """(N, T, D) transformer tokens -> (N, D, g, g) feature map; a leading class token is dropped (only built when
+    asked with grid=True)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -53,21 +54,26 @@ class TokenPool(nn.Module):
         return x[:, 0] if self.mode == "cls" else x.mean(dim=1)
 
 
-def _grid_channels(shape: Sequence[int]) -> tuple[nn.Module, int]:
+def _grid_channels(shape: Sequence[int], grid: bool) -> tuple[nn.Module, int]:
     """An adapter that turns the activation into a feature map, and that map's channel count."""
     if len(shape) == 4:
         return nn.Identity(), shape[1]
     if len(shape) == 3:
         t = shape[1]
+        if not grid:
+            raise ConfigError(f"this aux head pools a feature map, but the activations are {t} tokens {tuple(shape)}: "
+                              f"use aux kind 'vit' (pooled classifier) or 'lm' (per-token), or pass grid=True to "
+                              f"read the tokens as a square image grid", key="aux")
         if math.isqrt(t) ** 2 != t and math.isqrt(t - 1) ** 2 != t - 1:
-            raise ConfigError(f"cannot lay {t} tokens out as a square grid; use local.aux=vit for this model")
+            raise ConfigError(f"cannot lay {t} tokens out as a square grid (with or without one class token); use "
+                              f"aux kind 'vit' or 'lm' for this model", key="aux")
         return TokensToGrid(), shape[2]
     raise ConfigError(f"auxiliary heads need (N,C,H,W) or (N,T,D) activations, got shape {tuple(shape)}")
 
 
-def conv_head(shape: Sequence[int], num_classes: int, hidden: int) -> nn.Module:
+def conv_head(shape: Sequence[int], num_classes: int, hidden: int, grid: bool = False) -> nn.Module:
     """InfoPro's default head: 3x3 conv-BN-ReLU, global average pool, FC-ReLU-FC."""
-    to_grid, c = _grid_channels(shape)
+    to_grid, c = _grid_channels(shape, grid)
     width = max(c, 32)
     return nn.Sequential(
         to_grid,
@@ -82,9 +88,9 @@ def conv_head(shape: Sequence[int], num_classes: int, hidden: int) -> nn.Module:
     )
 
 
-def mlp_sr_head(shape: Sequence[int], num_classes: int, hidden: int) -> nn.Module:
+def mlp_sr_head(shape: Sequence[int], num_classes: int, hidden: int, grid: bool = False) -> nn.Module:
     """DGL's MLP-SR head: average pool to 2x2, a 1x1 conv stack, then a small MLP."""
-    to_grid, c = _grid_channels(shape)
+    to_grid, c = _grid_channels(shape, grid)
     width = max(c, 32)
     return nn.Sequential(
         to_grid,
@@ -110,6 +116,14 @@ def vit_head(shape: Sequence[int], num_classes: int, pool: str = "cls") -> nn.Mo
     if len(shape) == 3:
         return nn.Sequential(nn.LayerNorm(shape[2]), TokenPool(pool), nn.Linear(shape[2], num_classes))
     raise ConfigError(f"the vit head needs (N,C,H,W) or (N,T,D) activations, got shape {tuple(shape)}")
+
+
+def lm_head(shape: Sequence[int], vocab_size: int) -> nn.Module:
+    """Per-token next-token head: LayerNorm and an unembedding, (N, T, D) -> (N, T, vocab_size)."""
+    if len(shape) != 3:
+        raise ConfigError(f"the lm head maps (N, T, D) tokens to (N, T, vocab), got activations of shape "
+                          f"{tuple(shape)}", key="aux")
+    return nn.Sequential(nn.LayerNorm(shape[2]), nn.Linear(shape[2], vocab_size))
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
@@ -141,7 +155,8 @@ def next_blocks_head(
             h = m.eval()(h)
         head = _fresh_copy(final_head)
         try:
-            fits = tuple(head.eval()(h).shape) == (h.shape[0], num_classes)
+            out = head.eval()(h)
+            fits = out.shape[0] == h.shape[0] and out.shape[-1] == num_classes
         except RuntimeError:
             fits = False
     if not fits:
@@ -160,8 +175,14 @@ def build_aux_head(
     hidden: int = 128,
     next_layers: Sequence[nn.Module] = (),
     final_head: nn.Module | None = None,
+    grid: bool = False,
 ) -> nn.Module:
-    """Build an auxiliary head of `kind` for activations shaped like `example` (a dry-forward output)."""
+    """Build an auxiliary head of `kind` for activations shaped like `example` (a dry-forward output).
+
+    "lm" maps (N, T, D) to (N, T, num_classes) (num_classes = vocabulary size); "lm-blocks" puts fresh copies of
+    `next_layers` (the next stage's first transformer blocks) before it, as SOLO does. conv and mlp-sr read
+    (N, T, D) tokens as a square grid only with grid=True.
+    """
     shape = tuple(example.shape)
     if kind == "auto":
         kind = {4: "conv", 3: "vit"}.get(len(shape), "linear")
@@ -171,9 +192,23 @@ def build_aux_head(
                               key="aux")
         head = nn.Linear(shape[1], num_classes)
     elif kind == "conv":
-        head = conv_head(shape, num_classes, hidden)
+        head = conv_head(shape, num_classes, hidden, grid)
     elif kind == "mlp-sr":
-        head = mlp_sr_head(shape, num_classes, hidden)
+        head = mlp_sr_head(shape, num_classes, hidden, grid)
+    elif kind == "lm":
+        head = lm_head(shape, num_classes)
+    elif kind == "lm-blocks":
+        if not next_layers:
+            raise ConfigError("aux kind 'lm-blocks' needs next_layers (the next stage's first blocks); use "
+                              "aux_next_blocks>=1", key="aux")
+        blocks = [_fresh_copy(m) for m in next_layers]
+        with torch.no_grad():
+            h = example
+            for m in blocks:
+                h = m.eval()(h)
+        for m in blocks:
+            m.train()
+        head = nn.Sequential(*blocks, lm_head(tuple(h.shape), num_classes))
     elif kind == "vit":
         head = vit_head(shape, num_classes)
     elif kind == "next-blocks":
@@ -221,7 +256,8 @@ def build_stage_aux_head(
     Sized by a dry forward of `example_input` through layers[:parts[stage+1]] (eval mode, no gradients) and
     initialised from aux_seed(seed, stage) without touching the global RNG, so every rank, engine and a
     single-process reference build the same head. `num_classes` defaults to the last dimension of the whole
-    model's output. "next-blocks" copies the next `next_blocks` layers and the last layer (they must be modules).
+    model's output. "next-blocks" copies the next `next_blocks` layers and the last layer (they must be modules),
+    "lm-blocks" the next `next_blocks` layers; "auto" picks "lm" when the model's output is per token (N, T, V).
     """
     if kind not in AUX_KINDS:
         raise ConfigError(f"aux head kind {kind!r} is not one of {', '.join(AUX_KINDS)}", key="aux")
@@ -230,11 +266,13 @@ def build_stage_aux_head(
         h = example_input
         for layer in layers[:end]:
             h = layer(h)
-        if num_classes is None:
+        if num_classes is None or kind == "auto":
             out = h
             for layer in layers[end:]:
                 out = layer(out)
-            num_classes = int(out.shape[-1])
+            num_classes = num_classes or int(out.shape[-1])
+            if kind == "auto" and h.dim() == 3 and out.dim() == 3:
+                kind = "lm"
     extra: dict = {}
     if kind == "next-blocks":
         following = list(layers[end:end + next_blocks])
@@ -242,6 +280,12 @@ def build_stage_aux_head(
             raise ConfigError("aux head kind 'next-blocks' copies the following layers, which must be nn.Modules; "
                               "choose another kind or build the heads yourself", key="aux")
         extra = {"next_layers": following, "final_head": layers[-1]}
+    elif kind == "lm-blocks":
+        following = list(layers[end:end + next_blocks])
+        if not all(isinstance(m, nn.Module) for m in following):
+            raise ConfigError("aux head kind 'lm-blocks' copies the following layers, which must be nn.Modules",
+                              key="aux")
+        extra = {"next_layers": following}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(aux_seed(seed, stage))
         return build_aux_head(kind, h, num_classes, hidden=hidden, **extra)
