@@ -21,6 +21,7 @@ from ppll_ext.runtime import SequentialRunner, StageStats
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
+import pipelining_lm_ppll as lm_script  # noqa: E402
 import pipelining_ppll as script  # noqa: E402
 
 
@@ -133,3 +134,57 @@ def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(tmp_p
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (k, name)
+
+
+def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target() -> None:
+    gpipe = (DIST / "pipelining_lm_gpipe.py").read_text().split('"""', 2)[2].splitlines()
+    ppll = (DIST / "pipelining_lm_ppll.py").read_text().split('"""', 2)[2].splitlines()
+    removed = [line[1:].strip() for line in difflib.unified_diff(gpipe, ppll, lineterm="", n=0)
+               if line.startswith("-") and not line.startswith("---")]
+    assert removed == [
+        "from torch.distributed.pipelining import PipelineStage, ScheduleGPipe",
+        "optimizer = torch.optim.AdamW(stage_mod.parameters(), lr=3e-3)",
+        "schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=loss_fn)",
+        "schedule.step(x)",
+    ]
+    res = torchrun(2, DIST / "pipelining_lm_gpipe.py", "--steps", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> dict[int, dict[str, torch.Tensor]]:
+    """Sequential local learning of the LM script's stages and per-token aux heads in this process."""
+    blocks = []
+    for k, mod in enumerate(lm_script.stage_modules(stages)):
+        aux = lm_script.aux_head(stages, k)
+        params = [*mod.parameters(), *(aux.parameters() if aux is not None else [])]
+        blocks.append(LocalBlock(mod, aux, lm_script.loss_fn, index=k, optimizer=torch.optim.AdamW(params, lr=3e-3)))
+    runner = SequentialRunner(blocks, micro)
+    stats = [StageStats(k) for k in range(stages)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for x, y in lm_script.batches(steps, 16, soft):
+            runner.train_batch(x, y, stats)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: {**{f"stage.{n}": t for n, t in b.body.state_dict().items()},
+                **({f"aux.{n}": t for n, t in b.aux.state_dict().items()} if b.aux is not None else {})}
+            for k, b in enumerate(blocks)}
+
+
+@pytest.mark.parametrize(("stages", "micro", "soft"), [(2, 4, False), (3, 1, False), (2, 2, True)])
+def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: int, micro: int, soft: bool,
+                                                                       tmp_path: Path) -> None:
+    """(N, T) token ids (and (N, T, V) soft targets) reach every stage whole; torchtitan's loss form works there."""
+    steps = 6
+    res = torchrun(stages, DIST / "pipelining_lm_ppll.py", "--steps", str(steps), "--microbatches", str(micro),
+                   "--save", str(tmp_path), *(["--soft"] if soft else []))
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1}")]
+    assert len(losses) == steps and losses[-1] < losses[0], losses
+    ref = lm_reference(stages, micro, steps, soft)
+    for k in range(stages):
+        got = load_file(str(tmp_path / f"stage{k}.safetensors"))
+        assert got.keys() == ref[k].keys() and any(n.startswith("aux.") for n in got) == (k < stages - 1)
+        for name, t in ref[k].items():
+            assert torch.equal(got[name], t), (stages, micro, soft, k, name)
