@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe import schedule
 from safetensors.torch import load_file
 from torch import nn
@@ -29,6 +30,7 @@ from ppll_ext.train import prepare
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
+import deepspeed_lm as lm_script  # noqa: E402
 import deepspeed_train as script  # noqa: E402
 from procs import kill_tree  # noqa: E402
 
@@ -386,3 +388,44 @@ def test_data_parallel_trains_the_last_uneven_step(tmp_path: Path) -> None:
     assert trained.keys() == want.keys()
     for k, v in want.items():
         assert torch.allclose(trained[k], v, atol=1e-5, rtol=0), (k, (trained[k] - v).abs().max())
+
+
+def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_cleanly(tmp_path: Path) -> None:
+    """DeepSpeedExamples-style LM: (N, T) targets, aux_heads="auto" -> per-token head, a fast first stage, and a
+    script that returns right after its last train_batch (no flush): every rank exits 0, five runs in a row."""
+    for run in range(5):
+        extra = ["--out", str(tmp_path), "--steps", "6"] if run == 0 else ["--steps", "2"]
+        res = launch(2, DIST / "deepspeed_lm.py", *extra)
+        assert res.returncode == 0, (run, res.stdout[-2000:], res.stderr[-3000:])
+        assert "Traceback" not in res.stderr and "terminate called" not in res.stderr, (run, res.stderr[-3000:])
+    layers = []
+    for i, spec in enumerate(lm_script.specs()):
+        ds_utils.set_random_seed(lm_script.BASE_SEED + i)
+        layers.append(spec.build())
+    example = lm_script.batches(1, 2)[0][0]
+    parts = lm_script.PARTS
+    blocks = []
+    for s in range(2):
+        body = nn.Sequential(*layers[parts[s]:parts[s + 1]])
+        aux = build_stage_aux_head(layers, s, parts, "auto", example, seed=0) if s == 0 else None
+        params = [*body.parameters(), *(aux.parameters() if aux is not None else [])]
+        opt = torch.optim.AdamW(params, lr=lm_script.LR, weight_decay=lm_script.WEIGHT_DECAY)
+        blocks.append(LocalBlock(body, aux, lm_script.loss_fn, index=s, optimizer=opt))
+    assert isinstance(blocks[0].aux[0], nn.LayerNorm)  # "auto" chose the per-token lm head
+    runner = SequentialRunner(blocks, lm_script.MICRO)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for x, y in lm_script.batches(6, lm_script.MICRO * lm_script.SIZE):
+            assert y.shape == x.shape
+            runner.train_batch(x, y, [StageStats(0), StageStats(1)])
+    finally:
+        torch.set_num_threads(threads)
+    for s, block in enumerate(blocks):
+        want = {f"{parts[s] + i}.{k}": v for i, layer in enumerate(block.body) for k, v in layer.state_dict().items()}
+        if block.aux is not None:
+            want.update({f"aux_head.{k}": v for k, v in block.aux.state_dict().items()})
+        got = load_file(str(tmp_path / f"rank{s}.safetensors"))
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, atol=1e-5, rtol=0), (s, k, (got[k] - v).abs().max())

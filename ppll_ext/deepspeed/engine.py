@@ -8,11 +8,13 @@ data-parallel replicas and the optimizer step (its bf16 optimizer, LR schedule a
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -87,6 +89,17 @@ class DeepSpeedUpdater:
         engine.global_samples += engine.train_batch_size()
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    """atexit: close a still-open engine's links (a failure is logged: the process is ending anyway)."""
+    engine = ref()
+    if engine is None:
+        return
+    try:
+        engine.close()
+    except PipelineError as exc:
+        log.warning("stage %d: could not end its links cleanly at exit: %s", engine.stage_id, exc)
+
+
 class LocalPipelineEngine(_ds.PipelineEngine):
     """PipelineEngine running LocalTrainSchedule over the stage's LocalBlock: per-stage losses, steps, clipping."""
 
@@ -101,6 +114,8 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         self._sender, receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
         self._inbox = receiver.messages() if receiver is not None else None
         self._peeked: Msg | None = None
+        self._closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
         self._loss_sum, self._losses = 0.0, 0
         self._micro = self.micro_batches
         self.grad_weight = 1.0
@@ -219,6 +234,23 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     def flush(self) -> None:
         """Block until every activation this stage sent has been received downstream."""
         if self._sender is not None:
+            self._sender.flush()
+
+    def close(self) -> None:
+        """End this stage's streams so the process can exit cleanly, whichever stage finishes first: wait for the
+        previous stage's end marker, pass it on and wait until it is taken, so no send and no posted receive is
+        left behind. Runs at exit unless called before (scripts need not call it); idempotent. A batch arriving
+        instead of the marker means the stages made different train_batch calls: PipelineError."""
+        if self._closed or not dist.is_initialized():
+            return
+        self._closed = True
+        if self._inbox is not None:
+            msg = self._next_message()
+            if msg.kind is not Kind.STOP:
+                raise PipelineError(f"stage {self.stage_id} ended while stage {self.stage_id - 1} still sends "
+                                    f"batches: every rank must make the same train_batch / eval_batch calls")
+        if self._sender is not None:
+            self._sender.send(Msg(Kind.STOP))
             self._sender.flush()
 
     def clip_fp32_gradients(self) -> None:

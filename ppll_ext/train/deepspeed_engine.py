@@ -137,8 +137,9 @@ class DeepSpeedLoopEngine:
         return [g for g in gathered if g is not None] if self.is_driver else None
 
     def close(self) -> None:
-        """Wait until every activation sent has been received, then meet the other ranks."""
-        self.engine.flush()
+        """End the stage's links (every activation sent is received, no receive left posted), then meet the other
+        ranks."""
+        self.engine.close()
         dist.barrier()
 
 
