@@ -301,7 +301,7 @@ def test_bad_arguments_raise_config_error() -> None:
     res = launch(2, DIST / "deepspeed_errors.py", timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
-    assert len(lines) == 16 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
+    assert len(lines) == 18 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
     # on_nan="error" (the default): every stage stops at the NaN batch, naming itself and the step
     assert {line for line in lines if line.startswith("ok nan loss")} == {
         f"ok nan loss: stage {k}: loss is nan at step 2; lower the learning rate or clip gradients, or skip such "
@@ -390,42 +390,55 @@ def test_data_parallel_trains_the_last_uneven_step(tmp_path: Path) -> None:
         assert torch.allclose(trained[k], v, atol=1e-5, rtol=0), (k, (trained[k] - v).abs().max())
 
 
-def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_cleanly(tmp_path: Path) -> None:
-    """DeepSpeedExamples-style LM: (N, T) targets, aux_heads="auto" -> per-token head, a fast first stage, and a
-    script that returns right after its last train_batch (no flush): every rank exits 0, five runs in a row."""
-    for run in range(5):
-        extra = ["--out", str(tmp_path), "--steps", "6"] if run == 0 else ["--steps", "2"]
-        res = launch(2, DIST / "deepspeed_lm.py", *extra)
-        assert res.returncode == 0, (run, res.stdout[-2000:], res.stderr[-3000:])
-        assert "Traceback" not in res.stderr and "terminate called" not in res.stderr, (run, res.stderr[-3000:])
+def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> list[dict[str, torch.Tensor]]:
+    """Sequential local learning of deepspeed_lm.py's layers (each built from its DeepSpeed layer seed), per-token
+    aux heads and AdamW in this process; tensors named as in the stage's module."""
     layers = []
     for i, spec in enumerate(lm_script.specs()):
         ds_utils.set_random_seed(lm_script.BASE_SEED + i)
         layers.append(spec.build())
     example = lm_script.batches(1, 2)[0][0]
-    parts = lm_script.PARTS
+    parts = lm_script.PARTS[stages]
     blocks = []
-    for s in range(2):
+    for s in range(stages):
         body = nn.Sequential(*layers[parts[s]:parts[s + 1]])
-        aux = build_stage_aux_head(layers, s, parts, "auto", example, seed=0) if s == 0 else None
+        aux = build_stage_aux_head(layers, s, parts, "auto", example, seed=0) if s < stages - 1 else None
         params = [*body.parameters(), *(aux.parameters() if aux is not None else [])]
         opt = torch.optim.AdamW(params, lr=lm_script.LR, weight_decay=lm_script.WEIGHT_DECAY)
         blocks.append(LocalBlock(body, aux, lm_script.loss_fn, index=s, optimizer=opt))
     assert isinstance(blocks[0].aux[0], nn.LayerNorm)  # "auto" chose the per-token lm head
-    runner = SequentialRunner(blocks, lm_script.MICRO)
+    runner = SequentialRunner(blocks, micro)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for x, y in lm_script.batches(6, lm_script.MICRO * lm_script.SIZE):
-            assert y.shape == x.shape
-            runner.train_batch(x, y, [StageStats(0), StageStats(1)])
+        for x, y in lm_script.batches(steps, micro * lm_script.SIZE, soft):
+            runner.train_batch(x, y, [StageStats(k) for k in range(stages)])
     finally:
         torch.set_num_threads(threads)
+    out = []
     for s, block in enumerate(blocks):
         want = {f"{parts[s] + i}.{k}": v for i, layer in enumerate(block.body) for k, v in layer.state_dict().items()}
         if block.aux is not None:
             want.update({f"aux_head.{k}": v for k, v in block.aux.state_dict().items()})
-        got = load_file(str(tmp_path / f"rank{s}.safetensors"))
-        assert got.keys() == want.keys()
-        for k, v in want.items():
-            assert torch.allclose(got[k], v, atol=1e-5, rtol=0), (s, k, (got[k] - v).abs().max())
+        out.append(want)
+    return out
+
+
+def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_cleanly(tmp_path: Path) -> None:
+    """DeepSpeedExamples-style LM: (N, T) token ids (K=2, M=2) and soft (N, T, V) targets (K=3, M=1) reach every
+    stage whole, aux_heads="auto" gives per-token heads; a fast first stage and a script that returns right after
+    its last train_batch (no flush): every rank exits 0, five runs in a row."""
+    runs = [(2, 2, False, 6)] + [(2, 2, False, 2)] * 3 + [(3, 1, True, 4)]
+    for run, (stages, micro, soft, steps) in enumerate(runs):
+        out = tmp_path / f"run{run}"
+        res = launch(stages, DIST / "deepspeed_lm.py", "--out", str(out), "--steps", str(steps), "--micro",
+                     str(micro), *(["--soft"] if soft else []))
+        assert res.returncode == 0, (run, res.stdout[-2000:], res.stderr[-3000:])
+        assert "Traceback" not in res.stderr and "terminate called" not in res.stderr, (run, res.stderr[-3000:])
+        if run not in (0, len(runs) - 1):
+            continue
+        for s, want in enumerate(lm_reference(stages, micro, steps, soft)):
+            got = load_file(str(out / f"rank{s}.safetensors"))
+            assert got.keys() == want.keys()
+            for k, v in want.items():
+                assert torch.allclose(got[k], v, atol=1e-5, rtol=0), (run, s, k, (got[k] - v).abs().max())

@@ -15,8 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepspeed.pipe import TiedLayerSpec
+
 from ppll_ext.deepspeed import LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError, PipelineError
+
+
+def tied() -> list:
+    """A layer used twice through TiedLayerSpec (positions 0 and 2), then a classifier."""
+    return [TiedLayerSpec("t", nn.Linear, 4, 4), nn.ReLU(), TiedLayerSpec("t", nn.Linear, 4, 4), nn.Linear(4, 3)]
 
 
 def main() -> None:
@@ -50,7 +57,20 @@ def main() -> None:
         "missing config file": lambda: initialize(model=module()(), config="no/such/ds_config.json"),
         "ZeRO": lambda: initialize(model=module()(), config={**config, "zero_optimization": {"stage": 1}}),
         "fp16": lambda: initialize(model=module()(), config={**config, "fp16": {"enabled": True}}),
+        "tied across stages": module(layers=tied(), partition_method="0,2"),
     }
+    def tied_within_a_stage() -> None:
+        """Both uses of a TiedLayerSpec on stage 0: one shared module, trained like any other layer."""
+        net = module(layers=tied(), partition_method="0,3")()
+        engine, *_ = initialize(model=net, config=config)
+        if engine.is_first_stage():
+            shared = [m for m in net.modules() if isinstance(m, nn.Linear) and m.in_features == m.out_features == 4]
+            before = shared[0].weight.detach().clone()
+        engine.train_batch(iter([(torch.randn(2, 4), torch.tensor([0, 1]))]) if engine.is_first_stage() else None)
+        if engine.is_first_stage():
+            assert len(net.tied_modules) == 1 and not torch.equal(before, shared[0].weight), "tied layer not trained"
+        engine.close()
+
     def nan_loss() -> None:
         """Two good steps, then a batch whose labels (all ignore_index) make every stage's loss NaN."""
         engine, *_ = initialize(model=module(aux_heads="auto")(), config=config)
@@ -59,6 +79,13 @@ def main() -> None:
             engine.train_batch(iter([(torch.randn(2, 4), y)]) if engine.is_first_stage() else None)
 
     failed = False
+    try:
+        tied_within_a_stage()
+        line = "ok tied within a stage: trains"
+    except (AssertionError, ConfigError, PipelineError) as exc:
+        line, failed = f"FAIL tied within a stage: {exc}", True
+    if dist.get_rank() == 0:
+        print(line, flush=True)
     for name, fn in [*cases.items(), ("nan loss", nan_loss)]:
         try:
             fn()

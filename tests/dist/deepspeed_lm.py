@@ -21,9 +21,9 @@ from torch import nn
 
 from ppll_ext.deepspeed import LayerSpec, LocalPipelineModule, initialize
 
-LR, WEIGHT_DECAY, BASE_SEED, MICRO, SIZE = 3e-3, 0.01, 1234, 2, 8
-PARTS = [0, 1, 6]
-"""Stage 0: the embedding; stage 1: four blocks, the final norm and the output layer."""
+LR, WEIGHT_DECAY, BASE_SEED, SIZE = 3e-3, 0.01, 1234, 8
+PARTS = {2: [0, 1, 6], 3: [0, 1, 4, 6]}
+"""Start layers per stage count; stage 0 is the embedding alone, the fastest stage."""
 
 
 class Head(nn.Module):
@@ -43,8 +43,8 @@ def specs() -> list[LayerSpec]:
     return [LayerSpec(nn.Embedding, VOCAB, DIM), *(LayerSpec(Block) for _ in range(4)), LayerSpec(Head)]
 
 
-def config() -> dict:
-    return {"train_micro_batch_size_per_gpu": SIZE, "gradient_accumulation_steps": MICRO, "gradient_clipping": 0.0,
+def config(micro: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": SIZE, "gradient_accumulation_steps": micro, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY, "torch_adam": True}},
             "steps_per_print": 10 ** 9}
 
@@ -52,18 +52,21 @@ def config() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--micro", type=int, default=2, help="micro-batches of SIZE sequences per train_batch")
+    parser.add_argument("--soft", action="store_true", help="soft (float) targets instead of token ids")
     parser.add_argument("--out", help="folder for each rank's trained tensors")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     deepspeed.init_distributed()
     example = batches(1, 2)[0][0]
-    net = LocalPipelineModule(specs(), num_stages=2, loss_fn=loss_fn, aux_heads="auto", example_input=example,
-                              partition_method=",".join(map(str, PARTS[:-1])), seed_layers=True,
+    stages = dist.get_world_size()
+    net = LocalPipelineModule(specs(), num_stages=stages, loss_fn=loss_fn, aux_heads="auto", example_input=example,
+                              partition_method=",".join(map(str, PARTS[stages][:-1])), seed_layers=True,
                               base_seed=BASE_SEED)
-    engine, *_ = initialize(model=net, config=config(), model_parameters=[p for p in net.parameters()])
-    for x, y in batches(args.steps, MICRO * SIZE):
-        data = iter([(x[:SIZE], y[:SIZE]), (x[SIZE:], y[SIZE:])])
+    engine, *_ = initialize(model=net, config=config(args.micro), model_parameters=[p for p in net.parameters()])
+    for x, y in batches(args.steps, args.micro * SIZE, args.soft):
+        data = iter(list(zip(x.split(SIZE), y.split(SIZE), strict=True)))
         loss = engine.train_batch(data if engine.is_first_stage() else None)
         print(f"stage {engine.stage_id} loss {float(loss):.4f}", flush=True)
     if args.out:
