@@ -16,11 +16,16 @@ from equivalence_cases import DEPTHS, VARIANTS, case_config
 from procs import kill_tree
 from safetensors.torch import load_file
 
+from ppll_ext.core import LocalBlock
 from ppll_ext.errors import PipelineError
+from ppll_ext.runtime import SequentialRunner, ThreadRunner
 from ppll_ext.train import run_training
 from ppll_ext.transport import Kind, Msg, decode_header, encode_header
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "dist"))
+import pipelining_lm_ppll as lm  # noqa: E402
+
 _REFERENCE: dict[tuple[str, int], dict[int, dict[str, torch.Tensor]]] = {}
 
 
@@ -145,3 +150,25 @@ def test_default_job_sequential_equals_processes(tmp_path: Path) -> None:
     for name in files:
         x, y = load_file(str(a / name)), load_file(str(b / name))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if k != "rng.cpu"), name
+
+
+def test_threads_runtime_keeps_token_and_soft_targets_whole() -> None:
+    """(N, T) token ids and (N, T, V) soft targets through stage threads: each stage's loss (torchtitan's form) sees
+    them whole, and the weights equal sequential local learning."""
+    for soft in (False, True):
+        trained = []
+        for runner_cls in (SequentialRunner, ThreadRunner):
+            blocks = []
+            for k, mod in enumerate(lm.stage_modules(2)):
+                aux = lm.aux_head(2, k)
+                params = [*mod.parameters(), *(aux.parameters() if aux is not None else [])]
+                blocks.append(LocalBlock(mod, aux, lm.loss_fn, index=k, optimizer=torch.optim.AdamW(params, lr=3e-3)))
+            runner = runner_cls(blocks, 2)
+            try:
+                runner.train_epoch(lm.batches(3, 8, soft))
+            finally:
+                runner.close()
+            trained.append([b.state_dict() for b in blocks])
+        for want, got in zip(*trained, strict=True):
+            assert want.keys() == got.keys()
+            assert all(torch.equal(want[k], got[k]) for k in want), soft
