@@ -146,9 +146,11 @@ def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target() -> 
         "optimizer = torch.optim.AdamW(stage_mod.parameters(), lr=3e-3)",
         "schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=loss_fn)",
         "schedule.step(x)",
+        "schedule.eval(x)",
     ]
     res = torchrun(2, DIST / "pipelining_lm_gpipe.py", "--steps", "2")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 1 eval loss" in res.stdout, res.stdout
 
 
 def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> dict[int, dict[str, torch.Tensor]]:
@@ -175,13 +177,17 @@ def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> dict[int, d
 @pytest.mark.parametrize(("stages", "micro", "soft"), [(2, 4, False), (3, 1, False), (2, 2, True)])
 def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: int, micro: int, soft: bool,
                                                                        tmp_path: Path) -> None:
-    """(N, T) token ids (and (N, T, V) soft targets) reach every stage whole; torchtitan's loss form works there."""
+    """(N, T) token ids (and (N, T, V) soft targets) reach every stage whole; torchtitan's loss form works there;
+    eval() afterwards changes no weight."""
     steps = 6
     res = torchrun(stages, DIST / "pipelining_lm_ppll.py", "--steps", str(steps), "--microbatches", str(micro),
                    "--save", str(tmp_path), *(["--soft"] if soft else []))
     assert res.returncode == 0, res.stderr[-3000:]
-    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1}")]
+    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1} loss")]
     assert len(losses) == steps and losses[-1] < losses[0], losses
+    # a forward-only eval() after training: the last stage returns the (B, T, V) output, and (below) no weight moved
+    assert f"rank {stages - 1} eval loss" in res.stdout and f"output (16, {lm_script.SEQ}, {lm_script.VOCAB})" in \
+        res.stdout, res.stdout
     ref = lm_reference(stages, micro, steps, soft)
     for k in range(stages):
         got = load_file(str(tmp_path / f"stage{k}.safetensors"))
