@@ -86,8 +86,10 @@ def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, t
                    "--save", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "terminate called" not in res.stderr
-    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1}")]
+    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1} loss")]
     assert len(losses) == steps and losses[-1] < losses[0]
+    # eval() after training: forward only, so weights and BatchNorm statistics still equal the reference below
+    assert f"rank {stages - 1} eval loss" in res.stdout, res.stdout
     ref = reference(stages, micro, steps)
     for k in range(stages):
         got = load_file(str(tmp_path / f"stage{k}.safetensors"))

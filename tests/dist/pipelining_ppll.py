@@ -103,6 +103,16 @@ def main() -> None:
         if args.ckpt and step in (args.ckpt_at, args.steps):
             schedule.save_checkpoint(args.ckpt, names=names, keep=3)
 
+    x, y = batches(args.steps + 1, args.batch)[-1]  # a held-out batch, forward only
+    eval_losses: list[torch.Tensor] = []
+    if rank == 0:
+        schedule.eval(x, target=y)
+    elif rank == world - 1:
+        schedule.eval(target=y, losses=eval_losses)
+        print(f"rank {rank} eval loss {torch.stack(eval_losses).mean().item():.4f}", flush=True)
+    else:
+        schedule.eval()
+
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in schedule_state(stage_mod, schedule).items()},
