@@ -7,8 +7,10 @@ Replace the `ScheduleGPipe(stage, n_microbatches=M, loss_fn=loss_fn)` line of a 
 and drop the script's own `optimizer.step()`: every stage now trains on its own loss (aux head on
 all but the last stage) and steps its optimizer after its M micro-batches, never waiting for a
 later stage. The training step is ppll_ext's LocalBlock run by the runtime's StageWorker; the
-activations travel over ppll_ext's links (a small header per message carries shape and dtype, so
-batches of any size work and no shape-inference pass touches the weights or BatchNorm statistics).
+activations travel over ppll_ext's links with the targets (a small header per message carries shape and
+dtype of both, so (N, T) token ids or soft targets arrive whole, batches of any size work and no
+shape-inference pass touches the weights or BatchNorm statistics). Importing this module also makes
+`torch.distributed.pipelining.schedules.get_schedule_class("PPLL")` return SchedulePPLL.
 
 Tested with torch 2.13–2.14 (`TESTED`; pyproject.toml asks for torch>=2.13). `PipelineScheduleSingle` and
 `PipelineStage` attributes used here: `submod`, `stage_index`, `num_stages`, `is_first`, `is_last`, `group`,
@@ -369,6 +371,6 @@ def get_schedule_class(schedule_name: str) -> type:
     return _torch_get_schedule_class(schedule_name)
 
 
+# Config-driven trainers (torchtitan's pipeline_parallel_schedule = "PPLL") find the schedule by name once this
+# module is imported before they import get_schedule_class.
 schedules.get_schedule_class = get_schedule_class
-"""Importing ppll_ext.pipelining makes config-driven trainers (torchtitan's `pipeline_parallel_schedule = "PPLL"`)
-find the schedule by name; import it before the trainer imports `get_schedule_class`."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 
 import psutil
+import pytest
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -23,3 +24,14 @@ def kill_tree(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     proc.wait()
+
+
+def communicate(proc: subprocess.Popen, timeout: float, what: str) -> subprocess.CompletedProcess:
+    """Wait for `proc` (text pipes); past `timeout` its whole tree is killed and the test fails with its output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -32,7 +32,7 @@ DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import deepspeed_lm as lm_script  # noqa: E402
 import deepspeed_train as script  # noqa: E402
-from procs import kill_tree  # noqa: E402
+from procs import communicate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("deepspeed_cpu_ops")
 
@@ -47,14 +47,9 @@ def launch(nproc: int, path: Path, *args: str, timeout: float = 240) -> subproce
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"deepspeed launcher timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    res = communicate(proc, timeout, "deepspeed launcher")
     assert_no_shm_left(port)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return res
 
 
 def assert_no_shm_left(port: int) -> None:
@@ -316,14 +311,9 @@ def launch_script(nproc: int, *args: str, timeout: float = 240) -> subprocess.Co
     env = {**os.environ, "MASTER_PORT": str(port)}
     proc = subprocess.Popen([str(REPO / "launch" / "deepspeed.sh"), str(nproc), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"launch/deepspeed.sh timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    res = communicate(proc, timeout, "launch/deepspeed.sh")
     assert_no_shm_left(port)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return res
 
 
 def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path) -> None:

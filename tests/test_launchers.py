@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import kill_tree
+from procs import communicate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.epochs=2", "--set", "train.progress=false", "--set", "data.train_subset=640"]
@@ -20,13 +20,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300)
     full = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
                             start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd[0]} timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return communicate(proc, timeout, cmd[0])
 
 
 def assert_trained(res: subprocess.CompletedProcess, stages: int, runtime: str = "processes") -> None:
