@@ -286,30 +286,19 @@ class SchedulePPLL(PipelineScheduleSingle):
         for i, msg in enumerate(messages):
             self._body.extra = kwarg_mbs[i] if kwarg_mbs else {}
             try:
-                out, loss = self._train(msg) if training else self._evaluate(msg)
+                self._worker.handle(msg)
             finally:
                 self._body.extra = {}
             if losses is not None:
-                losses.append(loss)
+                losses.append(self._worker.last_loss)
             if return_outputs and self._stage.is_last:
-                outputs.append(out)
+                outputs.append(self._worker.last_output)
+        if not training:  # the stage loop's end of evaluation: back to train mode, passed downstream
+            end = Msg(Kind.EVAL_END) if self._stage.is_first else next(self._inbox)
+            if end.kind is not Kind.EVAL_END:
+                raise PipelineError(f"stage {index}: expected the end of evaluation from stage {index - 1}")
+            self._worker.handle(end)
         return outputs
-
-    def _train(self, msg: Msg) -> tuple[torch.Tensor, torch.Tensor]:
-        self._worker.handle(msg)
-        return self._worker.last_output, self._worker.last_loss
-
-    def _evaluate(self, msg: Msg) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward only: eval mode (BatchNorm statistics untouched), no gradients, output sent on."""
-        was_training = self.block.training
-        self.block.eval()
-        try:
-            h, _, _, loss_sum = self.block.eval_step(msg.x, msg.y)
-        finally:
-            self.block.train(was_training)
-        if self._sender is not None:
-            self._sender.send(Msg(Kind.EVAL, h.contiguous(), msg.y, msg.n_micro))
-        return h, torch.tensor(loss_sum / max(1, len(msg.y)))
 
     def flush(self) -> None:
         """Block until everything this stage sent has been received downstream."""

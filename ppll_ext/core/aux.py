@@ -138,6 +138,16 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+def _fresh_blocks(next_layers: Sequence[nn.Module], example: torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
+    """Fresh copies of `next_layers` and their output on `example` (a dry forward in eval mode, no gradients)."""
+    blocks = [_fresh_copy(m) for m in next_layers]
+    with torch.no_grad():
+        h = example
+        for m in blocks:
+            h = m.eval()(h)
+    return blocks, h
+
+
 def next_blocks_head(
     example: torch.Tensor, num_classes: int, next_layers: Sequence[nn.Module], final_head: nn.Module
 ) -> nn.Module:
@@ -148,11 +158,8 @@ def next_blocks_head(
     """
     if not next_layers:
         raise ConfigError("local.aux=next-blocks needs at least one following layer; use local.aux_next_blocks>=1")
-    layers = [_fresh_copy(m) for m in next_layers]
+    layers, h = _fresh_blocks(next_layers, example)
     with torch.no_grad():
-        h = example
-        for m in layers:
-            h = m.eval()(h)
         head = _fresh_copy(final_head)
         try:
             out = head.eval()(h)
@@ -201,14 +208,8 @@ def build_aux_head(
         if not next_layers:
             raise ConfigError("aux kind 'lm-blocks' needs next_layers (the next stage's first blocks); use "
                               "aux_next_blocks>=1", key="aux")
-        blocks = [_fresh_copy(m) for m in next_layers]
-        with torch.no_grad():
-            h = example
-            for m in blocks:
-                h = m.eval()(h)
-        for m in blocks:
-            m.train()
-        head = nn.Sequential(*blocks, lm_head(tuple(h.shape), num_classes))
+        blocks, h = _fresh_blocks(next_layers, example)
+        head = nn.Sequential(*blocks, lm_head(tuple(h.shape), num_classes)).train()
     elif kind == "vit":
         head = vit_head(shape, num_classes)
     elif kind == "next-blocks":
@@ -274,18 +275,13 @@ def build_stage_aux_head(
             if kind == "auto" and h.dim() == 3 and out.dim() == 3:
                 kind = "lm"
     extra: dict = {}
-    if kind == "next-blocks":
+    if kind in ("next-blocks", "lm-blocks"):
         following = list(layers[end:end + next_blocks])
-        if not all(isinstance(m, nn.Module) for m in [*following, layers[-1]]):
-            raise ConfigError("aux head kind 'next-blocks' copies the following layers, which must be nn.Modules; "
-                              "choose another kind or build the heads yourself", key="aux")
-        extra = {"next_layers": following, "final_head": layers[-1]}
-    elif kind == "lm-blocks":
-        following = list(layers[end:end + next_blocks])
-        if not all(isinstance(m, nn.Module) for m in following):
-            raise ConfigError("aux head kind 'lm-blocks' copies the following layers, which must be nn.Modules",
-                              key="aux")
-        extra = {"next_layers": following}
+        copied = [*following, layers[-1]] if kind == "next-blocks" else following
+        if not all(isinstance(m, nn.Module) for m in copied):
+            raise ConfigError(f"aux head kind {kind!r} copies the following layers, which must be nn.Modules; "
+                              f"choose another kind or build the heads yourself", key="aux")
+        extra = {"next_layers": following, **({"final_head": layers[-1]} if kind == "next-blocks" else {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(aux_seed(seed, stage))
         return build_aux_head(kind, h, num_classes, hidden=hidden, **extra)
