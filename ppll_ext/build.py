@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ppll_ext.config import Config, OptimConfig
-from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, partition
+from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, make_loss, partition
 from ppll_ext.models import LayeredModel, build_model
 
 
@@ -48,18 +48,22 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_layered(cfg: Config, *, in_channels: int, image_size: int, num_classes: int) -> LayeredModel:
-    """The model, initialised from cfg.train.seed (identical in every process)."""
+def build_layered(cfg: Config, *, num_classes: int, **shape: int) -> LayeredModel:
+    """The model, initialised from cfg.train.seed (identical in every process); `shape` as for build_model
+    (in_channels and image_size, or seq_len; see ppll_ext.data.shape_of)."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    return build_model(cfg.model, num_classes=num_classes, **shape)
 
 
 def stage_boundaries(cfg: Config, layered: LayeredModel, example: torch.Tensor) -> list[int]:
     """Where the K blocks start and end (cfg.local.partition on the model's layer list)."""
     num_classes = _num_classes(layered, example)
 
-    # next-blocks heads depend on the cut itself; a conv head stands in for their cost while profiling.
-    kind = "conv" if cfg.local.aux == "next-blocks" else cfg.local.aux
+    # next-blocks / lm-blocks heads depend on the cut itself; a conv / lm head stands in for their cost while
+    # profiling.
+    kind = {"next-blocks": "conv", "lm-blocks": "lm"}.get(cfg.local.aux, cfg.local.aux)
+    if kind == "auto" and cfg.task == "lm":
+        kind = "lm"
 
     def aux_factory(h: torch.Tensor) -> nn.Module:
         return build_aux_head(kind, h, num_classes, hidden=cfg.local.aux_hidden)
@@ -70,7 +74,8 @@ def stage_boundaries(cfg: Config, layered: LayeredModel, example: torch.Tensor) 
 def _num_classes(layered: LayeredModel, example: torch.Tensor) -> int:
     with torch.no_grad():
         was = layered.model.training
-        out = layered.model.eval()(example[:1])
+        layered.model.eval()
+        out = layered.sequential()(example[:1])
         layered.model.train(was)
     return int(out.shape[-1])
 
@@ -93,7 +98,7 @@ def build_blocks(
     if boundaries is None:
         boundaries = stage_boundaries(cfg, layered, example)
     num_classes = _num_classes(layered, example)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = make_loss(cfg.task)
     blocks: dict[int, LocalBlock] = {}
     for s in sorted(set(range(k) if stages is None else stages)):
         aux = None
@@ -112,7 +117,7 @@ def build_blocks(
 
 def build_bp_block(cfg: Config, layered: LayeredModel, *, total_steps: int) -> LocalBlock:
     """End-to-end backprop as a single block whose body is the whole, unsplit model."""
-    block = LocalBlock(layered.model, None, nn.CrossEntropyLoss(), index=0, grad_clip=cfg.optim.grad_clip,
+    block = LocalBlock(layered.sequential(), None, make_loss(cfg.task), index=0, grad_clip=cfg.optim.grad_clip,
                        autocast=cfg.train.autocast, on_nan=cfg.train.on_nan)
     block.optimizer = make_optimizer(cfg.optim, block.parameters())
     block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)

@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +35,10 @@ SINGLE = "model.safetensors"
 STATE_DIR = "training_state"
 AUX = f"{STATE_DIR}/aux-heads.safetensors"
 TRAINER_STATE = "trainer_state.json"
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+"""Files besides the weights that make a folder loadable by transformers' from_pretrained (model config, tokenizer);
+written into language-model checkpoints and copied by export."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _DS_LAYER = re.compile(r"^layer_(\d+)(-model_\d+)?-model_states\.pt$")
 _DS_AUX = re.compile(r"^aux_head_(\d+)(-model_\d+)?-model_states\.pt$")
@@ -119,11 +123,14 @@ def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[
 
 
 def commit(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
-           config: dict, keep: int) -> Path:
-    """Complete the checkpoint the stages wrote into `folder` (`step-N.tmp`): aux heads, trainer state, then the
-    index (last), then the rename to `step-N`; prune to the `keep` newest. The one place a checkpoint becomes
-    visible, called once (on the first rank) by every engine and by SchedulePPLL.save_checkpoint."""
+           config: dict, keep: int, extra: Callable[[Path], object] | None = None) -> Path:
+    """Complete the checkpoint the stages wrote into `folder` (`step-N.tmp`): aux heads, trainer state, `extra`
+    files (a language model's config.json and tokenizer), then the index (last), then the rename to `step-N`; prune
+    to the `keep` newest. The one place a checkpoint becomes visible, called once (on the first rank) by every
+    engine and by SchedulePPLL.save_checkpoint."""
     manifests = sorted(manifests, key=lambda m: m.index)
+    if extra is not None:
+        extra(folder)
     _atomic_save({k: v for m in manifests for k, v in m.aux.items()}, folder / AUX)
     _atomic_json({"position": asdict(position), "num_stages": len(manifests), "boundaries": boundaries,
                   "config": config}, folder / TRAINER_STATE)
@@ -225,6 +232,11 @@ def check_against(state: dict[str, torch.Tensor], reference: dict[str, torch.Ten
                                   f"{tuple(t.shape)}; it is a checkpoint of another model or config")
 
 
+def load_aux(folder: Path) -> dict[str, torch.Tensor]:
+    """Every aux head's tensors of a checkpoint, keyed `stage<k>.<name>`."""
+    return _open(folder / AUX)
+
+
 def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
     """Restore a block's aux head, optimizer, schedule and step count (only when the cut is unchanged)."""
     if not same_cut:
@@ -232,7 +244,7 @@ def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
     k = block.index
     if block.aux is not None:
         prefix = f"stage{k}."
-        aux = {n[len(prefix):]: t for n, t in _open(folder / AUX).items() if n.startswith(prefix)}
+        aux = {n[len(prefix):]: t for n, t in load_aux(folder).items() if n.startswith(prefix)}
         check_against(aux, block.aux.state_dict(), f"{AUX} (stage {k})")
         block.aux.load_state_dict(aux)
     tensors = _open(folder / STATE_DIR / f"stage-{k}.safetensors")
@@ -245,10 +257,17 @@ def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
     block.steps = scalars["steps"]
 
 
-def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int) -> list[Path]:
-    """Write `state` as one `model.safetensors`, or as HF shards + index when it exceeds `max_shard_bytes`."""
+def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int,
+           source: Path | None = None) -> list[Path]:
+    """Write `state` as one `model.safetensors`, or as HF shards + index when it exceeds `max_shard_bytes`; with a
+    `source` checkpoint folder, its HF_FILES (config.json, tokenizer) too, so from_pretrained(out) loads it."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in HF_FILES if source is not None else ():
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+            copied.append(folder / name)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -260,14 +279,14 @@ def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int
         size += nbytes
     if len(shards) == 1:
         _atomic_save(shards[0], folder / SINGLE)
-        return [folder / SINGLE]
+        return [folder / SINGLE, *copied]
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     for name, shard in zip(names, shards):
         _atomic_save(shard, folder / name)
     total = sum(t.numel() * t.element_size() for t in state.values())
     _atomic_json({"metadata": {"total_size": total},
                   "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, folder / INDEX)
-    return [folder / n for n in names] + [folder / INDEX]
+    return [folder / n for n in names] + [folder / INDEX, *copied]
 
 
 def _weights_only(path: Path) -> dict[str, torch.Tensor]:

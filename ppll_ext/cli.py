@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. --set model.name=resnet32 (repeatable)")
     imp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
+    gen = sub.add_parser("generate", help="sample text from a trained language model (gpt2 / llama run or export)")
+    gen.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=40, help="sample among the K likeliest tokens (default 40)")
+    gen.add_argument("--exit-stage", type=int, help="decode through stage K's aux head (early exit) instead of the "
+                     "whole model")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     plot = sub.add_parser("plot", help="Gantt chart of traces (ppll train --trace) or throughput bars")
     plot.add_argument("traces", nargs="*", help="Chrome-trace JSON files, one subplot each on a shared time axis")
     plot.add_argument("--bench", help="a benchmark results JSON (e.g. benchmarks/results/bench.json): bar chart")
@@ -81,8 +90,20 @@ def parse_size(text: str) -> int:
 def _export(args: argparse.Namespace) -> int:
     from ppll_ext import checkpoint as ckpt
 
-    files = ckpt.export(ckpt.load_model_state(args.checkpoint), args.out, parse_size(args.max_shard_size))
+    folder = ckpt.resolve(args.checkpoint)
+    files = ckpt.export(ckpt.load_model_state(folder), args.out, parse_size(args.max_shard_size), source=folder)
     print(f"exported {len(files)} file(s) to {args.out}: {', '.join(f.name for f in files)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ppll_ext.generate import generate
+
+    result = generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, exit_stage=args.exit_stage, seed=args.seed)
+    print(result.text)
+    print(f"generated {result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_s:.1f} tokens/s) "
+          f"through {result.route}", file=sys.stderr)
     return 0
 
 
@@ -147,8 +168,7 @@ def _import_deepspeed(args: argparse.Namespace) -> int:
     from ppll_ext.data import dataset_shape
 
     cfg = load_config(args.config, args.overrides)
-    channels, size, classes = dataset_shape(cfg.data)
-    layered = build_layered(cfg, in_channels=channels, image_size=size, num_classes=classes)
+    layered = build_layered(cfg, **dataset_shape(cfg.data))
     state, aux = ckpt.import_deepspeed(args.checkpoint, layered)
     files = ckpt.write_imported(state, aux, args.out, parse_size(args.max_shard_size))
     print(f"imported {len(state)} tensors of {layered.name}"
@@ -187,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "import-deepspeed":
             return _import_deepspeed(args)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "plot":
             return _plot(args)
         if args.command == "bench":

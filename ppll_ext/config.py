@@ -18,7 +18,9 @@ import yaml
 
 from ppll_ext.core.aux import AUX_KINDS
 from ppll_ext.core.block import AUTOCAST, ON_NAN
+from ppll_ext.core.tasks import TASKS
 from ppll_ext.data.datasets import DataConfig
+from ppll_ext.data.text import TEXT_SOURCES
 from ppll_ext.errors import ConfigError
 from ppll_ext.models import ModelConfig
 from ppll_ext.runtime import RUNTIMES
@@ -42,12 +44,14 @@ class LocalConfig:
     """K: number of blocks, one per pipeline stage (K = 1 is end-to-end backprop)."""
     partition: str = "parameters"
     """Split method: uniform | parameters | profile | explicit boundaries such as "0,5,9"."""
-    aux: AuxKind = "conv"
-    """Auxiliary head kind: conv | mlp-sr | vit | next-blocks."""
+    aux: AuxKind = "auto"
+    """Auxiliary head kind: auto (conv after conv layers, vit after transformer tokens, lm for language models) |
+    conv | mlp-sr | vit | next-blocks (classification) | lm | lm-blocks (language models: per-token head, or fresh
+    copies of the next local.aux_next_blocks blocks before it, as SOLO)."""
     aux_hidden: int = 128
     """Hidden width of the auxiliary heads' classifier."""
     aux_next_blocks: int = 1
-    """For aux=next-blocks: how many of the next stage's first layers the head copies."""
+    """For aux=next-blocks / lm-blocks: how many of the next stage's first layers the head copies."""
     micro_batches: int = 1
     """M: micro-batches per mini-batch; each stage accumulates their gradients and steps once."""
     queue_depth: int = 2
@@ -124,7 +128,13 @@ METHODS: tuple[str, ...] = ("local", "bp")
 AUTOCAST_MODES: tuple[str, ...] = tuple(AUTOCAST)
 """Allowed values of train.autocast: the keys of ppll_ext.core.block.AUTOCAST (mode -> dtype), which owns them."""
 
+TASK_CHOICES: tuple[str, ...] = ("auto", *TASKS)
+"""Allowed values of train.task: auto follows the model (lm for gpt2 / llama, else classification)."""
+LM_AUX: tuple[str, ...] = ("auto", "lm", "lm-blocks")
+"""Aux head kinds that fit a language model's per-token activations."""
+
 Method = Literal.__getitem__(METHODS)
+TaskChoice = Literal.__getitem__(TASK_CHOICES)
 Autocast = Literal.__getitem__(AUTOCAST_MODES)
 OnNan = Literal.__getitem__(ON_NAN)
 
@@ -135,6 +145,9 @@ class TrainConfig:
 
     method: Method = "local"
     """local (local learning, any runtime) | bp (end-to-end backprop, one process)."""
+    task: TaskChoice = "auto"
+    """auto | classification (cross-entropy, accuracy) | lm (next-token loss, perplexity and token accuracy); auto
+    follows the model."""
     epochs: int = 30
     """Passes over the training set."""
     batch_size: int = 64
@@ -207,12 +220,40 @@ class Config:
         self.local.check()
         self.optim.check()
         self.train.check()
+        self._check_task()
         if self.train.batch_size % self.local.micro_batches:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} is not divisible by local.micro_batches="
                 f"{self.local.micro_batches}; choose a batch size that is a multiple of M",
                 key="train.batch_size",
             )
+
+
+    @property
+    def task(self) -> str:
+        """The task trained: train.task, or with auto the model's (lm for language models)."""
+        if self.train.task != "auto":
+            return self.train.task
+        return "lm" if self.model.is_lm else "classification"
+
+    def _check_task(self) -> None:
+        """The model, the data and the task must belong together (ConfigError naming the key to change)."""
+        text = ", ".join(TEXT_SOURCES)
+        if self.model.is_lm and not self.data.is_text:
+            raise ConfigError(f"model.name={self.model.name} is a language model but data.name={self.data.name} is "
+                              f"images; set data.name to a text source ({text})", key="data.name")
+        if not self.model.is_lm and self.data.is_text:
+            raise ConfigError(f"data.name={self.data.name} is text but model.name={self.model.name} classifies "
+                              f"images; set model.name to gpt2 or llama", key="model.name")
+        if self.task != ("lm" if self.model.is_lm else "classification"):
+            raise ConfigError(f"train.task={self.train.task} does not fit model.name={self.model.name}; drop "
+                              f"train.task (auto) or change the model", key="train.task")
+        if not self.model.is_lm and self.local.aux in LM_AUX[1:]:
+            raise ConfigError(f"local.aux={self.local.aux} predicts tokens; model.name={self.model.name} classifies "
+                              f"images: use auto, conv, mlp-sr, vit or next-blocks", key="local.aux")
+        if self.model.is_lm and self.local.aux not in LM_AUX:
+            raise ConfigError(f"local.aux={self.local.aux} classifies whole inputs; a language model needs per-token "
+                              f"heads: set local.aux to {' or '.join(LM_AUX)}", key="local.aux")
 
 
 def config_keys() -> tuple[str, ...]:
@@ -334,6 +375,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         _apply(cfg, parse_override(text), "")
     validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any], where: str) -> Config:
+    """The Config a checkpoint's trainer state recorded (`Config.to_dict()`), checked; ConfigError naming `where`
+    if it no longer loads."""
+    cfg = Config()
+    try:
+        _apply(cfg, values, "")
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"the config recorded in {where} does not load: {exc}", key=exc.key) from None
     return cfg
 
 

@@ -74,8 +74,8 @@ def test_model_and_data_config_live_with_their_owners_and_are_re_exported() -> N
     # the per-field docstrings came along
     assert '"""ResNet: channels of the first group (the groups use width, 2*width, 4*width)."""' in inspect.getsource(
         ModelConfig)
-    assert '"""Use only the first N training images (after a seeded shuffle); None = all."""' in inspect.getsource(
-        DataConfig)
+    doc = '"""Use only the first N training images (after a seeded shuffle) or text blocks; None = all."""'
+    assert doc in inspect.getsource(DataConfig)
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -135,6 +135,10 @@ def test_every_allowed_value_is_accepted(key: str, allowed: tuple[str, ...]) -> 
         overrides = [f"{key}={value}"]
         if value in ("imagefolder", "cifar10", "svhn", "stl10"):
             overrides.append("data.root=/somewhere")  # a data root is only needed when loading
+        if value in ("gpt2", "llama", "pydoc", "text", "tokens", "hf_disk", "lm", "lm-blocks"):
+            # language models, text and per-token heads belong together
+            overrides += [f"model.name={value if value in ('gpt2', 'llama') else 'gpt2'}",
+                          f"data.name={value if key == 'data.name' else 'pydoc'}"]
         assert getattr(getattr(load_config(None, overrides), section), name) == value
 
 

@@ -104,7 +104,7 @@ def test_layer_counts_and_names() -> None:
     lengths = {n: len(_build(n, 3, 32)) for n in ("resnet8", "resnet20", "resnet32", "resnet110", "vit")}
     assert lengths == {"resnet8": 5, "resnet20": 11, "resnet32": 17, "resnet110": 56, "vit": 4}
     assert _build("resnet56", 3, 32).name == "resnet56"
-    assert MODEL_NAMES == ("resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "vit")
+    assert MODEL_NAMES == ("resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "vit", "gpt2", "llama")
 
 
 def test_resnet_structure() -> None:

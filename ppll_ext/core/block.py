@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from ppll_ext.core.tasks import Score, score
 from ppll_ext.errors import PipelineError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,22 +99,6 @@ class TorchUpdater:
             raise PipelineError(f"stage {self.block.index}: the local block has no optimizer; pass optimizer=",
                                 key="optimizer")
         return self.block.optimizer
-
-
-def count_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
-    """(correct, predictions) of scores against targets of any shape: class labels (N,) against (N, C), token ids
-    (N, T) against (N, T, V) (or (N, V, T)), soft targets against scores of their own shape (argmax of each)."""
-    if y.is_floating_point():
-        if logits.shape != y.shape:
-            return 0, 0
-        return int((logits.argmax(-1) == y.argmax(-1)).sum()), y[..., 0].numel()
-    if logits.dim() != y.dim() + 1:
-        return 0, 0
-    if logits.shape[:-1] == y.shape:
-        return int((logits.argmax(-1) == y).sum()), y.numel()
-    if logits.shape[:1] + logits.shape[2:] == y.shape:
-        return int((logits.argmax(1) == y).sum()), y.numel()
-    return 0, 0
 
 
 class LocalBlock(nn.Module):
@@ -232,13 +217,11 @@ class LocalBlock(nn.Module):
         return out, loss.detach()
 
     @torch.no_grad()
-    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, int, float]:
-        """Evaluate one batch: (output for the next stage, correct predictions, predictions made, summed loss of
-        this block over the batch's samples)."""
+    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Score]:
+        """Evaluate one batch: (output for the next stage, this block's score: its aux head's, or the model's on the
+        last block)."""
         h = self(x)
-        logits = self.logits(h).float()
-        correct, units = count_correct(logits, y)
-        return h, correct, units, float(self.loss_fn(logits, y)) * len(y)
+        return h, score(self.loss_fn, self.logits(h).float(), y)
 
     def check_finite(self, loss: float) -> None:
         """PipelineError naming the stage and step when a loss is NaN or infinite (unless on_nan="skip")."""

@@ -1,7 +1,17 @@
-"""Data sets held in memory as uint8 tensors and a deterministic, resumable batch loader."""
+"""Data sets (images in memory as uint8 tensors, text as blocks of token ids) and a deterministic, resumable batch
+loader."""
 
-from ppll_ext.data.datasets import DATASET_NAMES, ArrayDataset, DataConfig, DatasetName, dataset_shape, load_dataset
+from ppll_ext.data.datasets import (
+    DATASET_NAMES,
+    ArrayDataset,
+    DataConfig,
+    DatasetName,
+    dataset_shape,
+    load_dataset,
+    shape_of,
+)
 from ppll_ext.data.loader import BatchLoader
+from ppll_ext.data.text import TEXT_SOURCES, TokenDataset, Tokenizer, load_tokenizer
 
-__all__ = ["DATASET_NAMES", "ArrayDataset", "BatchLoader", "DataConfig", "DatasetName", "dataset_shape",
-           "load_dataset"]
+__all__ = ["DATASET_NAMES", "TEXT_SOURCES", "ArrayDataset", "BatchLoader", "DataConfig", "DatasetName", "TokenDataset",
+           "Tokenizer", "dataset_shape", "load_dataset", "load_tokenizer", "shape_of"]

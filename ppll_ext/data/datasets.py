@@ -1,4 +1,5 @@
-"""Data sets as in-memory uint8 tensors: scikit-learn digits, torchvision's CIFAR-10 / SVHN / STL-10, image folders."""
+"""Data sets: images as in-memory uint8 tensors (scikit-learn digits, torchvision's CIFAR-10 / SVHN / STL-10, image
+folders) and text as fixed-length blocks of token ids (ppll_ext.data.text)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ppll_ext.data.text import TEXT_SOURCES, TokenDataset, load_text_split, load_tokenizer
 from ppll_ext.errors import ConfigError, DataError
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "svhn", "stl10", "imagefolder")
+IMAGE_DATASETS: tuple[str, ...] = ("digits", "cifar10", "svhn", "stl10", "imagefolder")
+DATASET_NAMES: tuple[str, ...] = (*IMAGE_DATASETS, *TEXT_SOURCES)
 SPLITS: tuple[str, ...] = ("train", "test")
 # The type of data.name, built from DATASET_NAMES so that the config accepts exactly what load_dataset loads.
 DatasetName = Literal.__getitem__(DATASET_NAMES)
@@ -36,22 +39,38 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 @dataclass
 class DataConfig:
-    """Where the images come from and how they are augmented."""
+    """Where the images or the text come from, how images are augmented and text is tokenised."""
 
     name: DatasetName = "digits"
-    """Data set: digits (scikit-learn's bundled 8x8 digits) | cifar10 | svhn | stl10 | imagefolder."""
+    """Data set: digits (scikit-learn's bundled 8x8 digits) | cifar10 | svhn | stl10 | imagefolder (images), or text
+    for language models: pydoc (Python's reference documentation, shipped with CPython) | text (a text file or
+    folder) | tokens (nanoGPT train.bin/val.bin of uint16 ids) | hf_disk (a datasets set saved with save_to_disk)."""
     root: str | None = None
-    """Folder of the data set (for imagefolder: the folder holding train/ and test/). Not used by digits."""
+    """Folder (or file, for text) of the data set (imagefolder: the folder holding train/ and test/). Not used by
+    digits and pydoc."""
     download: bool = False
     """Let torchvision download a missing data set into root (never done silently)."""
     cache_dir: str | None = None
     """Where decoded image-folder trees are cached as uint8 tensors (default: <root>/.ppll_cache)."""
     train_subset: int | None = None
-    """Use only the first N training images (after a seeded shuffle); None = all."""
+    """Use only the first N training images (after a seeded shuffle) or text blocks; None = all."""
     test_subset: int | None = None
-    """Use only the first N test images; None = all."""
+    """Use only the first N test images or validation text blocks; None = all."""
     augment: bool = True
-    """Random crop with padding (and horizontal flip where the data set allows it) on training batches."""
+    """Random crop with padding (and horizontal flip where the data set allows it) on training batches (images)."""
+    tokenizer: str = "byte"
+    """Text: byte (UTF-8 bytes, 256 ids, needs no file) or a local folder holding a Hugging Face tokenizer.json."""
+    seq_len: int = 128
+    """Text: tokens per sample (the text is cut into blocks of this length)."""
+    val_fraction: float = 0.1
+    """Text without its own validation split: the share of documents (or of tokens) held out for validation."""
+    text_column: str = "text"
+    """hf_disk: the column holding the text."""
+
+    @property
+    def is_text(self) -> bool:
+        """A text source (for language models) rather than images."""
+        return self.name in TEXT_SOURCES
 
     def check(self) -> None:
         """Reject a data section that cannot work (ConfigError with the data.* key), before anything is loaded."""
@@ -61,6 +80,11 @@ class DataConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"data.{field}={value} must be at least 1 (or null for the whole split)",
                                   key=f"data.{field}")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2 (a token and the one after it)",
+                              key="data.seq_len")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1", key="data.val_fraction")
 
 
 @dataclass
@@ -115,20 +139,35 @@ class ArrayDataset:
 
 
 KNOWN_SHAPES = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "svhn": (3, 32, 10), "stl10": (3, 96, 10)}
+Dataset = ArrayDataset | TokenDataset
 
 
-def dataset_shape(cfg: DataConfig) -> tuple[int, int, int]:
-    """(channels, image side, classes) of the data set: known ones without loading it, image folders by loading."""
+def shape_of(ds: Dataset) -> dict[str, int]:
+    """The data's share of the model's shape, as build_model's keyword arguments."""
+    if isinstance(ds, TokenDataset):
+        return {"num_classes": ds.vocab_size, "seq_len": ds.seq_len}
+    return {"in_channels": ds.in_channels, "image_size": ds.image_size, "num_classes": ds.num_classes}
+
+
+def dataset_shape(cfg: DataConfig) -> dict[str, int]:
+    """shape_of the data set without loading it where possible: known image sets and text (the tokenizer's
+    vocabulary); image folders are loaded."""
+    if cfg.is_text:
+        return {"num_classes": load_tokenizer(cfg.tokenizer).vocab_size, "seq_len": cfg.seq_len}
     if cfg.name in KNOWN_SHAPES:
-        return KNOWN_SHAPES[cfg.name]
-    ds = load_dataset(cfg, "test")
-    return ds.in_channels, ds.image_size, ds.num_classes
+        channels, side, classes = KNOWN_SHAPES[cfg.name]
+        return {"in_channels": channels, "image_size": side, "num_classes": classes}
+    return shape_of(load_dataset(cfg, "test"))
 
 
-def load_dataset(cfg: DataConfig, split: str) -> ArrayDataset:
-    """Load split "train" or "test" of `cfg.name` into memory, optionally cut to a fixed random subset."""
+def load_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """Load split "train" or "test" (for text: validation) of `cfg.name`, optionally cut to a subset."""
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}", key="split")
+    subset = cfg.train_subset if split == "train" else cfg.test_subset
+    if cfg.is_text:
+        return load_text_split(cfg.name, split, load_tokenizer(cfg.tokenizer), cfg.seq_len, root=cfg.root,
+                               val_fraction=cfg.val_fraction, text_column=cfg.text_column, subset=subset)
     loaders: dict[str, Callable[[DataConfig, str], ArrayDataset]] = {
         "digits": _load_digits,
         "cifar10": _load_torchvision,
@@ -139,7 +178,7 @@ def load_dataset(cfg: DataConfig, split: str) -> ArrayDataset:
     if cfg.name not in loaders:
         raise DataError(f"data.name={cfg.name!r} is not one of {', '.join(DATASET_NAMES)}", key="data.name")
     ds = loaders[cfg.name](cfg, split)
-    return _subset(ds, cfg.train_subset if split == "train" else cfg.test_subset, f"data.{split}_subset")
+    return _subset(ds, subset, f"data.{split}_subset")
 
 
 def _subset(ds: ArrayDataset, n: int | None, key: str) -> ArrayDataset:

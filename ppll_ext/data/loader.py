@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ppll_ext.data.datasets import ArrayDataset
+from ppll_ext.data.text import TokenDataset
 from ppll_ext.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
@@ -26,13 +27,14 @@ def batch_seed(seed: int, epoch: int, batch_index: int) -> int:
 
 
 class BatchLoader:
-    """Batches of (x float32 normalised N x C x H x W, y int64) from an ArrayDataset, without workers or global RNG.
+    """Batches from an ArrayDataset (x float32 normalised N x C x H x W, y int64 labels) or a TokenDataset (x and y
+    int64 N x T token ids), without workers or global RNG.
 
     The epoch's order comes from (seed, epoch) and each batch's augmentation from (seed, epoch, batch index), so
     `iter_from(k)` reproduces batches k, k+1, ... of a full pass exactly.
     """
 
-    def __init__(self, ds: ArrayDataset, batch_size: int, *, shuffle: bool, augment: bool, seed: int = 0,
+    def __init__(self, ds: ArrayDataset | TokenDataset, batch_size: int, *, shuffle: bool, augment: bool, seed: int = 0,
                  drop_last: bool = False) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1", key="batch_size")
@@ -42,16 +44,18 @@ class BatchLoader:
         self.dataset = ds
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.augment = augment
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
-        self.pad = crop_padding(ds.image_size) if augment else 0
-        std = torch.tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean = torch.tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        # x = (u8 / 255 - mean) / std folded into one multiply-add.
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -mean / std
+        self.images = isinstance(ds, ArrayDataset)
+        self.augment = augment and self.images
+        if self.images:
+            self.pad = crop_padding(ds.image_size) if augment else 0
+            std = torch.tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
+            mean = torch.tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            # x = (u8 / 255 - mean) / std folded into one multiply-add.
+            self._scale = 1.0 / (255.0 * std)
+            self._shift = -mean / std
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration yields."""
@@ -77,14 +81,13 @@ class BatchLoader:
         if batch_index < 0:
             raise ConfigError(f"batch_index={batch_index} must be non-negative", key="batch_index")
         order = self.order()
-        images, labels = self.dataset.images, self.dataset.labels
         for i in range(batch_index, len(self), stride):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset))
-            if order is None:
-                x, y = images[lo:hi], labels[lo:hi]
-            else:
-                idx = order[lo:hi]
-                x, y = images[idx], labels[idx]
+            index = slice(lo, hi) if order is None else order[lo:hi]
+            if not self.images:
+                yield self.dataset.take(index)
+                continue
+            x, y = self.dataset.images[index], self.dataset.labels[index]
             if self.augment:
                 x = self._augment(x, torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, i)))
             yield self._normalise(x), y.clone()

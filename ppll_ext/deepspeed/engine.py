@@ -216,10 +216,10 @@ class LocalPipelineEngine(_ds.PipelineEngine):
                     x, y = self._to_device(next(source))
                 else:
                     x, y = self._receive(Kind.EVAL, 1)
-                h, correct, units, loss = self.block.eval_step(x, y)
+                h, s = self.block.eval_step(x, y)
                 if self._sender is not None:
                     self._sender.send(Msg(Kind.EVAL, h.contiguous(), y, 1))
-                counts.add(correct, loss, len(y), units)
+                counts.add(s, len(y))
         finally:
             self.module.train()
         return counts

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ppll_ext.core import LocalBlock
+from ppll_ext.core.tasks import Score
 from ppll_ext.transport import Kind, Msg
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -88,30 +89,48 @@ class EpochStats:
 @dataclass
 class EvalCounts:
     """One stage's evaluation tally: correct predictions of its classifier (out of `predictions`: one per sample
-    for class labels, one per token for token targets) and summed loss."""
+    for class labels, one per token for token targets) and its loss summed over `loss_count` units."""
 
     index: int
     correct: int = 0
     loss: float = 0.0
     samples: int = 0
     predictions: int = 0
+    loss_count: int = 0
 
-    def add(self, correct: int, loss_sum: float, n: int, predictions: int) -> None:
+    def add(self, s: Score, n: int) -> None:
         """Count one evaluated batch of `n` samples."""
-        self.correct += correct
-        self.loss += loss_sum
+        self.correct += s.correct
+        self.predictions += s.predictions
+        self.loss += s.loss_sum
+        self.loss_count += s.loss_count
         self.samples += n
-        self.predictions += predictions
 
 
 @dataclass
 class EvalResult:
-    """Test accuracy of the model (last stage) and of each auxiliary head (early exit per stage)."""
+    """Test accuracy and mean loss of the model (last stage) and of each auxiliary head (early exit per stage);
+    the loss is per sample for classification, per token for language models (perplexity = exp(loss))."""
 
     accuracy: float
     loss: float
     aux_accuracy: list[float]
     samples: int
+    aux_loss: list[float] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        """exp(loss) of the model (meaningful for the lm task)."""
+        return _exp(self.loss)
+
+    @property
+    def aux_perplexity(self) -> list[float]:
+        """exp(loss) of every aux head: early-exit perplexity."""
+        return [_exp(v) for v in self.aux_loss]
+
+
+def _exp(value: float) -> float:
+    return math.exp(value) if value < 700 else math.inf
 
 
 def eval_result(counts: Iterable[EvalCounts]) -> EvalResult:
@@ -119,11 +138,11 @@ def eval_result(counts: Iterable[EvalCounts]) -> EvalResult:
     per_stage: dict[int, EvalCounts] = {}
     for c in counts:
         total = per_stage.setdefault(c.index, EvalCounts(c.index))
-        total.add(c.correct, c.loss, c.samples, c.predictions)
+        total.add(Score(c.correct, c.predictions, c.loss, c.loss_count), c.samples)
     ordered = [per_stage[k] for k in sorted(per_stage)]
     acc = [c.correct / max(1, c.predictions) for c in ordered]
-    last = ordered[-1]
-    return EvalResult(acc[-1], last.loss / max(1, last.samples), acc[:-1], last.samples)
+    loss = [c.loss / max(1, c.loss_count) for c in ordered]
+    return EvalResult(acc[-1], loss[-1], acc[:-1], ordered[-1].samples, loss[:-1])
 
 
 @dataclass

@@ -85,8 +85,8 @@ def evaluate_blocks(blocks: list[LocalBlock], batches: Batches) -> EvalResult:
         for x, y in batches:
             h = x
             for b, c in zip(blocks, counts, strict=True):
-                h, correct, units, loss = b.eval_step(h, y)
-                c.add(correct, loss, len(y), units)
+                h, s = b.eval_step(h, y)
+                c.add(s, len(y))
     for b in blocks:
         b.train()
     return eval_result(counts)

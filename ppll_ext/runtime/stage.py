@@ -66,10 +66,10 @@ class StageWorker:
                 self.block.eval()
             x, y = msg.x.to(self.device, non_blocking=True), msg.y.to(self.device, non_blocking=True)
             with self.tracer.span("eval", self.block.index):
-                h, correct, units, loss = self.block.eval_step(x, y)
+                h, s = self.block.eval_step(x, y)
             self._emit(Msg(Kind.EVAL, h, y, msg.n_micro))
-            self.counts.add(correct, loss, len(y), units)
-            self.last_loss, self.last_output = torch.tensor(loss / max(1, len(y))), h
+            self.counts.add(s, len(y))
+            self.last_loss, self.last_output = torch.tensor(s.loss_sum / max(1, s.loss_count)), h
         else:
             self._emit(msg)
         self.stats.busy_s += time.perf_counter() - start - (self.stats.wait_out_s - waited)

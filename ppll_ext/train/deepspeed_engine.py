@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.build import build_blocks, stage_boundaries
 from ppll_ext.config import Config
-from ppll_ext.core import LocalBlock
+from ppll_ext.core import LocalBlock, make_loss
 from ppll_ext.data import BatchLoader
 from ppll_ext.deepspeed import LocalPipelineEngine, LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError
@@ -172,7 +171,7 @@ def setup_deepspeed(cfg: Config) -> Setup:
     if folder is not None:
         restore_checkpoint(folder, info, job.layered, {stage: block}, boundaries)
     net = LocalPipelineModule(
-        job.layered.layers, topology=PipeDataParallelTopology(num_pp=k, num_dp=d), loss_fn=nn.CrossEntropyLoss(),
+        job.layered.layers, topology=PipeDataParallelTopology(num_pp=k, num_dp=d), loss_fn=make_loss(cfg.task),
         aux_heads=[blocks[s].aux for s in range(k - 1)], on_nan=cfg.train.on_nan,
         partition_method=",".join(str(b) for b in boundaries[:-1]))
     engine, optimizer, _, scheduler = initialize(

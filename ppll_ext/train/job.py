@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -18,7 +19,7 @@ from ppll_ext.build import build_layered
 from ppll_ext.config import Config
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
-from ppll_ext.data import BatchLoader, load_dataset
+from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of
 from ppll_ext.models import LayeredModel
 from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at, steps_per_epoch
 
@@ -45,8 +46,7 @@ def prepare(cfg: Config) -> Job:
     train_loader = BatchLoader(train_ds, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment,
                                seed=cfg.train.seed)
     test_loader = BatchLoader(test_ds, cfg.train.eval_batch_size, shuffle=False, augment=False)
-    layered = build_layered(cfg, in_channels=train_ds.in_channels, image_size=train_ds.image_size,
-                            num_classes=train_ds.num_classes)
+    layered = build_layered(cfg, **shape_of(train_ds))
     if cfg.train.method == "local":
         check_stages(len(layered.layers), cfg.local.stages)
     example = next(iter(test_loader))[0][: min(8, cfg.train.batch_size)]
@@ -87,11 +87,25 @@ def preflight(cfg: Config) -> Job:
     return job
 
 
-def loop_settings(cfg: Config) -> LoopSettings:
-    """The loop's share of `cfg`."""
+def loop_settings(cfg: Config, job: Job) -> LoopSettings:
+    """The loop's share of `cfg`; a language model's checkpoints also get its config.json and tokenizer files."""
     t = cfg.train
+    lm = cfg.task == "lm"
     return LoopSettings(t.method, cfg.model.name, cfg.data.name, t.epochs, t.save_dir, t.save_every, t.keep,
-                        t.stop_at_step, t.progress, cfg.to_dict())
+                        t.stop_at_step, t.progress, cfg.to_dict(), cfg.task, cfg.data.seq_len if lm else 0,
+                        hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None)
+
+
+def hf_files_writer(layered: LayeredModel, tokenizer: str) -> Callable[[Path], object]:
+    """Writes the model's config.json (tie_word_embeddings false: the layers were untied) and the tokenizer files
+    into a checkpoint folder, so transformers' from_pretrained loads it as it is."""
+    tok = load_tokenizer(tokenizer)
+
+    def write(folder: Path) -> None:
+        layered.model.config.save_pretrained(folder)
+        tok.save(folder)
+
+    return write
 
 
 def fail_fast(rank: int, exc: BaseException) -> NoReturn:

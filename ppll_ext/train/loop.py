@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TextIO
 
 from tqdm import tqdm
@@ -71,17 +72,27 @@ class Summary:
     samples_per_s: float
     seconds: float
     stage_stats: list[StageStats] = field(default_factory=list)
+    task: str = "classification"
+    loss: float = math.nan
+    """The model's mean evaluation loss (per token for lm)."""
+    aux_loss: list[float] = field(default_factory=list)
+    tokens_per_sample: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
-        aux = " ".join(f"{a:.4f}" for a in self.aux_accuracy)
-        aux = f" | aux heads (early exit) {aux}" if aux else ""
-        out = [
-            f"summary: method={self.method} runtime={self.runtime} stages={self.stages} "
-            f"boundaries={self.boundaries} epochs={self.epochs}",
-            f"  test accuracy {self.accuracy:.4f}" + aux,
-            f"  throughput {self.samples_per_s:.1f} samples/s (last epoch) | total {self.seconds:.1f} s",
-        ]
+        out = [f"summary: method={self.method} runtime={self.runtime} stages={self.stages} "
+               f"boundaries={self.boundaries} epochs={self.epochs}"]
+        if self.task == "lm":
+            aux = ", ".join(f"{_exp(loss):.2f} ({acc:.4f})" for loss, acc in zip(self.aux_loss, self.aux_accuracy))
+            aux = f" | aux heads (early exit) {aux}" if aux else ""
+            out.append(f"  validation perplexity {_exp(self.loss):.3f} (token accuracy {self.accuracy:.4f})" + aux)
+            tokens = f", {self.samples_per_s * self.tokens_per_sample:.0f} tokens/s"
+        else:
+            aux = " ".join(f"{a:.4f}" for a in self.aux_accuracy)
+            aux = f" | aux heads (early exit) {aux}" if aux else ""
+            out.append(f"  test accuracy {self.accuracy:.4f}" + aux)
+            tokens = ""
+        out.append(f"  throughput {self.samples_per_s:.1f} samples/s{tokens} (last epoch) | total {self.seconds:.1f} s")
         for st in self.stage_stats:
             total = st.busy_s + st.wait_in_s + st.wait_out_s
             busy = st.busy_s / total if total > 0 else 1.0
@@ -92,9 +103,22 @@ class Summary:
         return out
 
 
-def epoch_line(epoch: int, epochs: int, stats: EpochStats, ev: EvalResult) -> str:
-    """One line per epoch: per-stage loss, test accuracy (model and aux heads), throughput."""
+def _exp(loss: float) -> float:
+    """Perplexity of a mean per-token loss."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def epoch_line(epoch: int, epochs: int, stats: EpochStats, ev: EvalResult, task: str = "classification",
+               tokens_per_sample: int = 0) -> str:
+    """One line per epoch: per-stage loss, test accuracy (or validation perplexity and token accuracy) of the model
+    and the aux heads, throughput."""
     losses = " ".join(f"{s.mean_loss:.3f}" for s in stats.stages)
+    if task == "lm":
+        ppl_aux = f" (aux {' '.join(f'{p:.2f}' for p in ev.aux_perplexity)})" if ev.aux_loss else ""
+        acc_aux = f" (aux {' '.join(f'{a:.3f}' for a in ev.aux_accuracy)})" if ev.aux_accuracy else ""
+        return (f"epoch {epoch + 1}/{epochs} | loss {losses} | val ppl {ev.perplexity:.2f}{ppl_aux} | "
+                f"token acc {ev.accuracy:.3f}{acc_aux} | {stats.samples_per_s:.0f} samples/s, "
+                f"{stats.samples_per_s * tokens_per_sample:.0f} tokens/s")
     aux = f" (aux {' '.join(f'{a:.3f}' for a in ev.aux_accuracy)})" if ev.aux_accuracy else ""
     return (
         f"epoch {epoch + 1}/{epochs} | loss {losses} | test acc {ev.accuracy:.4f}{aux} | "
@@ -116,6 +140,11 @@ class LoopSettings:
     stop_at_step: int | None = None
     progress: bool = True
     config: dict = field(default_factory=dict)
+    task: str = "classification"
+    tokens_per_sample: int = 0
+    """Tokens in one sample (lm), for tokens/s."""
+    extra_files: Callable[[Path], object] | None = None
+    """Writes what else a checkpoint folder holds (a language model's config.json and tokenizer files)."""
 
 
 def check_stop_at(stop_at: int | None, start: ckpt.Position, total_steps: int, where: str) -> None:
@@ -151,7 +180,8 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
         manifests = engine.checkpoint(at.step)
         saved = at.step
         if engine.is_driver:
-            folder = ckpt.commit(ckpt.step_folder(s.save_dir, at.step), manifests, at, boundaries, s.config, s.keep)
+            folder = ckpt.commit(ckpt.step_folder(s.save_dir, at.step), manifests, at, boundaries, s.config, s.keep,
+                                 s.extra_files)
             say(f"checkpoint saved: {folder}")
 
     for epoch in range(start.epoch, s.epochs):
@@ -176,7 +206,7 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
         ev = engine.evaluate(test_loader)
         if engine.is_driver:
             stats = EpochStats.merge([p for p in parts if p is not None])
-            say(epoch_line(epoch, s.epochs, stats, ev))
+            say(epoch_line(epoch, s.epochs, stats, ev, s.task, s.tokens_per_sample))
         if stop_at is not None and step >= stop_at:
             say(f"stopped at step {step} (train.stop_at_step)")
             break
@@ -186,7 +216,8 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
     if not engine.is_driver:
         return None
     summary = Summary(s.method, engine.name, k, boundaries, s.epochs, ev.accuracy, ev.aux_accuracy,
-                      stats.samples_per_s, time.perf_counter() - began, stats.stages)
+                      stats.samples_per_s, time.perf_counter() - began, stats.stages, s.task, ev.loss, ev.aux_loss,
+                      s.tokens_per_sample)
     for line in summary.lines():
         say(line)
     return summary

@@ -104,7 +104,7 @@ def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], 
     else:
         setup = setup_native(cfg)
     try:
-        summary = run_loop(setup.engine, loop_settings(cfg), setup.job.train_loader, setup.job.test_loader,
+        summary = run_loop(setup.engine, loop_settings(cfg, setup.job), setup.job.train_loader, setup.job.test_loader,
                            setup.boundaries, setup.start, out)
         if cfg.train.trace:
             written = trace.finish(cfg.train.trace, setup.trace_group, setup.title)
