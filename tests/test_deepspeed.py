@@ -351,6 +351,35 @@ def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path) -
             assert torch.equal(x[k], y[k]), (name, k)
 
 
+def test_gpt2_engine_deepspeed_equals_native(tmp_path: Path) -> None:
+    """`ppll train --engine deepspeed` on a GPT-2 language model (K = 2, token ids in, per-token aux head, M = 2)
+    writes the same checkpoint as the native engine: weights, aux head, optimizer state, config.json."""
+    sets = ["model.name=gpt2", "model.depth=2", "model.hidden_dim=32", "model.heads=2", "model.mlp_dim=64",
+            "data.name=pydoc", "data.seq_len=32", "data.train_subset=96", "data.test_subset=8", "train.batch_size=16",
+            "train.epochs=1", "train.progress=false", "local.micro_batches=2", "local.aux=lm", "optim.name=adamw",
+            "optim.lr=0.003"]
+    args = [a for s in sets for a in ("--set", s)]
+    res = launch_script(2, "--module", "ppll_ext.train", "--engine", "deepspeed", "--save-dir", str(tmp_path / "ds"),
+                        *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "validation perplexity" in res.stdout, res.stdout
+    native = subprocess.run([sys.executable, "-m", "ppll_ext", "train", "--runtime", "sequential", *args,
+                             "--save-dir", str(tmp_path / "native")], capture_output=True, text=True, cwd=REPO,
+                            timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert native.returncode == 0, native.stderr[-3000:]
+    perplexity = [line for line in native.stdout.splitlines() if "validation perplexity" in line]
+    assert perplexity and perplexity[0] in res.stdout, (perplexity, res.stdout)
+    a, b = tmp_path / "ds" / "step-000006", tmp_path / "native" / "step-000006"
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    files = sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+    assert sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors")) == files and len(files) == 5
+    for name in files:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        for k in x.keys() - {"rng.cpu"}:  # DeepSpeed draws random numbers of its own while starting
+            assert torch.equal(x[k], y[k]), (name, k)
+
+
 def test_data_parallel_trains_the_last_uneven_step(tmp_path: Path) -> None:
     """`ppll train --engine deepspeed` with 2 data-parallel replicas and 3 batches per epoch (32, 32, 6 images):
     step 1 averages the replicas' batches, step 2 trains the 6-image batch on replica 0 alone (replica 1 only joins
@@ -417,8 +446,8 @@ def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> list[dict[s
 def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_cleanly(tmp_path: Path) -> None:
     """DeepSpeedExamples-style LM: (N, T) token ids (K=2, M=2) and soft (N, T, V) targets (K=3, M=1) reach every
     stage whole, aux_heads="auto" gives per-token heads; a fast first stage and a script that returns right after
-    its last train_batch (no flush): every rank exits 0, five runs in a row."""
-    runs = [(2, 2, False, 6)] + [(2, 2, False, 2)] * 3 + [(3, 1, True, 4)]
+    its last train_batch (no flush): every rank exits 0, three runs in a row."""
+    runs = [(2, 2, False, 6), (2, 2, False, 2), (3, 1, True, 4)]
     for run, (stages, micro, soft, steps) in enumerate(runs):
         out = tmp_path / f"run{run}"
         res = launch(stages, DIST / "deepspeed_lm.py", "--out", str(out), "--steps", str(steps), "--micro",
