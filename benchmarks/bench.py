@@ -11,8 +11,13 @@ pipeline trace (Gantt chart: gantt.png).
 Accuracy (with --data-root, the CIFAR-10 image-folder tree): ResNet-32, K = 4, a fixed short budget,
 test accuracy of BP, sequential LL and PPLL processes, and every aux head's early-exit accuracy.
 
+Language-model quality (when gpt2 is among the models): configs/gpt2_tiny_text.yaml's job (the same
+token budget for all), validation perplexity per epoch of BP, sequential LL and PPLL processes with
+`lm` and `lm-blocks` aux heads, and every aux head's early-exit perplexity (curves: lm-perplexity.png).
+
     ppll bench                                   # the full run (writes RESULTS.md, bench.json, PNGs)
     ppll bench --quick --data-root DIR           # a smoke run (files named *-quick*, not for the record)
+    ppll bench --models gpt2 --batch-size 32 --out benchmarks/results/lm   # the language model
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import torch
 from common import run_json, torchrun_cmd
-from runtime_bench import MODELS, profiled_partition, run_method
+from runtime_bench import LM_MODELS, MODELS, profiled_partition, run_method
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -59,8 +64,13 @@ K4_METHODS = {
 TRACED = ("ppll-processes", "gpipe", "1f1b")
 QUICK_NOTE = ("A quick run (1 repeat of a few steps) checks that every method runs and every file is written; its "
               "numbers are not measurements. The committed RESULTS.md comes from a full run (`ppll bench`).")
-THRESHOLDS = {"resnet32": 1.1, "vit": 1.3}
+THRESHOLDS = {"resnet32": 1.1, "vit": 1.3, "gpt2": 1.2}
 """Target speed-up of PPLL over 1F1B (torch and DeepSpeed) per model."""
+CEILING_TARGETS = {"gpt2": 0.95}
+"""Target share of the two-independent-copies ceiling for PPLL processes, per model."""
+LM_CONFIG = "configs/gpt2_tiny_text.yaml"
+LM_PERPLEXITY_GAP = 0.05
+"""Target: PPLL's validation perplexity (better head) within this fraction of BP's at the same token budget."""
 
 
 @dataclass
@@ -148,7 +158,7 @@ def explain(rows: list[dict], targets: list[dict]) -> list[str]:
     return notes
 
 
-def evaluate_targets(rows: list[dict], accuracy: dict | None) -> list[dict]:
+def evaluate_targets(rows: list[dict], accuracy: dict | None, lm: dict | None = None) -> list[dict]:
     """The issue's targets with the measured value and whether each is met (None: not measured)."""
     out = []
     med = {(r["model"], r["method"]): r["median_samples_per_s"] for r in rows}
@@ -164,6 +174,21 @@ def evaluate_targets(rows: list[dict], accuracy: dict | None) -> list[dict]:
                 else None
             out.append({"model": model, "target": f"{name} >= {threshold}", "method": method, "baseline": base,
                         "value": value, "met": None if value is None else value >= threshold})
+        if model in CEILING_TARGETS:
+            pairs = {(model, "ppll-processes"), (model, "2x-sequential")}
+            value = med[(model, "ppll-processes")] / med[(model, "2x-sequential")] if pairs <= med.keys() else None
+            bar = CEILING_TARGETS[model]
+            out.append({"model": model, "target": f"PPLL processes / 2 independent copies (ceiling) >= {bar}",
+                        "method": "ppll-processes", "baseline": "2x-sequential", "value": value,
+                        "met": None if value is None else value >= bar})
+    if lm and "bp" in lm.get("runs", {}):
+        ppll = {n: r["perplexity"] for n, r in lm["runs"].items() if n.startswith("ppll")}
+        if ppll:
+            best = min(ppll, key=ppll.get)
+            gap = ppll[best] / lm["runs"]["bp"]["perplexity"] - 1
+            out.append({"model": "gpt2", "target": f"validation perplexity, PPLL ({best}) within "
+                        f"{LM_PERPLEXITY_GAP:.0%} of BP (value: relative gap)", "value": gap,
+                        "met": gap <= LM_PERPLEXITY_GAP})
     if accuracy and "sequential" in accuracy.get("runs", {}) and "ppll-processes" in accuracy["runs"]:
         gap = 100 * abs(accuracy["runs"]["ppll-processes"]["accuracy"] - accuracy["runs"]["sequential"]["accuracy"])
         out.append({"model": accuracy["model"], "target": "|accuracy PPLL - sequential LL| <= 1.5 points",
@@ -182,6 +207,72 @@ def parse_summary(text: str) -> dict:
     speed = re.findall(r"throughput ([0-9.]+) samples/s \(last epoch\) \| total ([0-9.]+) s", text)
     return {"accuracy": float(acc[-1][0]), "aux_accuracy": [float(v) for v in acc[-1][1].split()],
             "samples_per_s": float(speed[-1][0]) if speed else None, "seconds": float(speed[-1][1]) if speed else None}
+
+
+LM_SUMMARY_RE = re.compile(r"validation perplexity ([0-9.]+) \(token accuracy ([0-9.]+)\)"
+                           r"(?: \| aux heads \(early exit\) (.*))?")
+EPOCH_PPL_RE = re.compile(r"^epoch (\d+)/\d+ .*\| val ppl ([0-9.]+)(?: \(aux ([0-9. ]+)\))?", re.M)
+
+
+def parse_lm_summary(text: str) -> dict:
+    """Validation perplexity and token accuracy (model and aux heads), per-epoch perplexity curves, throughput and
+    total time from the output of `ppll train` on a language model."""
+    found = LM_SUMMARY_RE.findall(text)
+    if not found:
+        raise ValueError(f"no language-model summary in the training output:\n{text[-2000:]}")
+    ppl, acc, aux = found[-1]
+    heads = [re.match(r"([0-9.]+) \(([0-9.]+)\)", h.strip()) for h in aux.split(",")] if aux else []
+    speed = re.findall(r"throughput ([0-9.]+) samples/s, ([0-9.]+) tokens/s \(last epoch\) \| total ([0-9.]+) s",
+                       text)
+    epochs = EPOCH_PPL_RE.findall(text)
+    return {"perplexity": float(ppl), "token_accuracy": float(acc),
+            "aux_perplexity": [float(h.group(1)) for h in heads if h],
+            "aux_token_accuracy": [float(h.group(2)) for h in heads if h],
+            "curve": [[int(e), float(p)] for e, p, _ in epochs],
+            "aux_curves": [[[int(e), float(a.split()[i])] for e, _, a in epochs] for i in range(len(heads))],
+            "tokens_per_s": float(speed[-1][1]) if speed else None, "seconds": float(speed[-1][2]) if speed else None}
+
+
+def lm_quality_runs(quick: bool) -> dict:
+    """configs/gpt2_tiny_text.yaml (K = 2, byte-level pydoc text) at one token budget: BP, sequential LL and PPLL
+    processes with lm and lm-blocks heads; validation perplexity per epoch of the model and every aux head."""
+    budget = {"train_subset": 300, "test_subset": 20, "epochs": 1} if quick else \
+        {"train_subset": None, "test_subset": None, "epochs": 4}
+    common = [f"data.train_subset={budget['train_subset'] or 'null'}",
+              f"data.test_subset={budget['test_subset'] or 'null'}", f"train.epochs={budget['epochs']}",
+              "train.progress=false"]
+    # BP uses both cores (2 threads); the local-learning runs one thread per stage (sequential: 1 process).
+    variants = {"bp": ["train.method=bp", "train.threads=2"],
+                "sequential (lm)": ["local.runtime=sequential", "local.aux=lm"],
+                "ppll-processes (lm)": ["local.aux=lm"],
+                "ppll-processes (lm-blocks)": ["local.aux=lm-blocks"]}
+    out = {"model": "gpt2", "config": LM_CONFIG, **budget, "overrides": common, "runs": {}}
+    for name, extra in variants.items():
+        cmd = [sys.executable, "-m", "ppll_ext.train", "--config", str(ROOT / LM_CONFIG),
+               *[a for o in [*common, *extra] for a in ("--set", o)]]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"language-model run {name} failed:\n{proc.stderr[-3000:]}")
+        out["runs"][name] = {**parse_lm_summary(proc.stdout), "wall_s": time.perf_counter() - started,
+                             "overrides": extra}
+        r = out["runs"][name]
+        print(f"lm quality {name:28s} val ppl {r['perplexity']:.3f} aux {r['aux_perplexity']} "
+              f"({r['wall_s']:.0f} s)", flush=True)
+    return out
+
+
+def plot_lm_curves(lm: dict, out: Path) -> Path:
+    """Validation perplexity per epoch of every method and aux head."""
+    from ppll_ext.plot import plot_curves
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for name, r in lm["runs"].items():
+        series[name] = [tuple(p) for p in r["curve"]]
+        for k, curve in enumerate(r["aux_curves"]):
+            series[f"{name} aux head {k}"] = [tuple(p) for p in curve]
+    return plot_curves(series, out, xlabel="epoch", ylabel="validation perplexity", log_y=True,
+                       title=f"{lm['model']} on pydoc bytes ({lm['config']}): the same token budget for every method")
 
 
 def accuracy_runs(data_root: str, quick: bool) -> dict:
@@ -239,7 +330,8 @@ def markdown(doc: dict) -> str:
              f"Throughput: K = {meta['stages']}, batch {meta['batch']}, {meta['micro']} micro-batches for every "
              f"method, {meta['steps']} timed steps after {meta['warmup']} warm-up, median of {meta['repeats']} "
              f"interleaved repeats, fresh processes, 1 torch thread per process (bp-2t: 2). Synthetic "
-             f"CIFAR-10-shaped data. Stage boundaries (profiled once per model): "
+             f"CIFAR-10-shaped data (gpt2: random byte-level token blocks of 128, a sample = 128 tokens). "
+             f"Stage boundaries (profiled once per model): "
              + ", ".join(f"{m} {p}" for m, p in meta["partitions"].items()) + ".", ""]
     if meta.get("skipped"):
         lines += [f"Skipped: {meta['skipped']}", ""]
@@ -274,6 +366,20 @@ def markdown(doc: dict) -> str:
         for name, r in acc["runs"].items():
             lines.append(f"| {name} | {r['accuracy']:.4f} | {' '.join(f'{a:.4f}' for a in r['aux_accuracy'])} | "
                          f"{r['wall_s']:.0f} |")
+    lm = doc.get("lm_quality")
+    if lm is not None:
+        lines += ["", "## Language-model quality", "",
+                  f"{lm['model']}, `{lm['config']}` with `{' '.join(lm['overrides'])}` (K = 2, byte-level tokens of "
+                  f"Python's reference documentation, {lm['epochs']} epoch(s), the same token budget for every "
+                  f"method). Validation perplexity and token accuracy of the model, and of every aux head used as an "
+                  f"early exit.", "",
+                  "| method | val perplexity | token accuracy | aux heads: perplexity (token accuracy) | tokens/s | "
+                  "wall s |", "|---|---:|---:|---|---:|---:|"]
+        for name, r in lm["runs"].items():
+            aux = ", ".join(f"{p:.3f} ({a:.4f})" for p, a in zip(r["aux_perplexity"], r["aux_token_accuracy"],
+                                                                  strict=True))
+            lines.append(f"| {name} | {r['perplexity']:.3f} | {r['token_accuracy']:.4f} | {aux or '–'} | "
+                         f"{_fmt(r['tokens_per_s'], '.0f')} | {r['wall_s']:.0f} |")
     lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in doc["pictures"]] + [""]
     return "\n".join(lines)
 
@@ -281,7 +387,7 @@ def markdown(doc: dict) -> str:
 def render(out: Path, suffix: str) -> int:
     """Rewrite RESULTS{suffix}.md from bench{suffix}.json, targets re-evaluated, without measuring anything."""
     doc = json.loads((out / f"bench{suffix}.json").read_text())
-    doc["targets"] = evaluate_targets(doc["throughput"], doc["accuracy"])
+    doc["targets"] = evaluate_targets(doc["throughput"], doc["accuracy"], doc.get("lm_quality"))
     (out / f"RESULTS{suffix}.md").write_text(markdown(doc))
     print(f"rewrote {out / f'RESULTS{suffix}.md'} from {out / f'bench{suffix}.json'}")
     return 0
@@ -361,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({time.perf_counter() - began:.0f} s)", flush=True)
     rows = summarise(runs)
     accuracy = accuracy_runs(a.data_root, a.quick) if a.data_root else None
+    lm = lm_quality_runs(a.quick) if any(m in LM_MODELS for m in models) else None
 
     from ppll_ext.plot import plot_bench, plot_traces
 
@@ -372,12 +479,15 @@ def main(argv: list[str] | None = None) -> int:
                     "stages": 2, "batch": setup.batch, "micro": setup.micro, "steps": setup.steps,
                     "warmup": setup.warmup, "repeats": repeats, "skipped": skipped,
                     "partitions": {f"{m} K={k}": v for (m, k), v in partitions.items()}},
-           "throughput": rows, "accuracy": accuracy, "targets": evaluate_targets(rows, accuracy),
+           "throughput": rows, "accuracy": accuracy, "lm_quality": lm, "targets": evaluate_targets(rows, accuracy, lm),
            "traces": {m: [os.path.relpath(t, out) for t in ts] for m, ts in traces.items()}}
     bench_json = out / f"bench{suffix}.json"
     bench_json.write_text(json.dumps(doc, indent=2) + "\n")
     doc["pictures"] = [f"throughput{suffix}.png"]
     plot_bench(bench_json, out / doc["pictures"][0])
+    if lm is not None:
+        doc["pictures"].append(f"lm-perplexity{suffix}.png")
+        plot_lm_curves(lm, out / doc["pictures"][-1])
     for model, paths in traces.items():
         if paths:
             doc["pictures"].append(f"gantt-{model}{suffix}.png")

@@ -26,10 +26,11 @@ import torch.distributed as dist
 from common import machine, ratio_rows, run_json, write_results
 from deepspeed.runtime.pipe.module import PipelineModule
 from probe import gather, peak_rss_mb
-from runtime_bench import MODELS, bench_config, profiled_partition, synthetic_batches
+from runtime_bench import MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
 
 from ppll_ext.build import build_layered
+from ppll_ext.core import make_loss
 from ppll_ext.core.partition import parse_explicit
 
 METHODS = ("ds-1f1b", "ds-ppll")
@@ -73,20 +74,20 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
     release_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = bench_config(model, "processes", world, batch, partition)
-    layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
+    layered = build_layered(cfg, **model_shape(model))
     bounds = parse_explicit(partition, len(layered.layers), world)
     layers = [nn.Sequential(layer, Contiguous()) if i + 1 in bounds[1:-1] else layer
               for i, layer in enumerate(layered.layers)]
     conf = json.loads(CONFIGS[method].read_text())
     conf.update(train_micro_batch_size_per_gpu=batch // micro, gradient_accumulation_steps=micro, steps_per_print=10**9)
+    loss_fn = make_loss(cfg.task)
     if method == "ds-ppll":
-        aux = "vit" if model == "vit" else "conv"
-        net = LocalPipelineModule(layers, num_stages=world, loss_fn=nn.CrossEntropyLoss(), aux_heads=aux,
-                                  example_input=torch.zeros(2, 3, 32, 32), aux_hidden=cfg.local.aux_hidden,
-                                  partition_method=partition)
+        example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
+        net = LocalPipelineModule(layers, num_stages=world, loss_fn=loss_fn, aux_heads=cfg.local.aux,
+                                  example_input=example, aux_hidden=cfg.local.aux_hidden, partition_method=partition)
         engine, *_ = initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
     else:
-        net = CutPipelineModule(layers, num_stages=world, loss_fn=nn.CrossEntropyLoss(), partition_method=partition)
+        net = CutPipelineModule(layers, num_stages=world, loss_fn=loss_fn, partition_method=partition)
         engine, *_ = deepspeed.initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
     feeds = rank == 0 or (method == "ds-1f1b" and rank == world - 1)  # stock: the last stage reads the labels
 
@@ -101,9 +102,9 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
         dist.barrier()
         return time.perf_counter() - start
 
-    run(synthetic_batches(warmup, batch, seed=2))
+    run(synthetic_batches(warmup, batch, seed=2, model=model))
     waits = (getattr(engine, "wait_in_s", 0.0), getattr(engine, "wait_out_s", 0.0))
-    seconds = run(synthetic_batches(steps, batch, seed=3))
+    seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
     waited = getattr(engine, "wait_in_s", 0.0) + getattr(engine, "wait_out_s", 0.0) - sum(waits)
     busy = 1.0 - waited / seconds if method == "ds-ppll" else None
     per_rank = gather((busy, peak_rss_mb()))

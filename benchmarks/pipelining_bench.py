@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
 from probe import TorchStageProbe, gather, peak_rss_mb
-from runtime_bench import MODELS, bench_config, profiled_partition, synthetic_batches
+from runtime_bench import MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ppll_ext import trace
 from ppll_ext.build import build_layered, make_optimizer
-from ppll_ext.core import build_aux_head
+from ppll_ext.core import build_aux_head, make_loss
 from ppll_ext.pipelining import SchedulePPLL
 
 METHODS = ("gpipe", "1f1b", "ppll")
@@ -48,17 +48,19 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cfg = bench_config(model, "processes", world, batch, partition)
-    layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
+    shape = model_shape(model)
+    layered = build_layered(cfg, **shape)
     bounds = [int(b) for b in partition.split(",")] + [len(layered.layers)]
     stage_mod = nn.Sequential(layered.sequential(bounds[rank], bounds[rank + 1]), Contiguous())
     stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=torch.device("cpu"))
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = make_loss(cfg.task)
     if method == "ppll":
         aux = None
         if rank < world - 1:
             with torch.no_grad():
-                h = layered.sequential(0, bounds[rank + 1]).eval()(torch.zeros(2, 3, 32, 32))
-            aux = build_aux_head(cfg.local.aux, h, 10, hidden=cfg.local.aux_hidden)
+                example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
+                h = layered.sequential(0, bounds[rank + 1]).eval()(example)
+            aux = build_aux_head(cfg.local.aux, h, shape["num_classes"], hidden=cfg.local.aux_hidden)
         params = list(stage_mod.parameters()) + (list(aux.parameters()) if aux is not None else [])
         optimizer = make_optimizer(cfg.optim, params)
         schedule = SchedulePPLL(stage, n_microbatches=micro, loss_fn=loss_fn, aux_head=aux, optimizer=optimizer)
@@ -91,9 +93,9 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
         dist.barrier()
         return time.perf_counter() - start
 
-    run(synthetic_batches(warmup, batch, seed=2))
+    run(synthetic_batches(warmup, batch, seed=2, model=model))
     busy_before = busy_s()
-    seconds = run(synthetic_batches(steps, batch, seed=3))
+    seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
     per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb()))
     if trace_path:
         trace.finish(trace_path, dist.group.WORLD, f"{model}: torch {method}, K={world}, M={micro}")

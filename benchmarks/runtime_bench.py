@@ -1,11 +1,12 @@
 """Throughput of the PPLL runtimes against sequential local learning and backprop, side by side.
 
 Every method trains the same model on the same CIFAR-10-shaped batches (synthetic pixels: this
-measures speed, not accuracy) in a fresh process with one torch thread per process; methods are
-interleaved (A B C D, A B C D, ...) so machine drift hits all of them alike, and the median of
-the repeats is reported with ratios. "2x-sequential" runs two independent copies of sequential
-LL at once and adds their throughputs: the most two processes can do on this machine with no
-dependency between them, i.e. the ceiling of a 2-stage pipeline here.
+measures speed, not accuracy; random byte-level token ids for the GPT-2) in a fresh process with
+one torch thread per process; methods are interleaved (A B C D, A B C D, ...) so machine drift
+hits all of them alike, and the median of the repeats is reported with ratios. "2x-sequential"
+runs two independent copies of sequential LL at once and adds their throughputs: the most two
+processes can do on this machine with no dependency between them, i.e. the ceiling of a 2-stage
+pipeline here.
 
     python benchmarks/runtime_bench.py                    # ResNet-32 and ViT, K=2, 3 repeats
     python benchmarks/runtime_bench.py --quick            # smaller, for a smoke run
@@ -33,22 +34,39 @@ MODELS = {
     "resnet32": ["model.name=resnet32", "local.aux=conv"],
     "vit": ["model.name=vit", "model.patch_size=4", "model.depth=6", "model.hidden_dim=192", "model.heads=3",
             "model.mlp_dim=384", "local.aux=vit", "optim.name=adamw", "optim.lr=0.001"],
+    # configs/gpt2_tiny_text.yaml's model: 4 blocks of width 128, context 128, byte-level tokens.
+    "gpt2": ["model.name=gpt2", "model.depth=4", "model.hidden_dim=128", "model.heads=4", "model.mlp_dim=512",
+             "data.name=pydoc", "data.seq_len=128", "local.aux=lm", "optim.name=adamw", "optim.lr=0.002"],
 }
+LM_MODELS = ("gpt2",)
+SEQ_LEN, VOCAB = 128, 256
+
+
+def model_shape(model: str) -> dict[str, int]:
+    """build_layered's data-shape arguments for `model`: CIFAR-10 images or byte-level token blocks."""
+    if model in LM_MODELS:
+        return {"num_classes": VOCAB, "seq_len": SEQ_LEN}
+    return {"in_channels": 3, "image_size": 32, "num_classes": 10}
 
 
 def bench_config(model: str, method: str, stages: int, batch: int, partition: str = "profile",
                  micro: int = 1) -> Config:
     """The job every method runs: `model` cut into `stages` blocks of `micro` micro-batches, one torch thread."""
     runtime = "sequential" if method == "bp" else method
-    return load_config(None, [*MODELS[model], f"local.stages={stages}", f"local.runtime={runtime}",
+    return load_config(None, ["data.name=cifar10", *MODELS[model], f"local.stages={stages}", f"local.runtime={runtime}",
                               f"local.partition={partition}", f"local.micro_batches={micro}",
                               f"train.method={'bp' if method == 'bp' else 'local'}", f"train.batch_size={batch}",
-                              "train.threads=1", "data.name=cifar10"])
+                              "train.threads=1"])
 
 
-def synthetic_batches(n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n` CIFAR-10-shaped batches (normalised noise, random labels)."""
+def synthetic_batches(n: int, batch: int, seed: int = 0, model: str = "resnet32"
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` CIFAR-10-shaped batches (normalised noise, random labels), or for a language model random token blocks
+    with themselves as targets (the next-token shift is inside the loss)."""
     gen = torch.Generator().manual_seed(seed)
+    if model in LM_MODELS:
+        return [(ids, ids.clone()) for ids in (torch.randint(0, VOCAB, (batch, SEQ_LEN), generator=gen)
+                                               for _ in range(n))]
     return [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
             for _ in range(n)]
 
@@ -57,8 +75,8 @@ def profiled_partition(model: str, stages: int, batch: int) -> str:
     """Cut the model once by measured layer + aux-head time (one thread), so every method uses the same split."""
     torch.set_num_threads(1)
     cfg = bench_config(model, "sequential", stages, batch)
-    layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
-    example = synthetic_batches(1, batch, seed=1)[0][0]
+    layered = build_layered(cfg, **model_shape(model))
+    example = synthetic_batches(1, batch, seed=1, model=model)[0][0]
     return ",".join(str(b) for b in stage_boundaries(cfg, layered, example)[:-1])
 
 
@@ -74,8 +92,8 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
     if trace_path:
         trace.start()
     torch.manual_seed(cfg.train.seed)
-    layered = build_layered(cfg, in_channels=3, image_size=32, num_classes=10)
-    example = synthetic_batches(1, 8, seed=1)[0][0]
+    layered = build_layered(cfg, **model_shape(model))
+    example = synthetic_batches(1, 8, seed=1, model=model)[0][0]
     total = warmup + steps
     if method == "bp":
         blocks = {0: build_bp_block(cfg, layered, total_steps=total)}
@@ -91,8 +109,8 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
     else:
         runner = SequentialRunner(ordered, cfg.local.micro_batches)
     title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
-    first = synthetic_batches(warmup, batch, seed=2) if rank == 0 else None
-    later = synthetic_batches(steps, batch, seed=3) if rank == 0 else None
+    first = synthetic_batches(warmup, batch, seed=2, model=model) if rank == 0 else None
+    later = synthetic_batches(steps, batch, seed=3, model=model) if rank == 0 else None
     runner.train_epoch(first)
     timed = runner.train_epoch(later)
     runner.close()

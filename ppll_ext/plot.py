@@ -1,4 +1,4 @@
-"""`ppll plot`: Gantt charts of pipeline traces and throughput bar charts (matplotlib, Agg backend).
+"""`ppll plot`: Gantt charts of pipeline traces, throughput bar charts and curves (matplotlib, Agg backend).
 
 A trace is the Chrome-trace JSON that `ppll train --trace` (or the benchmarks) write: one row per
 stage, one bar per event, coloured by kind. Several traces are stacked on one time axis, so PPLL's
@@ -132,6 +132,29 @@ def plot_bench(bench: str | os.PathLike, out: str | os.PathLike) -> Path:
         ax.set_ylim(0, max(med) * 1.3)
         ax.set_title(f"{model}: median of {statistics.median(len(r['runs']) for r in mine):.0f} runs "
                      f"(bars: min-max; ratios to sequential LL)", loc="left", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, plt, out)
+
+
+def plot_curves(series: dict[str, list[tuple[float, float]]], out: str | os.PathLike, *, xlabel: str, ylabel: str,
+                title: str = "", log_y: bool = False) -> Path:
+    """One line per named series of (x, y) points on shared axes (e.g. validation perplexity per epoch of several
+    methods and aux heads)."""
+    plt = _pyplot()
+    if not any(series.values()):
+        raise ConfigError("no points to plot")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, label=name, linestyle="--" if "aux" in name else "-")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, plt, out)
 
