@@ -364,7 +364,7 @@ def killed_run(dead: int, root: Path) -> tuple[Path, Launch | None]:
     return run, launch
 
 
-@pytest.mark.parametrize("dead", [0, 1, 2])
+@pytest.mark.parametrize("dead", [0, 1])  # the data-reading first stage, and a middle stage (both neighbours)
 def test_sigkill_any_stage_under_torchrun(dead: int, tmp_path_factory: pytest.TempPathFactory) -> None:
     _, launch = killed_run(dead, tmp_path_factory.mktemp("kill"))
     assert launch is not None
@@ -412,11 +412,11 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, tmp_pa
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops")
-@pytest.mark.parametrize("dead", [0, 1, 2])
+@pytest.mark.parametrize("dead", [1])
 def test_sigkill_any_stage_under_the_deepspeed_launcher(dead: int) -> None:
     """The DeepSpeed adapter's stages talk over the same links: the stage upstream of the dead one fails while
-    sending, the one downstream while receiving; the launcher polls its children once a second, then kills the
-    rest."""
+    sending, the one downstream while receiving (a middle stage is killed, so both are seen); the launcher polls
+    its children once a second, then kills the rest."""
     launch = deepspeed_launch(3, DIST / "reliability_deepspeed.py")
     try:
         launch.wait_for(r"^training$")
