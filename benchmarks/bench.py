@@ -209,6 +209,17 @@ def parse_summary(text: str) -> dict:
             "samples_per_s": float(speed[-1][0]) if speed else None, "seconds": float(speed[-1][1]) if speed else None}
 
 
+def train_run(config: str, overrides: list[str], what: str) -> tuple[str, float]:
+    """`python -m ppll_ext.train --config config --set ...` in a fresh process: its output and wall seconds."""
+    cmd = [sys.executable, "-m", "ppll_ext.train", "--config", str(ROOT / config),
+           *[a for o in overrides for a in ("--set", o)]]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.perf_counter() - started
+
+
 LM_SUMMARY_RE = re.compile(r"validation perplexity ([0-9.]+) \(token accuracy ([0-9.]+)\)"
                            r"(?: \| aux heads \(early exit\) (.*))?")
 EPOCH_PPL_RE = re.compile(r"^epoch (\d+)/\d+ .*\| val ppl ([0-9.]+)(?: \(aux ([0-9. ]+)\))?", re.M)
@@ -248,14 +259,8 @@ def lm_quality_runs(quick: bool) -> dict:
                 "ppll-processes (lm-blocks)": ["local.aux=lm-blocks"]}
     out = {"model": "gpt2", "config": LM_CONFIG, **budget, "overrides": common, "runs": {}}
     for name, extra in variants.items():
-        cmd = [sys.executable, "-m", "ppll_ext.train", "--config", str(ROOT / LM_CONFIG),
-               *[a for o in [*common, *extra] for a in ("--set", o)]]
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"language-model run {name} failed:\n{proc.stderr[-3000:]}")
-        out["runs"][name] = {**parse_lm_summary(proc.stdout), "wall_s": time.perf_counter() - started,
-                             "overrides": extra}
+        text, wall = train_run(LM_CONFIG, [*common, *extra], f"language-model run {name}")
+        out["runs"][name] = {**parse_lm_summary(text), "wall_s": wall, "overrides": extra}
         r = out["runs"][name]
         print(f"lm quality {name:28s} val ppl {r['perplexity']:.3f} aux {r['aux_perplexity']} "
               f"({r['wall_s']:.0f} s)", flush=True)
@@ -290,14 +295,8 @@ def accuracy_runs(data_root: str, quick: bool) -> dict:
     out = {"model": "resnet32", "stages": 4, "config": "configs/resnet32_cifar10_k4.yaml", **budget,
            "overrides": [o.replace(data_root, "CIFAR10_DIR") for o in common], "runs": {}}
     for name, extra in variants.items():
-        cmd = [sys.executable, "-m", "ppll_ext.train", "--config", str(ROOT / out["config"]),
-               *[a for o in [*common, *extra] for a in ("--set", o)]]
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"accuracy run {name} failed:\n{proc.stderr[-3000:]}")
-        out["runs"][name] = {**parse_summary(proc.stdout), "wall_s": time.perf_counter() - started,
-                             "overrides": extra}
+        text, wall = train_run(out["config"], [*common, *extra], f"accuracy run {name}")
+        out["runs"][name] = {**parse_summary(text), "wall_s": wall, "overrides": extra}
         r = out["runs"][name]
         print(f"accuracy {name:15s} test {r['accuracy']:.4f} aux {r['aux_accuracy']} ({r['wall_s']:.0f} s)",
               flush=True)

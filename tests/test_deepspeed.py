@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ppll_ext.build import build_blocks
+from ppll_ext.cli import main as cli_main
 from ppll_ext.config import ModelConfig, load_config
 from ppll_ext.core import LocalBlock
 from ppll_ext.deepspeed import LocalBackwardPass, LocalPipelineEngine, LocalTrainSchedule, build_stage_aux_head
@@ -215,10 +216,10 @@ def test_data_parallel_replicas_stay_identical(tmp_path: Path) -> None:
 
 def import_and_check(ckpt: Path, out: Path, runs: dict[int, tuple[dict, dict[str, torch.Tensor]]]) -> None:
     """`ppll import-deepspeed` of a resnet8 checkpoint written by deepspeed_train.py: the plain model loads it
-    (strict) and every tensor equals the one the stage held; aux heads land in training_state/."""
-    res = subprocess.run([sys.executable, "-m", "ppll_ext.cli", "import-deepspeed", str(ckpt), str(out),
-                          "--set", "model.name=resnet8", "--set", "model.width=8"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    (strict) and every tensor equals the one the stage held; aux heads land in training_state/. (The CLI's code runs
+    in this process.)"""
+    assert cli_main(["import-deepspeed", str(ckpt), str(out), "--set", "model.name=resnet8", "--set",
+                     "model.width=8"]) == 0
     torch.manual_seed(0)
     layered = build_model(ModelConfig(name="resnet8", width=8), in_channels=1, image_size=8, num_classes=10)
     state = load_file(str(out / "model.safetensors"))
@@ -249,18 +250,20 @@ def test_bf16_config_trains_a_ppll_ext_model_and_its_checkpoint_imports(tmp_path
     import_and_check(tmp_path / "ckpt", tmp_path / "imported", runs)
 
 
-def test_stock_deepspeed_checkpoint_imports_and_bad_ones_are_refused(tmp_path: Path) -> None:
+def test_stock_deepspeed_checkpoint_imports_and_bad_ones_are_refused(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     runs = train(2, tmp_path / "run", "--model", "resnet8", "--stages", "2", "--steps", "3", "--engine", "stock",
                  "--config", str(REPO / "configs" / "deepspeed" / "stock_1f1b.json"),
                  "--save-ckpt", str(tmp_path / "ckpt"), "--save-at", "3")
     import_and_check(tmp_path / "ckpt", tmp_path / "imported", runs)
 
     def refused(ckpt: Path, *sets: str) -> str:
-        res = subprocess.run([sys.executable, "-m", "ppll_ext.cli", "import-deepspeed", str(ckpt),
-                              str(tmp_path / "never"), "--set", "model.name=resnet8", *sets],
-                             capture_output=True, text=True)
-        assert res.returncode == 2 and not (tmp_path / "never").exists(), res.stderr
-        return res.stderr.strip()
+        """`ppll import-deepspeed` through the CLI's own code in this process: one error line, exit 2."""
+        capsys.readouterr()
+        rc = cli_main(["import-deepspeed", str(ckpt), str(tmp_path / "never"), "--set", "model.name=resnet8", *sets])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and not (tmp_path / "never").exists() and len(err.splitlines()) == 1, err
+        return err
 
     assert "'conv1.weight' has shape (8, 1, 3, 3), the model has (16, 1, 3, 3)" in refused(tmp_path / "ckpt")
     step = tmp_path / "ckpt" / "step3"

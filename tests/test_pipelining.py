@@ -176,7 +176,7 @@ def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> dict[int, d
             for k, b in enumerate(blocks)}
 
 
-@pytest.mark.parametrize(("stages", "micro", "soft"), [(2, 4, False), (3, 1, False), (2, 2, True)])
+@pytest.mark.parametrize(("stages", "micro", "soft"), [(3, 1, False), (2, 2, True)])
 def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: int, micro: int, soft: bool,
                                                                        tmp_path: Path) -> None:
     """(N, T) token ids (and (N, T, V) soft targets) reach every stage whole; torchtitan's loss form works there;
