@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.train_subset=320", "data.test_subset=200", "train.batch_size=32", "train.progress=false",
          "train.threads=1"]
 MODELS = {
+    "resnet8": ["model.name=resnet8", "model.width=8", "local.partition=uniform"],
     "resnet32": ["model.name=resnet32", "model.width=8", "local.partition=uniform"],
     "vit": ["model.name=vit", "model.patch_size=2", "model.depth=4", "model.hidden_dim=32", "model.heads=2",
             "model.mlp_dim=64", "local.aux=vit", "local.partition=uniform", "optim.name=adamw", "optim.lr=0.001"],
@@ -56,7 +57,7 @@ def plain_accuracy(model: torch.nn.Module, cfg) -> float:
     return correct / len(ds)
 
 
-@pytest.mark.parametrize(("name", "runtime"), [("resnet32", "processes"), ("vit", "threads")])
+@pytest.mark.parametrize(("name", "runtime"), [("resnet8", "processes"), ("vit", "threads")])
 def test_k4_checkpoint_loads_into_the_plain_model(name: str, runtime: str, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """K = 4 stages write one shard each (4 processes; the ViT in 4 threads, the same writer) that load strict into
@@ -90,7 +91,7 @@ def test_k4_checkpoint_loads_into_the_plain_model(name: str, runtime: str, tmp_p
             assert torch.equal(other.state_dict()[key], value), key
     aux = load_file(str(folder / ckpt.AUX))
     assert {k.split(".")[0] for k in aux} == {"stage0", "stage1", "stage2"}
-    if name == "resnet32":
+    if name == "resnet8":
         # Resume this K = 4 checkpoint with K = 2: re-partitioned, it continues from the saved weights.
         out = io.StringIO()
         summary = run_training(load_config(None, [*overrides, "local.stages=2", "local.runtime=sequential",
@@ -132,7 +133,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_exact_resume_processes(tmp_path: Path) -> None:
     """Stopped and resumed under the processes runtime, the run ends bit-identical to an uninterrupted one
     (computed by sequential local learning in this process, which the processes runtime equals)."""
-    overrides = [*MODELS["resnet32"], *SMALL, "local.stages=2", "train.epochs=2"]
+    overrides = [*MODELS["resnet8"], *SMALL, "local.stages=2", "train.epochs=2"]
     _final([*overrides, "local.runtime=sequential", f"train.save_dir={tmp_path / 'a'}"])
     base = sets(*overrides, "local.runtime=processes")
     res = ppll("train", *base, "--save-dir", str(tmp_path / "b"), *sets("train.stop_at_step=7"))
