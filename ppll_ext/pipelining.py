@@ -19,6 +19,7 @@ Tested with torch 2.13–2.14 (`TESTED`; pyproject.toml asks for torch>=2.13). `
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -267,23 +268,28 @@ class SchedulePPLL(PipelineScheduleSingle):
         device = self._worker.device
         kind = Kind.TRAIN if training else Kind.EVAL
         if self._stage.is_first:
-            messages = [Msg(kind, x.to(device), t.to(device), len(arg_mbs))
-                        for x, t in zip(arg_mbs, target_mbs, strict=True)]
+            messages = iter([Msg(kind, x.to(device), t.to(device), len(arg_mbs))
+                             for x, t in zip(arg_mbs, target_mbs, strict=True)])
+            count = len(arg_mbs)
         else:
+            # Each micro-batch is handled as soon as it arrives (not after all of them): the previous stage keeps
+            # streaming into the bounded queue instead of waiting for room.
             first = next(self._inbox)
-            messages = [first, *(next(self._inbox) for _ in range(first.n_micro - 1))]
-            if any(msg.kind is not kind for msg in messages):
+            messages, count = itertools.chain([first], self._inbox), first.n_micro
+        given = None
+        if target_mbs is not None and not self._stage.is_first:
+            given = target_mbs[0] if len(target_mbs) == 1 else torch.cat(list(target_mbs))
+        outputs: list[torch.Tensor] = []
+        seen = 0
+        for i in range(count):
+            msg = next(messages)
+            if msg.kind is not kind:
                 what = "training" if training else "evaluation"
                 raise PipelineError(f"stage {index}: expected {what} micro-batches from stage {index - 1}; call "
                                     f"step() or eval() in the same order on every rank")
-            if target_mbs is not None:
-                given = target_mbs[0] if len(target_mbs) == 1 else torch.cat(list(target_mbs))
-                arrived = torch.cat([msg.y for msg in messages])
-                if given.shape != arrived.shape or not torch.equal(given.to(arrived.device), arrived):
-                    raise PipelineError(f"stage {index}: target= differs from the targets that arrived with the "
-                                        f"activations; feed every rank the same data order")
-        outputs: list[torch.Tensor] = []
-        for i, msg in enumerate(messages):
+            if given is not None:
+                self._check_target(given, msg.y, seen, last=i == count - 1)
+                seen += len(msg.y)
             self._body.extra = kwarg_mbs[i] if kwarg_mbs else {}
             try:
                 self._worker.handle(msg)
@@ -299,6 +305,15 @@ class SchedulePPLL(PipelineScheduleSingle):
                 raise PipelineError(f"stage {index}: expected the end of evaluation from stage {index - 1}")
             self._worker.handle(end)
         return outputs
+
+    def _check_target(self, given: torch.Tensor, arrived: torch.Tensor, start: int, last: bool) -> None:
+        """PipelineError unless the micro-batch targets that arrived are rows start.. of the step's `target=`
+        (checked before the micro-batch is used; the last one must also end the given targets)."""
+        part = given[start:start + len(arrived)]
+        if (part.shape != arrived.shape or not torch.equal(part.to(arrived.device), arrived)
+                or (last and start + len(arrived) != len(given))):
+            raise PipelineError(f"stage {self._stage.stage_index}: target= differs from the targets that arrived "
+                                f"with the activations; feed every rank the same data order")
 
     def flush(self) -> None:
         """Block until everything this stage sent has been received downstream."""
