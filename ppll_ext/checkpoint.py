@@ -8,16 +8,28 @@ pickle anywhere. (Readers such as torch's HuggingFaceStorageReader take every *.
 at the top level for model weights, so nothing else may lie there.) Stages write into
 `step-000123.tmp/`; the first rank writes the aux heads, the trainer state and the index, then
 renames the directory, so a checkpoint exists completely or not at all.
+
+`training_state/checksums.json` maps every other file of the checkpoint (by path relative to it) to its sha256:
+each stage hashes what it wrote, the first rank adds its own files and writes the list before the index; loading
+verifies each file it opens, and `verify` checks a whole folder. The folder of a training run holds
+`.ppll.lock` (JSON: pid, host, process start, time) while a run writes into it, and `superseded/` for the
+checkpoints of an earlier run that lay after the step a later run started from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,19 +39,34 @@ from safetensors.torch import save_file
 
 from ppll_ext import hooks
 from ppll_ext.core import LocalBlock
-from ppll_ext.errors import CheckpointError
+from ppll_ext.errors import CheckpointError, ConfigError
 from ppll_ext.models import LayeredModel
+from ppll_ext.paths import unwritable
+
+log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 STATE_DIR = "training_state"
 AUX = f"{STATE_DIR}/aux-heads.safetensors"
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = f"{STATE_DIR}/checksums.json"
+"""{path relative to the checkpoint: sha256} of every other file of a checkpoint, written just before the index."""
+LOCK = ".ppll.lock"
+"""The lock file of a run directory, held by the process that commits its checkpoints for the whole run."""
+SUPERSEDED = "superseded"
+"""The folder of a run directory where a run moves an earlier run's checkpoints that lie after its starting step."""
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 """Files besides the weights that make a folder loadable by transformers' from_pretrained (model config, tokenizer);
 written into language-model checkpoints and copied by export."""
+RESUME_SETTINGS = ("data.name", "data.train_subset", "data.val_fraction", "data.seq_len", "data.text_column",
+                   "train.batch_size", "train.seed", "local.data_parallel")
+"""Settings that give a checkpoint's position (epoch, batch, step) its meaning: a resumed run must keep them."""
+OPTIMIZER_SETTINGS = ("optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay")
+"""Settings held in the saved optimizer states: a run resumed with the same stages (which restores them) keeps them."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 _DS_LAYER = re.compile(r"^layer_(\d+)(-model_\d+)?-model_states\.pt$")
 _DS_AUX = re.compile(r"^aux_head_(\d+)(-model_\d+)?-model_states\.pt$")
 
@@ -60,12 +87,34 @@ class Position:
 
 @dataclass
 class StageManifest:
-    """What a stage wrote, reported to the first rank: its shard's tensor names and sizes, its aux head."""
+    """What a stage wrote, reported to the first rank: its shard's tensor names and sizes, its aux head, and the
+    sha256 of each file it wrote (by path relative to the checkpoint), so the first rank rereads nothing."""
 
     index: int
     shard: str
     sizes: dict[str, int]
     aux: dict[str, torch.Tensor]
+    checksums: dict[str, str]
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (a shard may be larger than the memory to spare)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_bytes(obj: object) -> bytes:
+    """The bytes a checkpoint's JSON file holds (so its sha256 is known before it is written)."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _atomic_bytes(data: bytes, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -76,9 +125,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _atomic_json(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    _atomic_bytes(_json_bytes(obj), path)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -119,16 +166,21 @@ def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[
                "lr_scheduler": block.lr_scheduler.state_dict() if block.lr_scheduler else None}
     _atomic_json(scalars, folder / STATE_DIR / f"stage-{k}.json")
     aux = {f"stage{k}.{n}": t.detach().cpu().clone() for n, t in block.aux.state_dict().items()} if block.aux else {}
-    return StageManifest(k, shard, {name: t.numel() * t.element_size() for name, t in body.items()}, aux)
+    files = (shard, f"{STATE_DIR}/stage-{k}.safetensors", f"{STATE_DIR}/stage-{k}.json")
+    return StageManifest(k, shard, {name: t.numel() * t.element_size() for name, t in body.items()}, aux,
+                         {name: _sha256(folder / name) for name in files})
 
 
 def commit(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
            config: dict, keep: int, extra: Callable[[Path], object] | None = None) -> Path:
-    """Complete the checkpoint the stages wrote into `folder` (`step-N.tmp`): aux heads, trainer state, `extra`
-    files (a language model's config.json and tokenizer), then the index (last), then the rename to `step-N`; prune
-    to the `keep` newest. The one place a checkpoint becomes visible, called once (on the first rank) by every
-    engine and by SchedulePPLL.save_checkpoint."""
+    """Complete the checkpoint the stages wrote into `folder` (`step-N.tmp`): drop what an earlier, interrupted save
+    of that step left there, then aux heads, trainer state, `extra` files (a language model's config.json and
+    tokenizer), the checksums, the index (last), the rename to `step-N`; move checkpoints after it aside (an
+    earlier run's) and prune to the `keep` newest, never this one. The one place a checkpoint becomes visible,
+    called once (on the first rank) by every engine and by SchedulePPLL.save_checkpoint."""
     manifests = sorted(manifests, key=lambda m: m.index)
+    sums = {name: digest for m in manifests for name, digest in m.checksums.items()}
+    _drop_stale(folder, set(sums))
     if extra is not None:
         extra(folder)
     _atomic_save({k: v for m in manifests for k, v in m.aux.items()}, folder / AUX)
@@ -142,19 +194,68 @@ def commit(folder: Path, manifests: Iterable[StageManifest], position: Position,
                                       f"{m.shard}); give each stage tensor its unsplit model's name")
             weight_map[name] = m.shard
     total = sum(size for m in manifests for size in m.sizes.values())
-    _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX)
+    index = _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map})
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name not in sums:
+            sums[name] = _sha256(path)
+    sums[INDEX] = hashlib.sha256(index).hexdigest()
+    _atomic_json(dict(sorted(sums.items())), folder / CHECKSUMS)
+    _atomic_bytes(index, folder / INDEX)
     final = folder.with_name(folder.name.removesuffix(".tmp"))
     if final.exists():
         shutil.rmtree(final)
     os.replace(folder, final)
-    _prune(final.parent, keep)
+    supersede(final.parent, position.step)
+    _prune(final.parent, keep, final)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    for _, path in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+def _drop_stale(folder: Path, own: set[str]) -> None:
+    """Delete every file in `folder` but `own` (the stages' files of this save): another K's shards and stage files
+    or *.part files that an interrupted save of the same step left, so a committed checkpoint holds only its own."""
+    stale = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in own)
+    for path in stale:
+        path.unlink()
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        if path != folder / STATE_DIR and not any(path.iterdir()):
+            path.rmdir()
+    if stale:
+        log.info("%s: removed %d file(s) an interrupted earlier save left there (%s)", folder.name, len(stale),
+                 ", ".join(p.relative_to(folder).as_posix() for p in stale))
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-N folder in run directory `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), c) for c in root.iterdir() if (m := _STEP_DIR.match(c.name)))
+
+
+def supersede(root: str | Path, step: int) -> None:
+    """Move the checkpoints in run directory `root` after `step` into `root/superseded/`, saying so: a run that
+    starts (or has just saved) at `step` did not write them, so they must be neither pruned in its place nor picked
+    by a later resume from `root`. Nothing is deleted."""
+    later = [path for n, path in _steps(Path(root)) if n > step]
+    if not later:
+        return
+    aside = Path(root) / SUPERSEDED
+    aside.mkdir(exist_ok=True)
+    for path in later:
+        dest, n = aside / path.name, 1
+        while dest.exists():
+            n += 1
+            dest = aside / f"{path.name}.{n}"
+        os.rename(path, dest)
+    log.warning("this run is at step %d: moved the later checkpoint(s) %s of an earlier run to %s (not deleted)",
+                step, ", ".join(p.name for p in later), aside)
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Delete all but the `keep` highest step-N checkpoints of `root`; `newest`, the one just committed, never."""
+    for _, path in _steps(root)[:-keep] if keep > 0 else []:
+        if path != newest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def step_folder(root: str | Path, step: int) -> Path:
@@ -168,16 +269,23 @@ def resolve(path: str | Path) -> Path:
     if (p / INDEX).is_file() or (p / SINGLE).is_file():
         return p
     if p.is_dir():
-        steps = sorted((int(m.group(1)), c) for c in p.iterdir() if (m := _STEP_DIR.match(c.name))
-                       and (c / INDEX).is_file())
+        steps = [c for _, c in _steps(p) if (c / INDEX).is_file()]
         if steps:
-            return steps[-1][1]
+            return steps[-1]
         raise CheckpointError(f"{str(p)!r} has no {INDEX} and no complete step-N checkpoint inside; "
                               f"an interrupted save leaves only step-N.tmp, which is never loaded")
     if p.exists():
         raise CheckpointError(f"{str(p)!r} is a file, not a checkpoint; pass the directory that holds {INDEX} "
                               f"(or {SINGLE}), or the run directory with step-N checkpoints")
     raise CheckpointError(f"checkpoint {str(p)!r} does not exist; pass a checkpoint directory or a run directory")
+
+
+def checkpoints(path: str | Path) -> list[Path]:
+    """The checkpoint `path` is, or every complete step-N checkpoint of run directory `path`, oldest first."""
+    newest = resolve(path)
+    if newest == Path(path):
+        return [newest]
+    return [c for _, c in _steps(Path(path)) if (c / INDEX).is_file()]
 
 
 def _open(path: Path) -> dict[str, torch.Tensor]:
@@ -201,20 +309,124 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{str(path)!r} is not valid JSON; the checkpoint is corrupt") from None
 
 
+def _checksums(folder: Path) -> dict[str, str] | None:
+    """The recorded sha256 of each file of checkpoint `folder`; None for a folder saved without them (an export,
+    or a checkpoint of an older ppll_ext)."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    sums = read_json(path)
+    _need(isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values()), path, "top level",
+          "a JSON object of file paths to sha256 digests")
+    return sums
+
+
+def _verify_file(folder: Path, name: str, sums: dict[str, str] | None) -> None:
+    """CheckpointError unless file `name` of checkpoint `folder` has the sha256 recorded for it (when recorded)."""
+    if sums is None:
+        return
+    if name not in sums:
+        raise CheckpointError(f"{str(folder / name)!r} is not listed in {CHECKSUMS}: it was put there after the "
+                              f"checkpoint was saved; remove it or resume from another checkpoint")
+    if _sha256(folder / name) != sums[name]:
+        raise CheckpointError(f"{str(folder / name)!r} does not match its sha256 in {CHECKSUMS}: it changed after "
+                              f"it was saved (corrupt or edited); restore it or resume from another checkpoint "
+                              f"(`ppll verify {folder}` lists every bad file)")
+
+
+def verify(folder: str | Path) -> dict[str, str] | None:
+    """Every file of checkpoint `folder` against its recorded sha256, by path relative to it: "ok", "bad" (other
+    content), "missing" or "unlisted" (not written by the save); None when it records no checksums (saved by an
+    older ppll_ext)."""
+    folder = Path(folder)
+    sums = _checksums(folder)
+    if sums is None:
+        return None
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {CHECKSUMS}
+    status = {name: "missing" if name not in present else "ok" if _sha256(folder / name) == digest else "bad"
+              for name, digest in sums.items()}
+    status.update({name: "unlisted" for name in present - set(sums)})
+    return dict(sorted(status.items()))
+
+
+def _need(ok: bool, path: Path, entry: str, expected: str) -> None:
+    """CheckpointError naming the file and the entry when a checkpoint's field or tensor is missing or malformed."""
+    if not ok:
+        raise CheckpointError(f"{str(path)!r}: {entry!r} is missing or not {expected}; the file was edited or is "
+                              f"corrupt: restore it or resume from another checkpoint")
+
+
+def _count(value: object) -> bool:
+    """An integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """trainer_state.json of checkpoint `folder`, each field checked and the file verified against its sha256."""
+    path = folder / TRAINER_STATE
+    state = read_json(path)
+    _need(isinstance(state, dict), path, "top level", "a JSON object")
+    pos = state.get("position")
+    _need(isinstance(pos, dict) and all(_count(pos.get(f)) for f in ("step", "epoch", "batch")), path, "position",
+          "{step, epoch, batch} of integers >= 0")
+    k = state.get("num_stages")
+    _need(_count(k) and k >= 1, path, "num_stages", "an integer >= 1")
+    cut = state.get("boundaries")
+    _need(cut is None or (isinstance(cut, list) and len(cut) == k + 1 and all(_count(b) for b in cut)
+                          and cut[0] == 0 and all(a < b for a, b in zip(cut, cut[1:]))),
+          path, "boundaries", f"null or {k + 1} increasing layer indices from 0 (num_stages + 1)")
+    _need(isinstance(state.get("config"), dict), path, "config", "a JSON object")
+    _verify_file(folder, TRAINER_STATE, _checksums(folder))
+    return state
+
+
+def check_cut(folder: Path, state: dict, layers: int) -> None:
+    """CheckpointError unless the checkpoint's stage boundaries end at this model's last layer."""
+    cut = state["boundaries"]
+    if cut is not None and cut[-1] != layers:
+        raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: 'boundaries' {cut} end at layer {cut[-1]} but this "
+                              f"model has {layers} layers; the file was edited or belongs to another model: resume "
+                              f"from a checkpoint of this model")
+
+
+def check_resume_settings(folder: Path, state: dict, config: dict, same_stages: bool) -> None:
+    """CheckpointError when a resumed run changes a setting its checkpoint depends on: RESUME_SETTINGS always,
+    OPTIMIZER_SETTINGS when the optimizer states are restored (same number of stages). Settings the checkpoint does
+    not record (SchedulePPLL's checkpoints record none) are not compared."""
+    saved = state["config"]
+    for key in RESUME_SETTINGS + (OPTIMIZER_SETTINGS if same_stages else ()):
+        section, name = key.split(".")
+        if not isinstance(saved.get(section), dict) or name not in saved[section]:
+            continue
+        old, new = saved[section][name], config[section][name]
+        if old != new:
+            why = ("the saved position (epoch, batch, step) counts batches of the saved data stream"
+                   if key in RESUME_SETTINGS else "the saved optimizer states were made with it")
+            raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: 'config.{key}' is {old!r} but this run has "
+                                  f"{key}={new!r}; {why}: resume with {key}={old!r}, or start a new run without "
+                                  f"train.resume", key=key)
+
+
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the unsplit model from all shards, checked against the index."""
+    """Every tensor of the unsplit model from all shards, checked against the index and the recorded checksums."""
     folder = resolve(path)
+    sums = _checksums(folder)
     if not (folder / INDEX).is_file():
-        return _open(folder / SINGLE)
+        state = _open(folder / SINGLE)
+        _verify_file(folder, SINGLE, sums)
+        return state
     index = read_json(folder / INDEX)
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{str(folder / INDEX)!r} has no weight_map; it is not a sharded safetensors index")
     merged: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    shards = sorted(set(index["weight_map"].values()))
+    for shard in shards:
         merged.update(_open(folder / shard))
     missing = sorted(set(index["weight_map"]) - set(merged))
     if missing:
         raise CheckpointError(f"tensor {missing[0]!r} listed in the index is in no shard ({len(missing)} missing)")
+    for name in [*shards, INDEX]:
+        _verify_file(folder, name, sums)
     return merged
 
 
@@ -234,7 +446,24 @@ def check_against(state: dict[str, torch.Tensor], reference: dict[str, torch.Ten
 
 def load_aux(folder: Path) -> dict[str, torch.Tensor]:
     """Every aux head's tensors of a checkpoint, keyed `stage<k>.<name>`."""
-    return _open(folder / AUX)
+    aux = _open(folder / AUX)
+    _verify_file(folder, AUX, _checksums(folder))
+    return aux
+
+
+def _check_stage(folder: Path, k: int, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    """CheckpointError naming the file and the entry when stage k's training state lacks or mangles one."""
+    tensor_file, json_file = folder / STATE_DIR / f"stage-{k}.safetensors", folder / STATE_DIR / f"stage-{k}.json"
+    rng = tensors.get("rng.cpu")
+    _need(rng is not None and rng.dtype == torch.uint8 and rng.dim() == 1, tensor_file, "rng.cpu",
+          "a uint8 RNG state")
+    _need(isinstance(scalars, dict), json_file, "top level", "a JSON object")
+    _need(_count(scalars.get("steps")), json_file, "steps", "an integer >= 0")
+    opt, sched = scalars.get("optimizer", 0), scalars.get("lr_scheduler", 0)  # 0: absent
+    _need(opt is None or (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+                          and isinstance(opt.get("scalars"), dict)), json_file, "optimizer",
+          "null or {param_groups, scalars}")
+    _need(sched is None or isinstance(sched, dict), json_file, "lr_scheduler", "null or a JSON object")
 
 
 def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
@@ -245,29 +474,46 @@ def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
     if block.aux is not None:
         prefix = f"stage{k}."
         aux = {n[len(prefix):]: t for n, t in load_aux(folder).items() if n.startswith(prefix)}
-        check_against(aux, block.aux.state_dict(), f"{AUX} (stage {k})")
+        check_against(aux, block.aux.state_dict(), f"checkpoint {str(folder)!r}: {AUX} (stage {k})")
         block.aux.load_state_dict(aux)
-    tensors = _open(folder / STATE_DIR / f"stage-{k}.safetensors")
-    scalars = read_json(folder / STATE_DIR / f"stage-{k}.json")
+    tensor_name, json_name = f"{STATE_DIR}/stage-{k}.safetensors", f"{STATE_DIR}/stage-{k}.json"
+    tensors = _open(folder / tensor_name)
+    scalars = read_json(folder / json_name)
+    _check_stage(folder, k, tensors, scalars)
+    sums = _checksums(folder)
+    _verify_file(folder, tensor_name, sums)
+    _verify_file(folder, json_name, sums)
     torch.set_rng_state(tensors.pop("rng.cpu"))
     if block.optimizer is not None and scalars["optimizer"] is not None:
-        block.optimizer.load_state_dict(_unflatten_optimizer(tensors, scalars["optimizer"]))
+        try:
+            block.optimizer.load_state_dict(_unflatten_optimizer(tensors, scalars["optimizer"]))
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {str(folder)!r}: the optimizer state in {tensor_name} does not fit "
+                                  f"stage {k}'s {type(block.optimizer).__name__} ({type(exc).__name__}: {exc}); "
+                                  f"resume with the optim settings of its {TRAINER_STATE}") from None
     if block.lr_scheduler is not None and scalars["lr_scheduler"] is not None:
         block.lr_scheduler.load_state_dict(scalars["lr_scheduler"])
     block.steps = scalars["steps"]
 
 
-def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int,
-           source: Path | None = None) -> list[Path]:
+def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int, source: Path | None = None,
+           overwrite: bool = False) -> list[Path]:
     """Write `state` as one `model.safetensors`, or as HF shards + index when it exceeds `max_shard_bytes`; with a
-    `source` checkpoint folder, its HF_FILES (config.json, tokenizer) too, so from_pretrained(out) loads it."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    `source` checkpoint folder, its HF_FILES (config.json, tokenizer) too (verified), so from_pretrained(out) loads
+    it. A non-empty `out` is refused unless `overwrite`; the files are written beside it and then replace it."""
+    return _replace_folder(out, overwrite, lambda folder: _write_model(state, folder, max_shard_bytes, source))
+
+
+def _write_model(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,
+                 source: Path | None = None) -> list[str]:
+    """export's files, written into the empty `folder`; their names."""
     copied = []
+    sums = _checksums(source) if source is not None else None
     for name in HF_FILES if source is not None else ():
         if (source / name).is_file():
+            _verify_file(source, name, sums)
             shutil.copyfile(source / name, folder / name)
-            copied.append(folder / name)
+            copied.append(name)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -279,14 +525,178 @@ def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int
         size += nbytes
     if len(shards) == 1:
         _atomic_save(shards[0], folder / SINGLE)
-        return [folder / SINGLE, *copied]
+        return [SINGLE, *copied]
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     for name, shard in zip(names, shards):
         _atomic_save(shard, folder / name)
     total = sum(t.numel() * t.element_size() for t in state.values())
     _atomic_json({"metadata": {"total_size": total},
                   "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, folder / INDEX)
-    return [folder / n for n in names] + [folder / INDEX, *copied]
+    return [*names, INDEX, *copied]
+
+
+def check_output_folder(out: str | Path, overwrite: bool) -> None:
+    """ConfigError unless `out` can take an export: absent, an empty folder, or (with `overwrite`) any folder."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output {str(out)!r} is a file; give a folder to write into")
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if entries and not overwrite:
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise ConfigError(f"output folder {str(out)!r} is not empty (it holds {entries[0]!r}{more}); choose an empty "
+                          f"folder, or replace it with overwrite=True (ppll export/import-deepspeed --overwrite)")
+
+
+def _replace_folder(out: str | Path, overwrite: bool, write: Callable[[Path], list[str]]) -> list[Path]:
+    """Run `write` on a new folder beside `out`, then put it in `out`'s place (a non-empty `out` only with
+    `overwrite`): `out` never mixes the files of two writes, and a failed write leaves it as it was."""
+    check_output_folder(out, overwrite)
+    final = Path(out).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        names = write(tmp)
+        if final.is_dir():
+            old = tmp.with_suffix(".old")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [Path(out) / name for name in names]
+
+
+def _process(pid: int) -> tuple[bool, str | None]:
+    """(whether process `pid` runs, its start time in clock ticks since boot; None where /proc cannot tell)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except PermissionError:
+        pass  # it exists, under another user
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True, None
+    return fields[0] != "Z", fields[19]
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock file's holder {pid, host, started, since}, None without one; a lock being written is waited for."""
+    for _ in range(10):
+        try:
+            holder = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            time.sleep(0.05)  # created by another run that has not written it yet
+            continue
+        if (isinstance(holder, dict) and _count(holder.get("pid")) and holder["pid"] > 0
+                and isinstance(holder.get("host"), str) and isinstance(holder.get("since"), str)
+                and "started" in holder and isinstance(holder["started"], (str, type(None)))):
+            return holder
+        break
+    raise CheckpointError(f"{str(path)!r} is not a ppll lock (JSON with pid, host, started, since); if no run uses "
+                          f"{str(path.parent)!r}, delete it", key="train.save_dir")
+
+
+def _stale_lock(path: Path) -> dict | None:
+    """The holder of the lock at `path` if its run is dead; None without a lock; CheckpointError while a live run
+    (or a run on another host, which cannot be checked from here) holds it."""
+    holder = _read_lock(path)
+    if holder is None:
+        return None
+    who = f"pid {holder['pid']} on host {holder['host']}, started {holder['since']}"
+    if holder["host"] != socket.gethostname():
+        raise CheckpointError(f"{str(path.parent)!r} is locked by a run on another host ({who}); if that run has "
+                              f"ended, delete {str(path)!r}, else choose another train.save_dir", key="train.save_dir")
+    running, started = _process(holder["pid"])
+    if running and (holder["started"] is None or started is None or started == holder["started"]):
+        raise CheckpointError(f"{str(path.parent)!r} is in use by another run ({who}); wait for it to end or choose "
+                              f"another train.save_dir", key="train.save_dir")
+    return holder
+
+
+def check_run_dir(save_dir: str | Path) -> None:
+    """ConfigError unless `save_dir` is, or can be created as, a writable folder; CheckpointError while a live run
+    holds its lock. Checked before any training, so a bad run directory never fails a run after its epochs."""
+    root = Path(save_dir).absolute()
+    reason = unwritable(root)
+    if reason is not None:
+        raise ConfigError(f"train.save_dir={str(save_dir)!r} cannot be used: {reason}; choose another "
+                          f"train.save_dir", key="train.save_dir")
+    _stale_lock(root / LOCK)
+
+
+@dataclass
+class RunLock:
+    """The lock on a run directory, held by the process that commits its checkpoints (see lock_run)."""
+
+    path: Path
+    holder: dict
+    created_dir: bool
+
+    def release(self) -> None:
+        """Remove the lock while it is still this process's, and the run directory if this run created it and left
+        it empty (idempotent)."""
+        with suppress(FileNotFoundError, CheckpointError):
+            if _read_lock(self.path) == self.holder:
+                self.path.unlink()
+        if self.created_dir:
+            with suppress(OSError):
+                self.path.parent.rmdir()
+
+
+def lock_run(save_dir: str | Path) -> RunLock:
+    """Lock run directory `save_dir` (created if need be) for this process, the one that commits its checkpoints:
+    refused while another live run holds it, a dead run's lock taken over with a message. Then the step-N.tmp
+    folders of interrupted saves are removed (no live run can be writing them)."""
+    check_run_dir(save_dir)
+    root = Path(save_dir)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process(os.getpid())[1],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            stale = _stale_lock(path)
+            if stale is not None:
+                _take_over(path, stale)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine) + "\n")
+        break
+    else:
+        raise CheckpointError(f"{str(path)!r} was taken by other runs starting at the same time; choose another "
+                              f"train.save_dir", key="train.save_dir")
+    leftovers = sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir())
+    for p in leftovers:
+        shutil.rmtree(p)
+    if leftovers:
+        log.info("removed %s from %s: folders of interrupted saves, never loaded", ", ".join(p.name for p in leftovers),
+                 root)
+    return RunLock(path, mine, created)
+
+
+def _take_over(path: Path, holder: dict) -> None:
+    """Remove the stale lock of `holder` at `path`, saying so; a lock another run has put there meanwhile stays."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another run took it over first
+    if _read_lock(aside) != holder:  # that other run's fresh lock: put it back
+        os.rename(aside, path)
+        return
+    aside.unlink()
+    log.warning("taking over the lock of %s: its run (pid %d on host %s, started %s) is no longer running",
+                path.parent, holder["pid"], holder["host"], holder["since"])
 
 
 def _weights_only(path: Path) -> dict[str, torch.Tensor]:
@@ -347,11 +757,15 @@ def import_deepspeed(path: str | Path, layered: LayeredModel) -> tuple[dict[str,
 
 
 def write_imported(state: dict[str, torch.Tensor], aux: dict[str, torch.Tensor], out: str | Path,
-                   max_shard_bytes: int) -> list[Path]:
+                   max_shard_bytes: int, overwrite: bool = False) -> list[Path]:
     """`export` the model tensors, plus the aux heads (if any) in training_state/aux-heads.safetensors."""
-    files = export(state, out, max_shard_bytes)
-    if aux:
-        (Path(out) / STATE_DIR).mkdir(exist_ok=True)
-        _atomic_save(aux, Path(out) / AUX)
-        files.append(Path(out) / AUX)
-    return files
+
+    def write(folder: Path) -> list[str]:
+        names = _write_model(state, folder, max_shard_bytes)
+        if aux:
+            (folder / STATE_DIR).mkdir()
+            _atomic_save(aux, folder / AUX)
+            names.append(AUX)
+        return names
+
+    return _replace_folder(out, overwrite, write)

@@ -8,10 +8,8 @@ import sys
 from ppll_ext import logs
 from ppll_ext.config import ENGINES, RUNTIMES, config_keys, load_config
 from ppll_ext.core.block import ON_NAN
-from ppll_ext.errors import ConfigError, PPLLError
+from ppll_ext.errors import EXIT_ERROR, ConfigError, PPLLError
 from ppll_ext.launchers import apply_launcher_env, is_secondary_rank
-
-EXIT_USAGE = 2
 
 FLAGS: dict[str, str] = {
     "local.runtime": "--runtime",
@@ -49,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
     exp.add_argument("out", help="output directory")
     exp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     imp = sub.add_parser("import-deepspeed", help="convert a DeepSpeed pipeline checkpoint (layer_XX-model_states.pt) "
                          "of a ppll_ext model to model.safetensors under the unsplit model's names")
     imp.add_argument("checkpoint", help="the directory given to engine.save_checkpoint (its `latest` tag) or a tag dir")
@@ -57,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. --set model.name=resnet32 (repeatable)")
     imp.add_argument("--max-shard-size", default="5GB", help="split above this size, e.g. 500MB (default 5GB)")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ver = sub.add_parser("verify", help="check every file of a checkpoint against the sha256 recorded when it was "
+                         "saved")
+    ver.add_argument("checkpoint", help="checkpoint directory, or a run directory (each of its step-N checkpoints)")
     gen = sub.add_parser("generate", help="sample text from a trained language model (gpt2 / llama run or export)")
     gen.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
     gen.add_argument("--prompt", required=True, help="text to continue")
@@ -91,8 +94,34 @@ def _export(args: argparse.Namespace) -> int:
     from ppll_ext import checkpoint as ckpt
 
     folder = ckpt.resolve(args.checkpoint)
-    files = ckpt.export(ckpt.load_model_state(folder), args.out, parse_size(args.max_shard_size), source=folder)
+    ckpt.check_output_folder(args.out, args.overwrite)
+    files = ckpt.export(ckpt.load_model_state(folder), args.out, parse_size(args.max_shard_size), source=folder,
+                        overwrite=args.overwrite)
     print(f"exported {len(files)} file(s) to {args.out}: {', '.join(f.name for f in files)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """One line per file of the checkpoint(s) (ok, bad, missing, unlisted); a CheckpointError naming every file that
+    is not ok."""
+    import logging
+
+    from ppll_ext import checkpoint as ckpt
+    from ppll_ext.errors import CheckpointError
+
+    wrong: list[str] = []
+    for folder in ckpt.checkpoints(args.checkpoint):
+        status = ckpt.verify(folder)
+        if status is None:
+            logging.getLogger(__name__).warning("%s has no %s (saved by an older ppll_ext): its files cannot be "
+                                                "verified", folder, ckpt.CHECKSUMS)
+            continue
+        for name, state in status.items():
+            print(f"{state:<9} {folder / name}")
+        wrong += [f"{state} {folder / name}" for name, state in status.items() if state != "ok"]
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} file(s) differ from {ckpt.CHECKSUMS}: {', '.join(wrong)}; restore them "
+                              f"from a copy, or resume from another checkpoint")
     return 0
 
 
@@ -108,6 +137,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ppll_ext.runtime.guard import watch_launchers
+
+    watch_launchers()  # a stage process started by a launcher ends with it, never lives on as an orphan
     overrides = list(args.overrides)
     for key, flag in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -170,7 +202,7 @@ def _import_deepspeed(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     layered = build_layered(cfg, **dataset_shape(cfg.data))
     state, aux = ckpt.import_deepspeed(args.checkpoint, layered)
-    files = ckpt.write_imported(state, aux, args.out, parse_size(args.max_shard_size))
+    files = ckpt.write_imported(state, aux, args.out, parse_size(args.max_shard_size), overwrite=args.overwrite)
     print(f"imported {len(state)} tensors of {layered.name}"
           + (f" and {len({k.split('.')[0] for k in aux})} aux head(s)" if aux else "")
           + f" to {args.out}: {', '.join(str(f.relative_to(args.out)) for f in files)}")
@@ -205,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "verify":
+            return _verify(args)
         if args.command == "import-deepspeed":
             return _import_deepspeed(args)
         if args.command == "generate":
@@ -216,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     except PPLLError as exc:
         if not is_secondary_rank():
             print(f"ppll: error: {exc}{flag_hint(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("ppll: interrupted", file=sys.stderr)
         return 130
-    return EXIT_USAGE
+    return EXIT_ERROR
 
 
 def entry() -> None:

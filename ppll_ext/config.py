@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from ppll_ext.core.aux import AUX_KINDS
@@ -72,7 +74,7 @@ class LocalConfig:
 
     def check(self) -> None:
         """Reject local.* values that cannot work (ConfigError with the key), before any work is done."""
-        _check_choices(self, "local.")
+        _check_fields(self, "local.")
         for name in ("stages", "micro_batches", "queue_depth", "data_parallel", "aux_hidden", "aux_next_blocks"):
             _at_least(self, "local.", name, 1)
         if not self.timeout_s > 0:
@@ -113,7 +115,7 @@ class OptimConfig:
 
     def check(self) -> None:
         """Reject optim.* values that cannot work (ConfigError with the key), before any work is done."""
-        _check_choices(self, "optim.")
+        _check_fields(self, "optim.")
         for name in ("lr", "momentum", "weight_decay", "warmup_steps"):
             _at_least(self, "optim.", name, 0)
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -128,6 +130,8 @@ METHODS: tuple[str, ...] = ("local", "bp")
 AUTOCAST_MODES: tuple[str, ...] = tuple(AUTOCAST)
 """Allowed values of train.autocast: the keys of ppll_ext.core.block.AUTOCAST (mode -> dtype), which owns them."""
 
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+"""Allowed values of train.device (ppll_ext.runtime.launch places the stages on them)."""
 TASK_CHOICES: tuple[str, ...] = ("auto", *TASKS)
 """Allowed values of train.task: auto follows the model (lm for gpt2 / llama, else classification)."""
 LM_AUX: tuple[str, ...] = ("auto", "lm", "lm-blocks")
@@ -135,6 +139,7 @@ LM_AUX: tuple[str, ...] = ("auto", "lm", "lm-blocks")
 
 Method = Literal.__getitem__(METHODS)
 TaskChoice = Literal.__getitem__(TASK_CHOICES)
+Device = Literal.__getitem__(DEVICES)
 Autocast = Literal.__getitem__(AUTOCAST_MODES)
 OnNan = Literal.__getitem__(ON_NAN)
 
@@ -156,7 +161,7 @@ class TrainConfig:
     """Batch size used for evaluation."""
     seed: int = 0
     """Seed of model initialisation, data order and augmentation."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """cpu | cuda (threads runtime: stage k on cuda:k; processes: cuda:local_rank)."""
     autocast: Autocast = "none"
     """Mixed precision: none | bf16 | fp16."""
@@ -182,7 +187,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject train.* values that cannot work (ConfigError with the key), before any work is done."""
-        _check_choices(self, "train.")
+        _check_fields(self, "train.")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             _at_least(self, "train.", name, 1)
         _at_least(self, "train.", "threads", 0)
@@ -263,11 +268,17 @@ def config_keys() -> tuple[str, ...]:
                  for f in dataclasses.fields(getattr(cfg, section.name)))
 
 
-def _check_choices(section: Any, prefix: str) -> None:
-    """ConfigError for the first Literal-typed field of `section` whose value is not one of its allowed values."""
-    for name, hint in get_type_hints(type(section)).items():
+def _check_fields(section: Any, prefix: str) -> None:
+    """ConfigError for the first field of `section` whose value is outside its Literal choices, or a NaN/infinite
+    float (no float setting means anything with those, and NaN would even compare unequal to itself)."""
+    hints = get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        hint, value, key = hints[f.name], getattr(section, f.name), f"{prefix}{f.name}"
         if get_origin(hint) is Literal:
-            _choice(getattr(section, name), get_args(hint), f"{prefix}{name}")
+            _choice(value, get_args(hint), key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            fix = "null or a number" if f.default is None else f"a number such as {f.default} (the default)"
+            raise ConfigError(f"{key}={value} is not a finite number; set {fix}", key=key)
 
 
 def _choice(value: Any, allowed: tuple[Any, ...], key: str) -> None:
@@ -303,9 +314,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}", key=key)
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}", key=key)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # a string too: YAML 1.1 reads 1e-3 (no dot) as one
+                return float(value)
+            except (ValueError, OverflowError):
+                pass
+        raise ConfigError(f"{key}: expected a number such as 0.1 or 1e-3, got {value!r}", key=key)
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -322,7 +336,7 @@ def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(str(key), names, n=1)
             valid = ", ".join(prefix + n for n in names)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {valid}"
             raise ConfigError(f"unknown config key {full!r}{hint}", key=full)
@@ -355,15 +369,13 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then each `key=value` override; validated at the end."""
+    """Defaults, then the YAML file (if any), then each `key=value` override; validated at the end (with
+    train.device=cuda also needing a CUDA device on this machine)."""
     cfg = Config()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config",
-                              key="path")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(_read_text(p)) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -375,7 +387,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         _apply(cfg, parse_override(text), "")
     validate(cfg)
+    _check_device(cfg)
     return cfg
+
+
+def _read_text(p: Path) -> str:
+    """The text of the config file `p`; ConfigError (key "path") if it is missing, a directory or not UTF-8."""
+    if p.is_dir():
+        found = ", ".join(sorted(x.name for x in p.iterdir() if x.suffix in (".yaml", ".yml") and x.is_file())[:10])
+        holds = f", e.g. one of {found}" if found else f"; {str(p)!r} holds no *.yaml file"
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass a YAML file to --config{holds}", key="path")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config",
+                          key="path")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.strerror}); pass a readable YAML file",
+                          key="path") from None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is fine
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}, line {line}); save it as UTF-8", key="path") from None
+
+
+def _check_device(cfg: Config) -> None:
+    """ConfigError unless train.device=cuda has a CUDA device here (checked on load, not for recorded configs)."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (torch.cuda.is_available() is False); "
+                          "use train.device=cpu", key="train.device")
 
 
 def config_from_dict(values: dict[str, Any], where: str) -> Config:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+EXIT_ERROR = 2
+"""Exit code of a `ppll` command or stage process that stopped on a PPLLError (bad input or a failed stage)."""
+
 
 class PPLLError(Exception):
     """Base class of every error ppll_ext raises on purpose.
 
     `key` names the setting the message is about: a config key such as "train.on_nan" or a Python
     argument such as "on_nan". The library words its messages for the Python API; the CLI adds the
-    matching command-line flag from `key`.
+    matching command-line flag from `key`. Every PPLLError ends the `ppll` command with exit code 2.
     """
 
-    def __init__(self, message: str, *, key: str | None = None) -> None:
+    def __init__(self, message: str, *, key: str | None = None, every_rank: bool = False) -> None:
         super().__init__(message)
         self.key = key
+        self.every_rank = every_rank
+        """Raised alike on every rank of a multi-process run (e.g. ranks started with different settings): only
+        rank 0 reports it."""
 
 
 class ConfigError(PPLLError, ValueError):

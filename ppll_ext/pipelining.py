@@ -34,6 +34,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
+from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.runtime.stage import StageWorker
 from ppll_ext.transport import Kind, Msg, open_links
 
@@ -125,6 +126,7 @@ class SchedulePPLL(PipelineScheduleSingle):
                               f"many ranks as stages and give each rank its own PipelineStage(stage_index=rank); "
                               f"several stages per rank (interleaved schedules) do not apply to local learning")
         super().__init__(stage, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+        watch_launchers()  # this rank ends with its launcher (torchrun), never lives on as an orphan
         if loss_fn is None:
             raise ConfigError("SchedulePPLL needs loss_fn: every stage trains on its own loss")
         if stage.is_last and aux_head is not None:

@@ -9,13 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.utils import load_checkpoint_in_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from ppll_ext import checkpoint as ckpt
@@ -25,6 +26,7 @@ from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import CheckpointError
 from ppll_ext.models import build_model
 from ppll_ext.train import run_training
+from ppll_ext.train.job import resume_state
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.train_subset=320", "data.test_subset=200", "train.batch_size=32", "train.progress=false",
@@ -235,3 +237,162 @@ def test_threads_runtime_saves_the_same_checkpoint(saved: Path, tmp_path: Path) 
             f"train.save_dir={tmp_path}"])
     a, b = _tensors(saved), _tensors(ckpt.resolve(tmp_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
+    """`ppll ...` through the CLI's own code path in this process: (exit code, stdout, stderr lines)."""
+    capsys.readouterr()
+    rc = cli_main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err.strip().splitlines()
+
+
+def _one_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    rc, _, err = _cli(capsys, *args)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("ppll: error:"), (rc, err)
+    return err[0]
+
+
+def _resume(*extra: str) -> list[str]:
+    """`ppll train` arguments that resume the `saved` checkpoint's run for a second epoch."""
+    return ["train", *sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=sequential",
+                           "train.epochs=2", *extra)]
+
+
+def test_checksums_catch_a_flipped_bit_and_ppll_verify_names_bad_files(saved: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A bit flipped in a shard's tensor data still parses as safetensors, but its sha256 (recorded at save time in
+    training_state/checksums.json) differs: resume and export refuse it naming the file, and `ppll verify` lists
+    every file of the checkpoint (or of each checkpoint of a run directory) as ok, bad, missing or unlisted."""
+    sums = json.loads((saved / ckpt.CHECKSUMS).read_text())
+    files = sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file())
+    assert sorted(sums) == sorted(set(files) - {ckpt.CHECKSUMS})  # every file, the index included
+    rc, out, err = _cli(capsys, "verify", str(saved.parent))
+    assert rc == 0 and err == [] and out.splitlines() == [f"ok        {saved / name}" for name in sorted(sums)]
+
+    flipped = Path(shutil.copytree(saved, tmp_path / "flipped"))
+    shard = ckpt.shard_name(1, 2)
+    data = bytearray((flipped / shard).read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's data, past the header
+    (flipped / shard).write_bytes(bytes(data))
+    assert load_file(str(flipped / shard)).keys() == load_file(str(saved / shard)).keys()  # no parse error
+    with pytest.raises(CheckpointError, match=rf"{shard}' does not match its sha256 in {ckpt.CHECKSUMS}"):
+        ckpt.load_model_state(flipped)
+    assert f"{shard}' does not match its sha256" in _one_error(capsys, *_resume(), "--resume", str(flipped))
+    assert f"{shard}' does not match its sha256" in _one_error(capsys, "export", str(flipped), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+    (flipped / "notes.txt").write_text("added later")
+    (flipped / ckpt.STATE_DIR / "stage-0.json").unlink()
+    rc, out, err = _cli(capsys, "verify", str(flipped))
+    assert rc == 2 and len(err) == 1, err
+    lines = out.splitlines()
+    assert f"bad       {flipped / shard}" in lines and f"unlisted  {flipped / 'notes.txt'}" in lines
+    assert f"missing   {flipped / ckpt.STATE_DIR / 'stage-0.json'}" in lines
+    assert f"ok        {flipped / ckpt.INDEX}" in lines
+    assert err[0] == (f"ppll: error: 3 file(s) differ from {ckpt.CHECKSUMS}: bad {flipped / shard}, unlisted "
+                      f"{flipped / 'notes.txt'}, missing {flipped / ckpt.STATE_DIR / 'stage-0.json'}; restore them "
+                      f"from a copy, or resume from another checkpoint")
+
+    older = Path(shutil.copytree(saved, tmp_path / "older"))
+    (older / ckpt.CHECKSUMS).unlink()  # saved before checksums were recorded: loads, unverified, with a warning
+    rc, out, err = _cli(capsys, "verify", str(older))
+    assert rc == 0 and out == "" and err == [f"ppll: warning: {older} has no {ckpt.CHECKSUMS} (saved by an older "
+                                             f"ppll_ext): its files cannot be verified"]
+    assert ckpt.load_model_state(older).keys() == ckpt.load_model_state(saved).keys()
+
+
+def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(saved: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """An export into a folder holding an earlier sharded export is refused without --overwrite; with it, the folder
+    holds the new export only (no old shard or index left to load), and a failed export changes nothing."""
+    out = tmp_path / "out"
+    assert _cli(capsys, "export", str(saved), str(out), "--max-shard-size", "20KB")[0] == 0
+    sharded = sorted(p.name for p in out.iterdir())
+    assert ckpt.INDEX in sharded and len(sharded) > 3
+    refused = _one_error(capsys, "export", str(saved), str(out))
+    assert refused == (f"ppll: error: output folder {str(out)!r} is not empty (it holds {sharded[0]!r} and "
+                       f"{len(sharded) - 1} more); choose an empty folder, or replace it with overwrite=True (ppll "
+                       f"export/import-deepspeed --overwrite)")
+    assert sorted(p.name for p in out.iterdir()) == sharded
+
+    foreign = Path(shutil.copytree(saved, tmp_path / "with-config"))
+    (foreign / "config.json").write_text("{}")  # not written by the save: the export fails half-way
+    assert "config.json' is not listed in" in _one_error(capsys, "export", str(foreign), str(out), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == sharded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "with-config"]  # no temporary folder left
+
+    assert _cli(capsys, "export", str(saved), str(out), "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [ckpt.SINGLE]
+    exported, original = ckpt.load_model_state(out), ckpt.load_model_state(saved)
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "with-config"]
+
+
+def test_resume_with_changed_settings_or_edited_state_is_one_line(saved: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed run that changes a setting the saved position or the saved optimizer states depend on, or a
+    checkpoint whose trainer or stage state was edited, fails before training with one line naming the file, the
+    field and the fix (instead of AttributeError, KeyError or a shape error after loading)."""
+    state = saved / ckpt.TRAINER_STATE
+    for change, field, old in (("train.batch_size=16", "train.batch_size", "32"),
+                               ("data.train_subset=160", "data.train_subset", "320"),
+                               ("train.seed=1", "train.seed", "0"),
+                               ("optim.name=adamw", "optim.name", "'sgd'")):
+        new = change.split("=")[1]
+        new = repr(new) if not new.isdigit() else new
+        assert _one_error(capsys, *_resume(change), "--resume", str(saved)) == (
+            f"ppll: error: {str(state)!r}: 'config.{field}' is {old} but this run has {field}={new}; "
+            + ("the saved position (epoch, batch, step) counts batches of the saved data stream" if "optim" not in field
+               else "the saved optimizer states were made with it")
+            + f": resume with {field}={old}, or start a new run without train.resume (command line: --set {field}=...)")
+    # another K starts fresh optimizers: another optimizer is then no conflict
+    cfg = load_config(None, [*MODELS["resnet32"], *SMALL, "local.stages=3", "optim.name=adamw",
+                             f"train.resume={saved}"])
+    assert resume_state(cfg)[1]["position"]["step"] == 10
+
+    def edited(name: str, edit: Callable[[Path], object], checksums: bool = True) -> Path:
+        folder = Path(shutil.copytree(saved, tmp_path / name))
+        edit(folder)
+        if not checksums:
+            (folder / ckpt.CHECKSUMS).unlink()
+        return folder
+
+    def rewrite(rel: str, change: Callable[[dict], object]) -> Callable[[Path], None]:
+        def edit(folder: Path) -> None:
+            data = json.loads((folder / rel).read_text())
+            change(data)
+            (folder / rel).write_text(json.dumps(data))
+        return edit
+
+    def drop_rng(folder: Path) -> None:
+        path = folder / ckpt.STATE_DIR / "stage-0.safetensors"
+        save_file({k: v for k, v in load_file(str(path)).items() if k != "rng.cpu"}, str(path))
+
+    cut = json.loads(state.read_text())["boundaries"]
+    cases = [
+        (edited("empty-state", lambda f: (f / ckpt.TRAINER_STATE).write_text("{}")),
+         f"{ckpt.TRAINER_STATE}': 'position' is missing or not {{step, epoch, batch}} of integers >= 0; the file was "
+         f"edited or is corrupt: restore it or resume from another checkpoint"),
+        (edited("empty-stage", lambda f: (f / ckpt.STATE_DIR / "stage-1.json").write_text("{}")),
+         "training_state/stage-1.json': 'steps' is missing or not an integer >= 0"),
+        (edited("no-optimizer", rewrite(f"{ckpt.STATE_DIR}/stage-0.json", lambda d: d.pop("optimizer"))),
+         "training_state/stage-0.json': 'optimizer' is missing or not null or {param_groups, scalars}"),
+        (edited("no-rng", drop_rng), "training_state/stage-0.safetensors': 'rng.cpu' is missing or not a uint8 RNG"),
+        (edited("cut-past-the-model", rewrite(ckpt.TRAINER_STATE, lambda d: d.update(boundaries=[0, 7, 99]))),
+         f"{ckpt.TRAINER_STATE}' does not match its sha256 in {ckpt.CHECKSUMS}"),
+        (edited("cut-past-the-model-unverified", rewrite(ckpt.TRAINER_STATE, lambda d: d.update(boundaries=[0, 7, 99])),
+                checksums=False),
+         f"{ckpt.TRAINER_STATE}': 'boundaries' [0, 7, 99] end at layer 99 but this model has {cut[-1]} layers"),
+        (edited("cut-moved-unverified", rewrite(ckpt.TRAINER_STATE, lambda d: d.update(boundaries=[0, cut[1] + 1,
+                                                                                                    cut[-1]])),
+                checksums=False),
+         "cut-moved-unverified': the optimizer state in training_state/stage-0.safetensors does not fit stage 0's SGD"),
+    ]
+    for folder, needle in cases:
+        rc, _, err = _cli(capsys, *_resume(), "--resume", str(folder))
+        loaded = "optimizer state" in needle  # an unverified checkpoint that gets as far as loading is announced
+        unverified = [f"ppll: warning: checkpoint {folder} has no {ckpt.CHECKSUMS} (saved by an older ppll_ext): its "
+                      f"files cannot be verified"] if loaded else []
+        assert rc == 2 and err[:-1] == unverified and err[-1].startswith("ppll: error:"), (folder.name, err)
+        assert needle in err[-1] and str(folder) in err[-1], (folder.name, err)

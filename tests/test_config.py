@@ -5,17 +5,20 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
+import torch
 
 import ppll_ext.config as config_module
 from ppll_ext.cli import FLAGS, flag_hint, main
 from ppll_ext.config import (
     AUTOCAST_MODES,
+    DEVICES,
     ENGINES,
     METHODS,
     OPTIMIZERS,
@@ -49,6 +52,7 @@ CHOICES = [
     ("optim.name", OPTIMIZERS),
     ("optim.schedule", SCHEDULES),
     ("train.method", METHODS),
+    ("train.device", DEVICES),
     ("train.autocast", tuple(AUTOCAST)),
     ("train.on_nan", ON_NAN),
 ]
@@ -117,6 +121,7 @@ def test_choice_fields_are_literals_of_the_owners_constants(key: str, allowed: t
 def test_constants() -> None:
     assert OPTIMIZERS == ("sgd", "adam", "adamw") and SCHEDULES == ("cosine", "constant")
     assert RUNTIMES == ("sequential", "threads", "processes") and ENGINES == ("native", "deepspeed")
+    assert DEVICES == ("cpu", "cuda")
     assert METHODS == ("local", "bp") and AUTOCAST_MODES == tuple(AUTOCAST)
 
 
@@ -129,7 +134,9 @@ def test_a_value_outside_a_literal_is_rejected_with_its_key(key: str, allowed: t
 
 
 @pytest.mark.parametrize("key, allowed", CHOICES, ids=[k for k, _ in CHOICES])
-def test_every_allowed_value_is_accepted(key: str, allowed: tuple[str, ...]) -> None:
+def test_every_allowed_value_is_accepted(key: str, allowed: tuple[str, ...],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # train.device=cuda on any machine
     section, name = key.split(".")
     for value in allowed:
         overrides = [f"{key}={value}"]
@@ -181,6 +188,12 @@ SECTION_CASES = [
     (OptimConfig(lr=-0.1), "optim.lr", "optim.lr=-0.1 must be at least 0"),
     (OptimConfig(warmup_steps=-1), "optim.warmup_steps", "optim.warmup_steps=-1 must be at least 0"),
     (OptimConfig(grad_clip=0.0), "optim.grad_clip", "optim.grad_clip=0.0 must be positive"),
+    (OptimConfig(momentum=-0.5), "optim.momentum", "optim.momentum=-0.5 must be at least 0"),
+    (OptimConfig(lr=math.nan), "optim.lr", "optim.lr=nan is not a finite number; set a number such as 0.1"),
+    (OptimConfig(grad_clip=math.inf), "optim.grad_clip", "optim.grad_clip=inf is not a finite number; set null"),
+    (LocalConfig(timeout_s=math.inf), "local.timeout_s", "local.timeout_s=inf is not a finite number"),
+    (TrainConfig(threads=-1), "train.threads", "train.threads=-1 must be at least 0"),
+    (TrainConfig(device="gpu"), "train.device", "train.device='gpu' is not one of cpu, cuda"),
     (TrainConfig(method="dp"), "train.method", "train.method='dp' is not one of local, bp"),
     (TrainConfig(autocast="fp8"), "train.autocast", "train.autocast='fp8' is not one of none, bf16, fp16"),
     (TrainConfig(on_nan="maybe"), "train.on_nan", "train.on_nan='maybe' is not one of error, skip"),
@@ -260,6 +273,88 @@ def test_config_file_errors_name_the_path_argument(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(path)
         assert info.value.key == "path"
+
+
+FLOAT_KEYS = [k for k in config_keys() if float in (_hint(k), *get_args(_hint(k)))]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "-Infinity", "1e400"])
+def test_every_float_key_refuses_nan_and_infinity(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={value}"])
+    message = str(info.value)
+    assert info.value.key == key and message.startswith(f"{key}=") and "\n" not in message
+    assert any(word in message for word in ("nan", "inf")), message
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text, number", [("1e-3", 1e-3), ("5E-4", 5e-4), ("1e-1", 0.1)])
+def test_float_keys_take_exponent_notation(key: str, text: str, number: float) -> None:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float key takes it as the number it spells."""
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [f"{key}={text}"]), section), name) == number
+
+
+def test_exponent_notation_in_a_yaml_file_and_strings_stay_strings(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim: {lr: 1e-3, weight_decay: 5e-4, grad_clip: 1e0}\ndata: {tokenizer: 1e-3}\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-3, 5e-4, 1.0)
+    assert cfg.data.tokenizer == "1e-3"  # a str field keeps the text
+    with pytest.raises(ConfigError, match=r"^optim.lr: expected a number such as 0.1 or 1e-3, got 'fast'$"):
+        load_config(None, ["optim.lr=fast"])
+
+
+def test_cuda_without_a_cuda_device_is_refused_on_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^train.device=cuda but no CUDA device is available .*; use "
+                                          r"train.device=cpu$") as info:
+        load_config(None, ["train.device=cuda"])
+    assert info.value.key == "train.device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(None, ["train.device=cuda"]).train.device == "cuda"
+
+
+def test_config_file_that_is_not_utf8_a_directory_or_has_odd_keys(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"optim:\n  name: \xe9t\xe9\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 15, line 2\); save it as "
+                                          r"UTF-8$") as info:
+        load_config(bad)
+    assert info.value.key == "path"
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfoptim: {lr: 0.5}\n")  # a UTF-8 byte-order mark is fine
+    assert load_config(tmp_path / "bom.yaml").optim.lr == 0.5
+    (tmp_path / "bom.yml").write_bytes(b"\xef\xbb\xbf# \xe9\n")  # offsets count the mark's bytes too
+    with pytest.raises(ConfigError, match=r"\(byte 0xe9 at offset 5, line 1\)"):
+        load_config(tmp_path / "bom.yml")
+    with pytest.raises(ConfigError, match=r"is a directory; pass a YAML file to --config, e.g. one of bom.yaml, "
+                                          r"bom.yml, latin1.yaml$") as info:
+        load_config(tmp_path)
+    assert info.value.key == "path"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"is a directory; pass a YAML file to --config; .* holds no \*.yaml"):
+        load_config(tmp_path / "empty")
+    (tmp_path / "intkey.yaml").write_text("optim: {1: 2}\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'optim.1'; valid keys: optim.name") as info:
+        load_config(tmp_path / "intkey.yaml")
+    assert info.value.key == "optim.1"
+
+
+def test_cli_bad_numbers_and_files_are_one_line(tmp_path: Path) -> None:
+    """The real `ppll train` (a subprocess each): exit code 2, one `ppll: error:` line naming the key, no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"optim: {lr: 0.1}\n# caf\xe9\n")
+    cases = [
+        (["--set", "optim.lr=.nan"], "optim.lr=nan is not a finite number"),
+        (["--config", str(bad)], "is not UTF-8 text (byte 0xe9"),
+    ]  # the other bad values take the same road to stderr (in-process tests above)
+    for args, needle in cases:
+        res = subprocess.run([sys.executable, "-m", "ppll_ext", "train", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1 and err[0].startswith("ppll: error: "), res.stderr
+        assert needle in err[0] and "Traceback" not in res.stderr + res.stdout, res.stderr
 
 
 def test_parse_override_and_config_keys() -> None:

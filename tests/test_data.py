@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ppll_ext.data import DATASET_NAMES, ArrayDataset, BatchLoader, DataConfig, load_dataset
+from ppll_ext.data import DATASET_NAMES, ArrayDataset, BatchLoader, DataConfig, datasets, load_dataset
 from ppll_ext.errors import ConfigError, DataError
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -43,6 +45,42 @@ def write_cifar10(root: Path, per_batch: int = 3, n_test: int = 4) -> tuple[np.n
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
     return np.concatenate(train_x), train_y, test_x, test_y
+
+
+def register_as_official(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Put the md5s of the files under root/cifar-10-batches-py in torchvision's table of the official archive's
+    members, as if they were the real ones (which are not at hand): the md5 gate itself runs unchanged."""
+    from torchvision.datasets import CIFAR10
+
+    folder = root / "cifar-10-batches-py"
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5(name)] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[name, md5(name)] for name, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])})
+
+
+class CreatesMarker:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return Path.touch, (self.marker,)
+
+
+def plant_payload(file: Path, marker: Path) -> None:
+    """Replace `file` with a pickle that creates `marker` when loaded, padded to the same size (pickle ignores what
+    follows its STOP opcode) and given back the same mtime: only its bytes and ctime tell it apart."""
+    before = file.stat()
+    payload = pickle.dumps({"label_names": CreatesMarker(marker), "data": CreatesMarker(marker)})
+    assert len(payload) <= before.st_size
+    file.write_bytes(payload.ljust(before.st_size, b"\0"))
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file.stat().st_size == before.st_size and file.stat().st_mtime_ns == before.st_mtime_ns
 
 
 def write_svhn(root: Path, split: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,8 +176,9 @@ def test_unknown_name_and_split():
 # --- torchvision formats ---------------------------------------------------------------------------------------------
 
 
-def test_cifar10_files(tmp_path):
+def test_cifar10_files(tmp_path, monkeypatch):
     train_x, train_y, test_x, test_y = write_cifar10(tmp_path)
+    register_as_official(monkeypatch, tmp_path)
     cfg = DataConfig(name="cifar10", root=str(tmp_path))
     train, test = load_dataset(cfg, "train"), load_dataset(cfg, "test")
     assert train.images.shape == (15, 3, 32, 32) and train.images.dtype == torch.uint8 and train.images.is_contiguous()
@@ -150,7 +189,7 @@ def test_cifar10_files(tmp_path):
     assert train.mean == (0.4914, 0.4822, 0.4465) and test.std == (0.2470, 0.2435, 0.2616)
 
 
-def test_cifar10_missing_files_say_where_and_how(tmp_path):
+def test_cifar10_missing_files_say_where_and_how(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError) as info:
         load_dataset(DataConfig(name="cifar10", root=str(missing)), "train")
@@ -160,17 +199,70 @@ def test_cifar10_missing_files_say_where_and_how(tmp_path):
     with pytest.raises(DataError, match="data.root"):
         load_dataset(DataConfig(name="cifar10"), "train")
     write_cifar10(tmp_path)
+    register_as_official(monkeypatch, tmp_path)
     os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
     with pytest.raises(DataError, match="data_batch_3"):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path)), "train")
     assert len(load_dataset(DataConfig(name="cifar10", root=str(tmp_path)), "test")) == 4
 
 
-def test_cifar10_corrupt_file_is_a_data_error(tmp_path):
+def test_cifar10_corrupt_file_is_a_data_error(tmp_path, monkeypatch):
     write_cifar10(tmp_path)
+    register_as_official(monkeypatch, tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test_batch.* not the official CIFAR-10 archive member"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)), "test")
+    # Even a file that passes the md5 check can fail to load: still one DataError.
+    register_as_official(monkeypatch, tmp_path)
     with pytest.raises(DataError, match="could not read CIFAR-10"):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path)), "test")
+
+
+def test_cifar10_crafted_pickle_is_refused_before_unpickling(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for name in ("batches.meta", "test_batch"):  # room for a payload of the same size; pickle ignores the tail
+        (folder / name).write_bytes((folder / name).read_bytes().ljust(4096, b"\0"))
+    register_as_official(monkeypatch, tmp_path)
+    time.sleep(datasets._RACY_NS / 1e9 + 0.1)  # older than a timestamp tick: the loader remembers their md5s
+    cfg = DataConfig(name="cifar10", root=str(tmp_path))
+    assert len(load_dataset(cfg, "test")) == 4
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(CreatesMarker(marker)))
+    assert marker.exists()  # the payload does run code when unpickled
+    marker.unlink()
+    for name in ("batches.meta", "test_batch"):
+        honest = (folder / name).read_bytes()
+        plant_payload(folder / name, marker)
+        with pytest.raises(DataError) as info:
+            load_dataset(cfg, "test")
+        message = str(info.value)
+        assert not marker.exists()
+        assert str(folder / name) in message and "not unpickled (unpickling runs code)" in message
+        assert "data.download=true" in message and "data.root" in message and "\n" not in message
+        (folder / name).write_bytes(honest)
+    assert len(load_dataset(cfg, "test")) == 4
+    monkeypatch.undo()  # torchvision's real table: the official archive's md5s
+    with pytest.raises(DataError, match="5ff9c542aee3614f3951f8cda6e48888") as info:
+        load_dataset(cfg, "train")
+    assert str(folder / "batches.meta") in str(info.value)
+
+
+def test_cifar10_crafted_meta_through_the_cli(tmp_path, capsys):
+    """`ppll train` (python -m ppll_ext) in this process: a subprocess would only add torch's start-up time."""
+    from ppll_ext.cli import main
+
+    write_cifar10(tmp_path)
+    marker = tmp_path / "marker"
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(meta.read_bytes().ljust(4096, b"\0"))
+    plant_payload(meta, marker)
+    assert main(["train", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ppll: error:") and "Traceback" not in err, err
+    assert str(meta) in lines[0] and "not unpickled" in lines[0]
+    assert not marker.exists()
 
 
 def test_svhn_files(tmp_path):
@@ -252,6 +344,35 @@ def test_imagefolder_cache_is_reused_and_invalidated(tmp_path, capsys):
     now = list((tmp_path / ".ppll_cache").glob("train-*.pt"))
     assert len(now) == 1 and now[0] != caches[0]
     assert not list((tmp_path / ".ppll_cache").glob(".*tmp"))
+
+
+def test_imagefolder_cache_notices_images_edited_in_place(tmp_path, capsys):
+    written = write_image_tree(tmp_path, "train", {"a": 2, "b": 1}, seed=0)
+    edited = tmp_path / "train" / "a" / "001.png"
+    # Uncompressed PNGs of one shape have one size, so rewriting this one with other pixels keeps its size.
+    Image.fromarray(written["a"][1]).save(edited, compress_level=0)
+    size = edited.stat().st_size
+    an_hour_ago = edited.stat().st_mtime_ns - 3600 * 10**9
+    for file in (tmp_path / "train").rglob("*.png"):
+        os.utime(file, ns=(an_hour_ago, an_hour_ago))
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path))
+    assert torch.equal(load_dataset(cfg, "train").images, torch.from_numpy(_stack_chw(written)))
+    assert "decoding" in capsys.readouterr().err
+    load_dataset(cfg, "train")
+    assert "decoding" not in capsys.readouterr().err  # nothing changed: the cache is used
+
+    # Same size, another mtime; then same size and the very same mtime (a tool that keeps timestamps).
+    for fill, mtime in ((11, an_hour_ago + 10**9), (222, an_hour_ago + 10**9)):
+        written["a"][1] = np.full((8, 8, 3), fill, dtype=np.uint8)
+        Image.fromarray(written["a"][1]).save(edited, compress_level=0)
+        os.utime(edited, ns=(mtime, mtime))
+        assert edited.stat().st_size == size and edited.stat().st_mtime_ns == mtime
+        ds = load_dataset(cfg, "train")
+        assert "decoding" in capsys.readouterr().err
+        assert torch.equal(ds.images, torch.from_numpy(_stack_chw(written)))
+        assert len(list((tmp_path / ".ppll_cache").glob("train-*.pt"))) == 1
+    assert torch.equal(load_dataset(cfg, "train").images, torch.from_numpy(_stack_chw(written)))
+    assert "decoding" not in capsys.readouterr().err
 
 
 def test_imagefolder_cache_dir_and_jpeg(tmp_path):

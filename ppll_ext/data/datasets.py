@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import pickle
 import secrets
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ DatasetName = Literal.__getitem__(DATASET_NAMES)
 
 # Seed of the subset permutation: fixed so that a subset is the same whatever the training seed.
 _SUBSET_SEED = 0
-# Bump when the layout of the image-folder cache files changes, so old files are never misread.
-_CACHE_VERSION = "1"
+# Bump when the layout or the key of the image-folder cache files changes, so old files are never misread.
+_CACHE_VERSION = "2"
+# A file changed this recently (ns) may change again within one timestamp tick (up to 2 s, on FAT) without a new
+# mtime: the image-folder cache key then holds its bytes' hash, and its md5 is not remembered.
+_RACY_NS = 2_000_000_000
 
 _STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 _DIGIT_CLASSES = [str(d) for d in range(10)]
@@ -232,28 +235,33 @@ def _load_digits(cfg: DataConfig, split: str) -> ArrayDataset:
 
 
 # --- torchvision data sets -------------------------------------------------------------------------------------------
-# torchvision checks the md5 of the official files, which rejects rebuilt copies and small test files: these subclasses
-# only check that the files a split needs exist. Downloading stays torchvision's own code.
+# torchvision checks the md5 of the official files, which rejects rebuilt copies and small test files. SVHN's .mat
+# files and STL-10's raw bytes run no code when read, so those subclasses only check that the files a split needs
+# exist. CIFAR-10's files are pickles, and unpickling runs code: only files with the official archive's md5 are read
+# (a rebuilt CIFAR-10 can be read as an image folder). Downloading stays torchvision's own code.
 
 
 def _torchvision_classes() -> dict[str, type]:
-    """Subclasses of torchvision's CIFAR10 / SVHN / STL10 with an existence-only integrity check (imported lazily)."""
+    """Subclasses of torchvision's CIFAR10 / SVHN / STL10 that find a split's files (imported lazily); CIFAR-10's
+    pickles must still be the official files."""
     from torchvision.datasets import CIFAR10, STL10, SVHN
 
     class _CIFAR10(CIFAR10):
         @classmethod
-        def required(cls, split: str) -> list[str]:
+        def official(cls, split: str) -> list[tuple[str, str]]:
+            """(relative path, official md5) of each pickle the split unpickles, the meta file first."""
             files = cls.train_list if split == "train" else cls.test_list
-            return [os.path.join(cls.base_folder, name) for name, _ in files] + [
-                os.path.join(cls.base_folder, cls.meta["filename"])]
+            return [(os.path.join(cls.base_folder, name), md5)
+                    for name, md5 in [(cls.meta["filename"], cls.meta["md5"]), *files]]
+
+        @classmethod
+        def required(cls, split: str) -> list[str]:
+            return [name for name, _ in cls.official(split)]
 
         def _check_integrity(self) -> bool:
-            return not _missing(self.root, self.required("train" if self.train else "test"))
-
-        def _load_meta(self) -> None:
-            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            # Only the split's own files (torchvision wants both splits'); False lets download=True replace them.
+            files = self.official("train" if self.train else "test")
+            return not _missing(self.root, [name for name, _ in files]) and _unofficial(self.root, files) is None
 
     class _SVHN(SVHN):
         @classmethod
@@ -278,6 +286,54 @@ def _torchvision_classes() -> dict[str, type]:
 def _missing(root: str | Path, files: list[str]) -> list[str]:
     """The relative paths in `files` that are not files under root."""
     return [f for f in files if not os.path.isfile(os.path.join(root, f))]
+
+
+# md5 by file version (device, inode, size, mtime, ctime): any write, replacement or utime gives a new key.
+_MD5S: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def _md5(path: str) -> str:
+    """The file's md5, hashed once per process per version of the file (a 170 MB CIFAR-10 split takes ~0.3 s)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())  # the stat of the bytes that are hashed, not of whatever the path names later
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        digest = _MD5S.get(key) or _hexdigest(f, "md5")
+    if not _recent(st):  # a just-changed file may change again under the same key: hash it again next time
+        _MD5S[key] = digest
+    return digest
+
+
+def _recent(st: os.stat_result) -> bool:
+    """Changed so lately that it could change again without a new mtime or ctime (timestamps are coarse)."""
+    return max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - _RACY_NS
+
+
+def _hexdigest(f: BinaryIO, algorithm: str) -> str:
+    """Hex digest of the rest of an open file (a fingerprint compared with known files, as torchvision's md5 is)."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _unofficial(root: str | Path, files: list[tuple[str, str]]) -> tuple[str, str, str] | None:
+    """The first of `files` (relative path, official md5) under root whose md5 differs: (path, md5, official md5)."""
+    for name, official in files:
+        path = os.path.join(root, name)
+        digest = _md5(path)
+        if digest != official:
+            return path, digest, official
+    return None
+
+
+def _refuse_unofficial(root: Path, files: list[tuple[str, str]], title: str) -> None:
+    """DataError naming the first file that is not the official archive's: unpickling it could run any code."""
+    bad = _unofficial(root, files)
+    if bad is not None:
+        path, digest, official = bad
+        raise DataError(f"{title} file {path!r} has md5 {digest}, not the official {title} archive member's "
+                        f"{official}, so it is not unpickled (unpickling runs code); set data.download=true to fetch "
+                        f"the official archive, or point data.root at a folder holding its files", key="data.root")
 
 
 @dataclass(frozen=True)
@@ -315,7 +371,11 @@ def _load_torchvision(cfg: DataConfig, split: str) -> ArrayDataset:
                         f"set data.root to the folder holding it or set data.download=true", key="data.root")
     kwargs = {"train": split == "train"} if cfg.name == "cifar10" else {"split": split}
     try:
+        if cfg.name == "cifar10" and not cfg.download:
+            _refuse_unofficial(root, cls.official(split), spec.title)
         tv = cls(str(root), download=cfg.download, **kwargs)
+    except DataError:
+        raise
     except Exception as exc:
         fix = "check the network or put the files there by hand" if cfg.download else "replace them with intact copies"
         action = "download or read" if cfg.download else "read"
@@ -382,10 +442,17 @@ def _cached_split(root: Path, split: str, cache_dir: Path, *, prune: bool, mmap:
 
 
 def _tree_key(split_dir: Path, samples: list[tuple[str, int]], classes: list[str]) -> str:
-    """Hash of the file list and sizes: a changed tree gets a new cache file."""
+    """Hash of the file list with each file's size, mtime and ctime (and the bytes of just-changed files): an added,
+    removed or edited image, even one edited in place to the same size, gets a new cache file."""
     h = hashlib.sha256(f"ppll-imagefolder-v{_CACHE_VERSION}\n{classes!r}\n".encode())
     for file, label in samples:
-        h.update(f"{os.path.relpath(file, split_dir)}\t{os.path.getsize(file)}\t{label}\n".encode())
+        st = os.stat(file)
+        content = ""
+        if _recent(st):
+            with open(file, "rb") as f:
+                content = _hexdigest(f, "sha256")
+        h.update(f"{os.path.relpath(file, split_dir)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{label}"
+                 f"\t{content}\n".encode())
     return h.hexdigest()[:20]
 
 

@@ -28,6 +28,7 @@ from ppll_ext.deepspeed import _ds
 from ppll_ext.deepspeed.module import LocalPipelineModule
 from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.runtime.base import EvalCounts
+from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.transport import Kind, Msg, open_links
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
 
     def __init__(self, *args: Any, queue_depth: int = 2, timeout_s: float = 300.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        watch_launchers()  # this rank ends with its launcher (deepspeed), never lives on as an orphan
         if not isinstance(self.module, LocalPipelineModule):
             raise ConfigError("LocalPipelineEngine needs a LocalPipelineModule", key="model")
         _ds.stage_norm_only(self.optimizer)

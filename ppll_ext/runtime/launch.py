@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -24,11 +25,34 @@ def under_launcher() -> bool:
 
 
 def spawn_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run `python -m ppll_ext.train argv` as `nproc` local ranks under torchrun; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ppll_ext.train", *argv]
+    """Re-run `python -m ppll_ext.train argv` as `nproc` local ranks under torchrun; returns its exit code.
+
+    torchrun (ppll_ext.runtime.torchrun) dies with this process; SIGTERM or SIGHUP here is passed on to it, so the
+    stages stop, and the run ends with a non-zero code."""
+    cmd = [sys.executable, "-m", "ppll_ext.runtime.torchrun", str(os.getpid()), "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "ppll_ext.train", *argv]
     # One torch thread per stage process (torchrun would set it too, with a banner saying so).
-    return subprocess.call(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
+    child = subprocess.Popen(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun too: wait for it to stop the stages
+                received.append(signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received and code == 0:
+        return 128 + received[0]
+    return code if code >= 0 else 128 - code
 
 
 def init_distributed(stages: int, device: str, timeout_s: float,
@@ -80,4 +104,4 @@ def check_same_config(settings: dict[str, Any]) -> None:
             key = differ[0]
             raise ConfigError(f"rank {rank} was started with {key}={theirs.get(key)!r} but rank 0 with "
                               f"{key}={ref.get(key)!r} ({len(differ)} setting(s) differ); start every rank with the "
-                              f"same --config and --set options")
+                              f"same --config and --set options", every_rank=True)

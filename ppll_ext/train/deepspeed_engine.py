@@ -162,7 +162,7 @@ def setup_deepspeed(cfg: Config) -> Setup:
     stage = rank // d
     job = prepare(cfg)
     total_steps = cfg.train.epochs * steps_per_epoch(len(job.train_loader), d)
-    start, folder, info = resume_position(cfg, total_steps)
+    start, folder, info = resume_position(cfg, total_steps, len(job.layered.layers))
     kept = info["boundaries"] if info and info["num_stages"] == k else None
     shared = [kept or stage_boundaries(cfg, job.layered, job.example) if rank == 0 else None]
     dist.broadcast_object_list(shared, src=0)
@@ -183,4 +183,4 @@ def setup_deepspeed(cfg: Config) -> Setup:
     engine.global_steps = engine.block.steps = start.step
     engine.global_samples = start.step * cfg.train.batch_size * d
     loop_engine = DeepSpeedLoopEngine(engine, block, cfg, job.layered.key_map(block.body))
-    return Setup(loop_engine, job, {stage: block}, boundaries, start, rank, distributed=True, owns_group=owns_group)
+    return Setup(loop_engine, job, {stage: block}, boundaries, start, rank, owns_group=owns_group)

@@ -20,7 +20,9 @@ from ppll_ext.config import Config
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of
+from ppll_ext.errors import EXIT_ERROR, ConfigError, PPLLError
 from ppll_ext.models import LayeredModel
+from ppll_ext.paths import unwritable
 from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ def prepare(cfg: Config) -> Job:
 
     Also run in the parent before spawning stage processes, so bad input fails once, clearly.
     """
+    if cfg.train.trace:
+        check_output_file(cfg.train.trace, "train.trace")
     train_ds = load_dataset(cfg.data, "train")
     test_ds = load_dataset(cfg.data, "test")
     train_loader = BatchLoader(train_ds, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment,
@@ -53,6 +57,18 @@ def prepare(cfg: Config) -> Job:
     return Job(train_loader, test_loader, layered, example)
 
 
+def check_output_file(path: str, key: str) -> None:
+    """ConfigError naming `key` unless a file can be written at `path` at the end of the run (not a folder; its
+    folder exists or can be created, and is writable): found before training, not after the last epoch."""
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise ConfigError(f"{key}={path!r} is a directory; give a file path such as {str(p / 'trace.json')!r}",
+                          key=key)
+    reason = unwritable(p.parent)
+    if reason is not None:
+        raise ConfigError(f"{key}={path!r} cannot be created: {reason}; choose another path", key=key)
+
+
 @dataclass
 class Setup:
     """An engine ready to train, with what the run needs around the loop."""
@@ -63,27 +79,30 @@ class Setup:
     boundaries: list[int]
     start: ckpt.Position
     rank: int = 0
-    distributed: bool = False
-    """Several processes: a failure exits this rank at once (fail_fast) instead of raising."""
     owns_group: bool = False
     trace_group: dist.ProcessGroup | None = None
     title: str = ""
 
 
-def resume_position(cfg: Config, total_steps: int) -> tuple[ckpt.Position, Path | None, dict | None]:
-    """Where training starts (train.resume's position or the beginning), checked against the run's end and
-    train.stop_at_step before any work."""
+def resume_position(cfg: Config, total_steps: int, layers: int) -> tuple[ckpt.Position, Path | None, dict | None]:
+    """Where training starts (train.resume's position or the beginning), checked against the run's end,
+    train.stop_at_step and the model's `layers` before any work."""
     folder, info = resume_state(cfg)
+    if info is not None:
+        ckpt.check_cut(folder, info, layers)
     start = ckpt.Position(**info["position"]) if info else ckpt.Position(0, 0, 0)
     check_stop_at(cfg.train.stop_at_step, start, total_steps, repr(str(folder)) if folder else "a new run")
     return start, folder, info
 
 
 def preflight(cfg: Config) -> Job:
-    """Everything that can be checked before processes are started: data, model, resume point, stop step."""
+    """Everything that can be checked before processes are started: data, model, resume point, stop step, and the
+    run directory (a writable folder that no live run holds)."""
     job = prepare(cfg)
     replicas = cfg.local.data_parallel if cfg.train.method == "local" and cfg.local.engine == "deepspeed" else 1
-    resume_position(cfg, cfg.train.epochs * steps_per_epoch(len(job.train_loader), replicas))
+    resume_position(cfg, cfg.train.epochs * steps_per_epoch(len(job.train_loader), replicas), len(job.layered.layers))
+    if cfg.train.save_dir:
+        ckpt.check_run_dir(cfg.train.save_dir)
     return job
 
 
@@ -108,28 +127,43 @@ def hf_files_writer(layered: LayeredModel, tokenizer: str) -> Callable[[Path], o
     return write
 
 
-def fail_fast(rank: int, exc: BaseException) -> NoReturn:
-    """A failed rank of a multi-process run says which stage failed and why, then exits at once (no teardown
-    that could hang on a dead peer)."""
-    log.error("stage %d (rank %d) failed: %s: %s", rank, rank, type(exc).__name__, exc)
+def fail_fast(rank: int, stage: int, exc: BaseException) -> NoReturn:
+    """A failed rank of a multi-process run says in one line which stage failed and why, then exits at once (no
+    teardown that could hang on a dead peer): code 2 for a ppll_ext error, as the `ppll` command, 1 otherwise.
+
+    An error raised alike on every rank (`every_rank`) is reported by rank 0 only, as the `ppll` command would."""
+    ours = isinstance(exc, PPLLError)
+    if ours and exc.every_rank:
+        if rank == 0:
+            log.error("%s", exc)
+    else:
+        log.error("stage %d (rank %d) failed: %s: %s", stage, rank, type(exc).__name__, exc)
     for handler in logging.getLogger("ppll_ext").handlers:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(EXIT_ERROR if ours else 1)
 
 
 def resume_state(cfg: Config) -> tuple[Path | None, dict | None]:
-    """The checkpoint folder train.resume names and its trainer state (None, None without train.resume)."""
+    """The checkpoint folder train.resume names and its trainer state (None, None without train.resume), checked:
+    every field, its sha256, and the settings the checkpoint depends on (ckpt.check_resume_settings)."""
     if not cfg.train.resume:
         return None, None
     folder = ckpt.resolve(cfg.train.resume)
-    return folder, ckpt.read_json(folder / ckpt.TRAINER_STATE)
+    state = ckpt.read_trainer_state(folder)
+    stages = 1 if cfg.train.method == "bp" else cfg.local.stages
+    ckpt.check_resume_settings(folder, state, cfg.to_dict(), same_stages=state["num_stages"] == stages)
+    return folder, state
 
 
 def restore_checkpoint(folder: Path, state: dict, layered: LayeredModel, blocks: dict[int, LocalBlock],
                        boundaries: list[int]) -> ckpt.Position:
-    """Load the model weights (any cut) and, if the cut is unchanged, every stage's aux head and optimizer."""
+    """Load the model weights (any cut) and, if the cut is unchanged, every stage's aux head and optimizer; each file
+    is verified against its recorded sha256 (a checkpoint without checksums is loaded with a warning)."""
+    if 0 in blocks and not (folder / ckpt.CHECKSUMS).is_file():
+        log.warning("checkpoint %s has no %s (saved by an older ppll_ext): its files cannot be verified", folder,
+                    ckpt.CHECKSUMS)
     weights = ckpt.load_model_state(folder)
     ckpt.check_against(weights, layered.model.state_dict(), f"checkpoint {str(folder)!r}")
     layered.model.load_state_dict(weights)

@@ -6,6 +6,7 @@ use) or `python -m ppll_ext train ...`.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -40,7 +41,7 @@ def setup_native(cfg: Config) -> Setup:
         torch.set_num_threads(threads)
     job = prepare(cfg)
     total_steps = cfg.train.epochs * steps_per_epoch(len(job.train_loader), 1)
-    start, folder, info = resume_position(cfg, total_steps)
+    start, folder, info = resume_position(cfg, total_steps, len(job.layered.layers))
     k = 1 if cfg.train.method == "bp" else cfg.local.stages
     kept_cut = info["boundaries"] if info and info["num_stages"] == k else None
     if cfg.train.method == "bp":
@@ -78,7 +79,7 @@ def setup_native(cfg: Config) -> Setup:
         runner = SequentialRunner(ordered, m, saver)
     title = f"{cfg.model.name}: {cfg.train.method} {runtime}, K={len(boundaries) - 1}, M={m}"
     return Setup(NativeEngine(runner, runtime, rank), job, blocks, boundaries, start, rank,
-                 distributed=runtime == "processes", owns_group=owns_group,
+                 owns_group=owns_group,
                  trace_group=runner.control if isinstance(runner, ProcessRunner) else None, title=title)
 
 
@@ -97,13 +98,17 @@ def run_training(cfg: Config, *, out: TextIO | None = None,
 
 
 def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], None] | None) -> Summary | None:
-    if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
-        from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
-
-        setup = setup_deepspeed(cfg)
-    else:
-        setup = setup_native(cfg)
+    # The process that commits the checkpoints (rank 0, or the only one) holds the run directory's lock for the run.
+    lock = ckpt.lock_run(cfg.train.save_dir) if cfg.train.save_dir and os.environ.get("RANK", "0") == "0" else None
     try:
+        if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
+            from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
+
+            setup = setup_deepspeed(cfg)
+        else:
+            setup = setup_native(cfg)
+        if lock is not None:  # an earlier run's checkpoints after this run's start are moved aside, not pruned
+            ckpt.supersede(cfg.train.save_dir, setup.start.step)
         summary = run_loop(setup.engine, loop_settings(cfg, setup.job), setup.job.train_loader, setup.job.test_loader,
                            setup.boundaries, setup.start, out)
         if cfg.train.trace:
@@ -111,9 +116,15 @@ def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], 
             if written is not None:
                 print(f"trace written: {written}", file=out, flush=True)
     except BaseException as exc:
-        if setup.distributed:
-            fail_fast(setup.rank, exc)
+        if lock is not None:
+            lock.release()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            rank = dist.get_rank()
+            replicas = cfg.local.data_parallel if cfg.local.engine == "deepspeed" else 1
+            fail_fast(rank, rank // replicas, exc)
         raise
+    if lock is not None:
+        lock.release()
     if on_finish is not None:
         on_finish(setup.blocks)
     if setup.owns_group:
