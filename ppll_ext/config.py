@@ -387,7 +387,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         _apply(cfg, parse_override(text), "")
     validate(cfg)
-    _check_device(cfg)
     return cfg
 
 
@@ -413,8 +412,9 @@ def _read_text(p: Path) -> str:
                           f"{exc.start}, line {line}); save it as UTF-8", key="path") from None
 
 
-def _check_device(cfg: Config) -> None:
-    """ConfigError unless train.device=cuda has a CUDA device here (checked on load, not for recorded configs)."""
+def check_device(cfg: Config) -> None:
+    """ConfigError unless train.device=cuda has a CUDA device here: checked when a run starts, not on load, so a
+    GPU config can still be read, built on the meta device or inspected on a machine without one."""
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available (torch.cuda.is_available() is False); "
                           "use train.device=cpu", key="train.device")

@@ -135,7 +135,7 @@ class Launch:
     def stderr(self) -> str:
         return "\n".join(line for _, line in self.err)
 
-    def _left(self) -> float:
+    def left(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
             pytest.fail(f"launch timed out\n{self.stdout[-2000:]}\n{self.stderr[-4000:]}")
@@ -153,7 +153,7 @@ class Launch:
             if ended:
                 pytest.fail(f"launch ended (rc {self.proc.returncode}) before {pattern!r}\n{self.stdout[-2000:]}\n"
                             f"{self.stderr[-4000:]}")
-            self._left()
+            self.left()
             time.sleep(0.02)
 
     def descendants(self) -> set[int]:
@@ -179,13 +179,13 @@ class Launch:
             if len(found) == n:
                 self.pids = found
                 return found
-            self._left()
+            self.left()
             time.sleep(0.05)
 
     def finish(self) -> int:
         """Wait for the launcher to exit; its return code."""
         try:
-            self.proc.wait(timeout=self._left())
+            self.proc.wait(timeout=self.left())
         except subprocess.TimeoutExpired:
             pytest.fail(f"launcher did not exit\n{self.stdout[-2000:]}\n{self.stderr[-4000:]}")
         for t in self._readers:

@@ -30,6 +30,7 @@ from ppll_ext.config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    check_device,
     config_keys,
     load_config,
     parse_override,
@@ -306,14 +307,21 @@ def test_exponent_notation_in_a_yaml_file_and_strings_stay_strings(tmp_path: Pat
         load_config(None, ["optim.lr=fast"])
 
 
-def test_cuda_without_a_cuda_device_is_refused_on_load(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_without_a_cuda_device_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A GPU config still loads anywhere (to read, build on the meta device, inspect); a run refuses it up front."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, ["train.device=cuda"])
     with pytest.raises(ConfigError, match=r"^train.device=cuda but no CUDA device is available .*; use "
                                           r"train.device=cpu$") as info:
-        load_config(None, ["train.device=cuda"])
+        check_device(cfg)
     assert info.value.key == "train.device"
+    for runtime in ("sequential", "processes"):  # the processes runtime: in the parent, before it spawns torchrun
+        assert main(["train", "--runtime", runtime, "--set", "train.device=cuda"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ppll: error: train.device=cuda but no CUDA device"), lines
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert load_config(None, ["train.device=cuda"]).train.device == "cuda"
+    check_device(load_config(None, ["train.device=cuda"]))
 
 
 def test_config_file_that_is_not_utf8_a_directory_or_has_odd_keys(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ within 30 s (the launchers start each worker in a session of its own, so nothing
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -35,27 +36,31 @@ def _tree(launch: Launch) -> dict[int, str | None]:
 
 
 def test_killing_the_launcher_ends_every_process_of_the_run() -> None:
-    """The kill matrix, all eight runs side by side while their stages train: each launcher gets SIGTERM or SIGKILL;
-    every process of each run is gone within 30 s, and a SIGTERMed launcher ends with a non-zero code."""
+    """The kill matrix, eight runs started side by side: as soon as a run's stages train, its launcher gets SIGTERM
+    or SIGKILL; every process of each run must be gone within 30 s, and a SIGTERMed launcher exit non-zero."""
     runs = {(name, sig): Launch([*command(), *RUN], env(), timeout=300)
             for name, command in LAUNCHERS.items() for sig in (signal.SIGTERM, signal.SIGKILL)}
+    trees: dict[tuple[str, signal.Signals], dict[int, str | None]] = {}
+    sent: dict[tuple[str, signal.Signals], float] = {}
+    gone: dict[tuple[str, signal.Signals], float] = {}
     try:
-        for launch in runs.values():
-            launch.stages(2)
-            launch.wait_for(r"^epoch 1/200 ")  # the stages train
-        trees = {key: _tree(launch) for key, launch in runs.items()}
-        for (_, sig), launch in runs.items():
-            launch.proc.send_signal(sig)
-        sent = time.monotonic()
-        left = trees
-        while left and time.monotonic() - sent < GONE_WITHIN_S:
-            for launch in runs.values():
-                launch.proc.poll()  # reap the launchers themselves
-            left = {key: alive_ones for key, tree in trees.items()
-                    if (alive_ones := [pid for pid, t in tree.items() if alive(pid) and started(pid) == t])}
+        while len(gone) < len(runs):
+            for key, launch in runs.items():
+                launch.proc.poll()  # reap a launcher that has exited
+                if key not in sent and any(re.match(r"epoch 1/200 ", line) for _, line in list(launch.out)):
+                    trees[key] = _tree(launch)  # the stages train: kill the launcher the user started
+                    launch.proc.send_signal(key[1])
+                    sent[key] = time.monotonic()
+                elif key in sent and key not in gone:
+                    left = [pid for pid, t in trees[key].items() if alive(pid) and started(pid) == t]
+                    waited = time.monotonic() - sent[key]
+                    assert left or waited < GONE_WITHIN_S, (key, left, launch.stderr[-2000:])
+                    if not left:
+                        gone[key] = waited
+                elif key not in sent:
+                    assert launch.proc.poll() is None, (key, launch.stderr[-2000:])
+                    launch.left()  # fails the test past the overall deadline
             time.sleep(0.1)
-        assert not left, {f"{name} {sig.name}": (pids, runs[name, sig].stderr[-1500:])
-                          for (name, sig), pids in left.items()}
         codes = {f"{name} {sig.name}": launch.proc.wait(timeout=5) for (name, sig), launch in runs.items()}
         assert all(code != 0 for code in codes.values()), codes
     finally:

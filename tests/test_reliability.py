@@ -258,8 +258,8 @@ def test_sigkill_any_stage_under_the_deepspeed_launcher(dead: int) -> None:
 
 
 def test_an_error_inside_a_stage_is_one_line_and_exit_2() -> None:
-    """A NaN loss in stage 0 (a learning rate of 1e9): spawned by `ppll train`, the run ends with exit code 2 and
-    only `ppll:` lines, the first naming stage, rank and cause (stage 1 then says it lost its link); under torchrun
+    """A NaN loss (a learning rate of 1e9): spawned by `ppll train`, the run ends with exit code 2 and only `ppll:`
+    lines, the first naming stage, rank and cause (the other stage then says it lost its link); under torchrun
     the same line and no traceback from ppll_ext (torchrun's own report follows)."""
     args = sets(*TINY, "local.runtime=processes", "local.stages=2", "data.train_subset=256", "optim.lr=1e9")
     spawned = Launch([sys.executable, "-m", "ppll_ext", "train", *args], env(), timeout=120)
@@ -269,8 +269,8 @@ def test_an_error_inside_a_stage_is_one_line_and_exit_2() -> None:
             rc = launch.finish()
             errors = [line for line in launch.stderr.splitlines() if line.startswith("ppll: error:")]
             assert rc != 0 and errors, launch.stderr[-3000:]
-            assert errors[0].startswith("ppll: error: stage 0 (rank 0) failed: PipelineError: stage 0: loss is nan "
-                                        "at step"), launch.stderr[-3000:]
+            assert re.match(r"ppll: error: stage (\d) \(rank \1\) failed: PipelineError: stage \1: loss is nan at "
+                            r"step \d+;", errors[0]), launch.stderr[-3000:]
             assert "ppll_ext" not in "".join(re.findall(r'File "[^"]*"', launch.stderr)), launch.stderr[-3000:]
         assert spawned.proc.returncode == 2, spawned.stderr[-3000:]
         assert all(line.startswith("ppll: ") for line in spawned.stderr.splitlines()), spawned.stderr[-3000:]

@@ -1,10 +1,10 @@
 """No process of a run outlives the process the user started.
 
 Launchers start each worker in a session of its own (torchrun) or behind a middle process (the deepspeed runner's
-`deepspeed.launcher.launch`), so when the launcher is SIGKILLed (OOM killer, job scheduler, closed terminal) nothing
-reaches the workers: they would re-parent to PID 1 and keep training. Every stage process therefore watches the
-chain of launcher processes above it (`watch_launchers`) and exits when one of them is gone; and the torchrun that
-`ppll train` spawns dies with `ppll train` through a parent-death signal (`die_with_parent`).
+`deepspeed.launcher.launch`), so when the launcher is killed outright (OOM killer, job scheduler, closed terminal)
+nothing reaches the workers: they would re-parent to PID 1 and keep training. Every stage process therefore watches
+the chain of launcher processes above it (`watch_launchers`) and exits when one of them is gone; and the torchrun
+that `ppll train` spawns dies with `ppll train` through a parent-death signal (`die_with_parent`).
 """
 
 from __future__ import annotations

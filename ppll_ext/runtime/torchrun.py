@@ -1,7 +1,7 @@
 """`python -m ppll_ext.runtime.torchrun PARENT_PID TORCHRUN_ARGS...`: the torchrun that `ppll train` spawns.
 
 It is torchrun (torch.distributed.run) with three differences: it dies with `ppll train` (a parent-death signal,
-so a SIGKILLed `ppll train` leaves nothing running), its own log lines are kept to errors of the launcher itself,
+so a killed `ppll train` leaves nothing running), its own log lines are kept to errors of the launcher itself,
 and a failed stage ends it with that stage's exit code (2 for a ppll_ext error) instead of torchrun's
 ChildFailedError traceback, since the stage has already said in one line what went wrong.
 """

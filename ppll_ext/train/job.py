@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.build import build_layered
-from ppll_ext.config import Config
+from ppll_ext.config import Config, check_device
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of
@@ -43,6 +43,7 @@ def prepare(cfg: Config) -> Job:
 
     Also run in the parent before spawning stage processes, so bad input fails once, clearly.
     """
+    check_device(cfg)
     if cfg.train.trace:
         check_output_file(cfg.train.trace, "train.trace")
     train_ds = load_dataset(cfg.data, "train")
