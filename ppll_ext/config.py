@@ -184,6 +184,9 @@ class TrainConfig:
     """A NaN/inf local loss: error (stop, naming stage and step) | skip (that stage skips that step, logged)."""
     trace: str | None = None
     """Write a Chrome-trace / Perfetto JSON of every stage's forward, send, backward, step and waits here."""
+    log_dir: str | None = None
+    """Folder for the training curves (metrics.jsonl, and TensorBoard events when tensorboard is installed);
+    None = train.save_dir; neither = no metrics files."""
 
     def check(self) -> None:
         """Reject train.* values that cannot work (ConfigError with the key), before any work is done."""

@@ -6,6 +6,7 @@ The runtimes (sequential, threads, processes) import this module and `stage`, ne
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,12 @@ Saver = Callable[[LocalBlock, int], object]
 """Writes a stage's part of the checkpoint of `step` and returns what the first rank needs to commit it."""
 
 
+def current_lr(block: LocalBlock) -> float:
+    """The learning rate `block` takes its next step with (first parameter group; NaN without an optimizer)."""
+    groups = block.optimizer.param_groups if block.optimizer is not None else []
+    return float(groups[0]["lr"]) if groups else math.nan
+
+
 def split_micro(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Cut a mini-batch into at most m micro-batches along dim 0 (fewer if the batch is smaller than m)."""
     n = min(m, x.shape[0])
@@ -29,7 +36,9 @@ def split_micro(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.Te
 
 @dataclass
 class StageStats:
-    """One stage's work over an epoch: time busy computing, time waiting for input or output room."""
+    """One stage's work over a stretch of training: time busy computing, time waiting for input or output room,
+    and per optimizer step its mean loss, learning rate and end time, so the driver draws curves of every stage
+    from the stats it already gathers at segment ends (no extra messages per step)."""
 
     index: int
     loss: float = 0.0
@@ -38,6 +47,14 @@ class StageStats:
     busy_s: float = 0.0
     wait_in_s: float = 0.0
     wait_out_s: float = 0.0
+    step_loss: list[float] = field(default_factory=list)
+    """Sample-weighted mean loss of each optimizer step (NaN when every micro-batch of it was non-finite)."""
+    step_lr: list[float] = field(default_factory=list)
+    """Learning rate each step was taken with (of the first parameter group)."""
+    step_end_s: list[float] = field(default_factory=list)
+    """time.perf_counter() when each step ended on this stage (stage 0 runs in the driving process)."""
+    _step_loss: float = 0.0
+    _step_samples: int = 0
 
     def add_loss(self, loss: float, n: int) -> None:
         """Accumulate a micro-batch's mean loss weighted by its size; a skipped non-finite loss is left out."""
@@ -45,6 +62,15 @@ class StageStats:
             return
         self.loss += loss * n
         self.samples += n
+        self._step_loss += loss * n
+        self._step_samples += n
+
+    def end_step(self, lr: float) -> None:
+        """Close an optimizer step: record its mean loss, learning rate and end time."""
+        self.step_loss.append(self._step_loss / self._step_samples if self._step_samples else math.nan)
+        self.step_lr.append(lr)
+        self.step_end_s.append(time.perf_counter())
+        self._step_loss, self._step_samples = 0.0, 0
 
     def merge(self, other: StageStats) -> None:
         """Add `other` (a later segment of the same stage) to these stats."""
@@ -54,6 +80,9 @@ class StageStats:
         self.busy_s += other.busy_s
         self.wait_in_s += other.wait_in_s
         self.wait_out_s += other.wait_out_s
+        self.step_loss += other.step_loss
+        self.step_lr += other.step_lr
+        self.step_end_s += other.step_end_s
 
     @property
     def mean_loss(self) -> float:

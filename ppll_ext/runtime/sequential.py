@@ -20,6 +20,7 @@ from ppll_ext.runtime.base import (
     OnBatch,
     Saver,
     StageStats,
+    current_lr,
     eval_result,
     split_micro,
 )
@@ -40,13 +41,14 @@ class SequentialRunner:
         """One mini-batch through every block; block k trains on block k-1's detached outputs."""
         micro = split_micro(x, y, self.micro_batches)
         for block, train_step, st in zip(self.blocks, self._train_steps, stats, strict=True):
-            start = time.perf_counter()
+            start, lr = time.perf_counter(), current_lr(block)
             outputs = []
             for xm, ym in micro:
                 out, loss = train_step(xm, ym, n_micro=len(micro))
                 st.add_loss(float(loss), len(ym))
                 outputs.append((out, ym))
             micro = outputs
+            st.end_step(lr)
             st.steps = block.steps
             st.busy_s += time.perf_counter() - start
 

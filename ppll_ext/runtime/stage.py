@@ -15,7 +15,7 @@ import torch
 
 from ppll_ext import hooks, trace
 from ppll_ext.core import LocalBlock
-from ppll_ext.runtime.base import EvalCounts, Report, SaveRequest, StageStats
+from ppll_ext.runtime.base import EvalCounts, Report, SaveRequest, StageStats, current_lr
 from ppll_ext.transport import Kind, Msg
 
 Send = Callable[[Msg], None]
@@ -55,11 +55,14 @@ class StageWorker:
         report: Report | None = None
         if msg.kind is Kind.TRAIN:
             x, y = msg.x.to(self.device, non_blocking=True), msg.y.to(self.device, non_blocking=True)
+            steps, lr = self.block.steps, current_lr(self.block)
             out, loss = self._train_step(
                 x, y, msg.n_micro, on_output=lambda out: self._emit(Msg(Kind.TRAIN, out, y, msg.n_micro))
             )
             self.last_loss, self.last_output = loss, out
             self.stats.add_loss(float(loss), len(y))
+            if self.block.steps != steps:
+                self.stats.end_step(lr)
             self.stats.steps = self.block.steps
         elif msg.kind is Kind.EVAL:
             if self.block.training:

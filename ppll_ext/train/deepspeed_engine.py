@@ -28,6 +28,7 @@ from ppll_ext.data import BatchLoader
 from ppll_ext.deepspeed import LocalPipelineEngine, LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats, eval_result, split_micro
+from ppll_ext.runtime.base import current_lr
 from ppll_ext.runtime.launch import check_same_config, init_distributed
 from ppll_ext.train.job import Setup, prepare, restore_checkpoint, resume_position
 from ppll_ext.train.loop import OnBatch, steps_per_epoch
@@ -94,6 +95,7 @@ class DeepSpeedLoopEngine:
             start = first + i * d
             present = min(d, n - start)
             sizes = [_batch_len(loader, b) for b in range(start, start + present)]
+            lr = current_lr(self.block)
             if self.replica < present:
                 engine.grad_weight = d / present
                 data = iter(split_micro(*next(batches), self.cfg.local.micro_batches)) if batches else None
@@ -103,6 +105,7 @@ class DeepSpeedLoopEngine:
             else:
                 engine.grad_weight = 1.0
                 engine.train_batch(None, num_micro_batches=0)
+            st.end_step(lr)
             samples += sum(sizes)
             if on_batch is not None:
                 on_batch(sum(sizes))

@@ -104,6 +104,10 @@ def preflight(cfg: Config) -> Job:
     resume_position(cfg, cfg.train.epochs * steps_per_epoch(len(job.train_loader), replicas), len(job.layered.layers))
     if cfg.train.save_dir:
         ckpt.check_run_dir(cfg.train.save_dir)
+    reason = unwritable(Path(cfg.train.log_dir).absolute()) if cfg.train.log_dir else None
+    if reason is not None:
+        raise ConfigError(f"train.log_dir={cfg.train.log_dir!r} cannot be used: {reason}; choose another "
+                          f"train.log_dir", key="train.log_dir")
     return job
 
 
@@ -113,7 +117,7 @@ def loop_settings(cfg: Config, job: Job) -> LoopSettings:
     lm = cfg.task == "lm"
     return LoopSettings(t.method, cfg.model.name, cfg.data.name, t.epochs, t.save_dir, t.save_every, t.keep,
                         t.stop_at_step, t.progress, cfg.to_dict(), cfg.task, cfg.data.seq_len if lm else 0,
-                        hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None)
+                        hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None, t.log_dir or t.save_dir)
 
 
 def hf_files_writer(layered: LayeredModel, tokenizer: str) -> Callable[[Path], object]:

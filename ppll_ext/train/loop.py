@@ -25,6 +25,7 @@ from ppll_ext import checkpoint as ckpt
 from ppll_ext.data import BatchLoader
 from ppll_ext.errors import ConfigError
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats
+from ppll_ext.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 OnBatch = Callable[[int], None]
@@ -145,6 +146,8 @@ class LoopSettings:
     """Tokens in one sample (lm), for tokens/s."""
     extra_files: Callable[[Path], object] | None = None
     """Writes what else a checkpoint folder holds (a language model's config.json and tokenizer files)."""
+    log_dir: str | None = None
+    """Where the driver writes the training curves (metrics.jsonl, TensorBoard events); None = none."""
 
 
 def check_stop_at(stop_at: int | None, start: ckpt.Position, total_steps: int, where: str) -> None:
@@ -174,6 +177,7 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
     stats: EpochStats | None = None
     ev: EvalResult | None = None
     position = start
+    metrics = MetricsLog(s.log_dir, start.step, s.task) if s.log_dir and engine.is_driver else None
 
     def save(at: ckpt.Position) -> None:
         nonlocal saved
@@ -197,6 +201,8 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
             if stop_at is not None:
                 end = min(end, done + stop_at - step)
             parts.append(engine.train(train_loader, done * d, end - done, bar.update))
+            if metrics is not None:
+                metrics.steps(step, epoch, parts[-1])
             step, done = step + end - done, end
             position = (ckpt.Position(step, epoch + 1, 0) if done == per_epoch
                         else ckpt.Position(step, epoch, done * d))
@@ -207,12 +213,16 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
         if engine.is_driver:
             stats = EpochStats.merge([p for p in parts if p is not None])
             say(epoch_line(epoch, s.epochs, stats, ev, s.task, s.tokens_per_sample))
+        if metrics is not None:
+            metrics.evaluation(step, epoch, ev)
         if stop_at is not None and step >= stop_at:
             say(f"stopped at step {step} (train.stop_at_step)")
             break
     if s.save_dir and saved != step:
         save(position)
     engine.close()
+    if metrics is not None:
+        metrics.close()
     if not engine.is_driver:
         return None
     summary = Summary(s.method, engine.name, k, boundaries, s.epochs, ev.accuracy, ev.aux_accuracy,

@@ -1,0 +1,134 @@
+"""Training curves on disk: metrics.jsonl (always) and TensorBoard event files (when tensorboard is installed).
+
+Written by the driving rank only, from the one training loop. Per optimizer step: every stage's mean loss and
+learning rate, gathered with the stats each segment already returns; the step's time is when stage 0 (which
+runs in the driving process) finished it, and samples/s is the throughput of the segment the step belongs to.
+Per evaluation: loss and accuracy (perplexity for language models) of the model and of every aux head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ppll_ext.checkpoint import SUPERSEDED
+from ppll_ext.errors import ConfigError
+from ppll_ext.runtime import EpochStats, EvalResult
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+EVENTS = "events.out.tfevents."
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of the one in run folder `path`); ConfigError naming a missing, empty or
+    garbled file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS
+    try:
+        records = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        for r in records:
+            if r["kind"] not in ("step", "eval") or not isinstance(r["step"], int):
+                raise ValueError(f"unknown record {r}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{str(p)!r} is not a readable metrics.jsonl of a run ({type(exc).__name__}: {exc}); give "
+                          f"a run folder of ppll train --save-dir (or train.log_dir) or its metrics.jsonl") from None
+    if not records:
+        raise ConfigError(f"{str(p)!r} holds no metrics; train a run with --save-dir (or train.log_dir) first")
+    return records
+
+
+class MetricsLog:
+    """Appends a run's step and evaluation records to `folder`/metrics.jsonl and, if possible, TensorBoard."""
+
+    def __init__(self, folder: str | os.PathLike, start_step: int, task: str) -> None:
+        self.folder, self.task = Path(folder), task
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / METRICS
+        self.offset_s = self._keep_until(path, start_step) if start_step else self._set_aside()
+        self.began, self.wall = time.perf_counter(), time.time()
+        self.file = path.open("a", encoding="utf-8")
+        self.tb = _summary_writer(self.folder, start_step)
+
+    def _keep_until(self, path: Path, step: int) -> float:
+        """A resumed run: drop the records after `step` that an earlier run wrote; the kept records' last time."""
+        kept = [r for r in read_metrics(path) if r["step"] <= step] if path.exists() else []
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        return max((r["time_s"] for r in kept), default=0.0)
+
+    def _set_aside(self) -> float:
+        """A fresh run: move an earlier run's curves to superseded/ (never deleted), start from time 0."""
+        old = [p for p in self.folder.iterdir() if p.name == METRICS or p.name.startswith(EVENTS)]
+        if old:
+            aside = self.folder / SUPERSEDED
+            aside.mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for p in old:
+                os.replace(p, aside / f"{p.name}.{stamp}")
+            log.warning("a new run in %s: moved the earlier run's %s to %s (not deleted)", self.folder,
+                        ", ".join(p.name for p in old), aside)
+        return 0.0
+
+    def _time(self, clock: float) -> float:
+        """Seconds since the run began (continuing a resumed run's clock) of a time.perf_counter() reading."""
+        return self.offset_s + clock - self.began
+
+    def steps(self, first_step: int, epoch: int, stats: EpochStats) -> None:
+        """One record per optimizer step of a trained segment that began after step `first_step`."""
+        lines = []
+        for i, end in enumerate(stats.stages[0].step_end_s):
+            step, t = first_step + i + 1, self._time(end)
+            loss = [st.step_loss[i] for st in stats.stages]
+            lr = [st.step_lr[i] for st in stats.stages]
+            lines.append(json.dumps({"kind": "step", "step": step, "epoch": epoch, "time_s": round(t, 6),
+                                     "loss": loss, "lr": lr, "samples_per_s": stats.samples_per_s}) + "\n")
+            if self.tb is not None:
+                wall = self.wall + t - self.offset_s
+                for k, (v, r) in enumerate(zip(loss, lr, strict=True)):
+                    self.tb.add_scalar(f"loss/stage{k}", v, step, wall)
+                    self.tb.add_scalar(f"lr/stage{k}", r, step, wall)
+                self.tb.add_scalar("throughput/samples_per_s", stats.samples_per_s, step, wall)
+        self.file.write("".join(lines))
+        self.file.flush()
+
+    def evaluation(self, step: int, epoch: int, ev: EvalResult) -> None:
+        """One record of an evaluation after `step`; flushes both files so a killed run keeps its curves."""
+        t = self._time(time.perf_counter())
+        rec: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch, "time_s": round(t, 6), "loss": ev.loss,
+                               "accuracy": ev.accuracy, "aux_loss": ev.aux_loss, "aux_accuracy": ev.aux_accuracy}
+        if self.task == "lm":
+            rec.update(perplexity=ev.perplexity, aux_perplexity=ev.aux_perplexity)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            wall = self.wall + t - self.offset_s
+            for name in ("loss", "accuracy", "perplexity"):
+                if name in rec:
+                    self.tb.add_scalar(f"eval/{name}", rec[name], step, wall)
+                    for k, v in enumerate(rec[f"aux_{name}"]):
+                        self.tb.add_scalar(f"eval/aux{k}_{name}", v, step, wall)
+            self.tb.flush()
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _summary_writer(folder: Path, start_step: int):
+    """A TensorBoard SummaryWriter in `folder` (a resumed run hides the earlier run's events after `start_step`),
+    or None with one log line when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("metrics.jsonl only: TensorBoard event files need tensorboard (pip install ppll_ext[tensorboard])")
+        return None
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
