@@ -69,9 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--exit-stage", type=int, help="decode through stage K's aux head (early exit) instead of the "
                      "whole model")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    plot = sub.add_parser("plot", help="Gantt chart of traces (ppll train --trace) or throughput bars")
+    plot = sub.add_parser("plot", help="Gantt chart of traces (ppll train --trace), throughput bars or training curves")
     plot.add_argument("traces", nargs="*", help="Chrome-trace JSON files, one subplot each on a shared time axis")
     plot.add_argument("--bench", help="a benchmark results JSON (e.g. benchmarks/results/bench.json): bar chart")
+    plot.add_argument("--curves", nargs="+", metavar="RUN",
+                      help="run folders (or their metrics.jsonl): loss and accuracy (perplexity) against step and time")
     plot.add_argument("--out", required=True, help="output PNG file")
     plot.add_argument("--window", help="zoom into START:END milliseconds of the traces")
     sub.add_parser("bench", add_help=False, help="run benchmarks/bench.py (see ppll bench --help)")
@@ -164,11 +166,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ppll_ext.plot import plot_bench, plot_traces
+    from ppll_ext.plot import plot_bench, plot_runs, plot_traces
 
-    if bool(args.traces) == bool(args.bench):
-        raise ConfigError("ppll plot takes trace files (a Gantt chart) or --bench FILE (a bar chart), one of the two")
-    if args.bench:
+    if sum(map(bool, (args.traces, args.bench, args.curves))) != 1:
+        raise ConfigError("ppll plot takes trace files (a Gantt chart), --bench FILE (a bar chart) or --curves RUN "
+                          "[RUN ...] (training curves), exactly one of the three")
+    if args.curves:
+        path = plot_runs(args.curves, args.out)
+    elif args.bench:
         path = plot_bench(args.bench, args.out)
     else:
         window = None

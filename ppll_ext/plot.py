@@ -159,6 +159,53 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], out: str | os.Path
     return _save(fig, plt, out)
 
 
+def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Training curves of runs (folders or metrics.jsonl files) -> PNG: a 2x2 figure of training loss and evaluation
+    accuracy (perplexity for language models) against step and against wall time, one line per stage and per run,
+    aux heads dashed."""
+    from ppll_ext.train.metrics import read_metrics
+
+    plt = _pyplot()
+    loaded = [(_run_name(r), read_metrics(r)) for r in runs]
+    lm = any("perplexity" in rec for _, records in loaded for rec in records)
+    metric = "perplexity" if lm else "accuracy"
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    for name, records in loaded:
+        steps = [r for r in records if r["kind"] == "step"]
+        evals = [r for r in records if r["kind"] == "eval" and metric in r]
+        for col, x in enumerate(("step", "time_s")):
+            for k in range(len(steps[0]["loss"]) if steps else 0):
+                axes[0, col].plot([r[x] for r in steps], [r["loss"][k] for r in steps], label=f"{name} stage {k}",
+                                  linewidth=1)
+            if evals:
+                xs = [r[x] for r in evals]
+                axes[1, col].plot(xs, [r[metric] for r in evals], marker="o", markersize=3, label=f"{name} model")
+                for k in range(len(evals[0][f"aux_{metric}"])):
+                    axes[1, col].plot(xs, [r[f"aux_{metric}"][k] for r in evals], marker="o", markersize=3,
+                                      linestyle="--", label=f"{name} aux head {k}")
+    ylabel = "validation perplexity" if lm else "test accuracy"
+    for row, col, title in ((0, 0, "training loss (mean per step)"), (0, 1, "training loss"),
+                            (1, 0, ylabel), (1, 1, ylabel)):
+        ax = axes[row, col]
+        ax.set_xlabel("step" if col == 0 else "wall time (s)")
+        ax.set_ylabel("loss" if row == 0 else ylabel)
+        ax.set_title(title, loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if lm:
+        axes[1, 0].set_yscale("log")
+        axes[1, 1].set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, plt, out)
+
+
+def _run_name(run: str | os.PathLike) -> str:
+    """A run's label: its folder's name (the folder holding metrics.jsonl when given the file)."""
+    p = Path(run).absolute()
+    return (p.parent if p.is_file() else p).name
+
+
 def _require(rows: list[dict], keys: tuple[str, ...]) -> None:
     """KeyError naming the first field missing from a row."""
     for row in rows:
