@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,9 @@ def test_default_job_sequential_equals_processes(tmp_path: Path) -> None:
         runs[runtime] = res.stdout
     line = [x for x in runs["sequential"].splitlines() if "test accuracy" in x]
     assert line and line[0] in runs["processes"], runs
+    curves = [[(r["loss"], r["lr"]) for r in map(json.loads, (tmp_path / rt / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "step"] for rt in runs]
+    assert len(curves[0]) == 23 and curves[0] == curves[1]  # every stage's loss per step, bit for bit
     a, b = tmp_path / "sequential" / "step-000023", tmp_path / "processes" / "step-000023"
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
     assert len(files) == 5 and files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
