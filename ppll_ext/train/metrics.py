@@ -48,11 +48,15 @@ class MetricsLog:
 
     def __init__(self, folder: str | os.PathLike, start_step: int, task: str) -> None:
         self.folder, self.task = Path(folder), task
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / METRICS
-        self.offset_s = self._keep_until(path, start_step) if start_step else self._set_aside()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.offset_s = self._keep_until(path, start_step) if start_step else self._set_aside()
+            self.file = path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"the training curves cannot be written to {str(path)!r} ({exc.strerror}); set "
+                              f"train.log_dir to a writable folder", key="train.log_dir") from None
         self.began, self.wall = time.perf_counter(), time.time()
-        self.file = path.open("a", encoding="utf-8")
         self.tb = _summary_writer(self.folder, start_step)
 
     def _keep_until(self, path: Path, step: int) -> float:
