@@ -188,41 +188,43 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
                                  s.extra_files)
             say(f"checkpoint saved: {folder}")
 
-    for epoch in range(start.epoch, s.epochs):
-        train_loader.set_epoch(epoch)
-        done = math.ceil(start.batch / d) if epoch == start.epoch else 0
-        bar = tqdm(total=len(train_loader.dataset), desc=f"epoch {epoch + 1}/{s.epochs}", unit="sample",
-                   disable=not (s.progress and engine.is_driver), leave=False, file=out)
-        parts: list[EpochStats | None] = []
-        while done < per_epoch and (stop_at is None or step < stop_at):
-            end = per_epoch
-            if every:
-                end = min(end, done + every - step % every)
-            if stop_at is not None:
-                end = min(end, done + stop_at - step)
-            parts.append(engine.train(train_loader, done * d, end - done, bar.update))
+    try:
+        for epoch in range(start.epoch, s.epochs):
+            train_loader.set_epoch(epoch)
+            done = math.ceil(start.batch / d) if epoch == start.epoch else 0
+            bar = tqdm(total=len(train_loader.dataset), desc=f"epoch {epoch + 1}/{s.epochs}", unit="sample",
+                       disable=not (s.progress and engine.is_driver), leave=False, file=out)
+            parts: list[EpochStats | None] = []
+            while done < per_epoch and (stop_at is None or step < stop_at):
+                end = per_epoch
+                if every:
+                    end = min(end, done + every - step % every)
+                if stop_at is not None:
+                    end = min(end, done + stop_at - step)
+                parts.append(engine.train(train_loader, done * d, end - done, bar.update))
+                if metrics is not None:
+                    metrics.steps(step, epoch, parts[-1])
+                step, done = step + end - done, end
+                position = (ckpt.Position(step, epoch + 1, 0) if done == per_epoch
+                            else ckpt.Position(step, epoch, done * d))
+                if every and step % every == 0:
+                    save(position)
+            bar.close()
+            ev = engine.evaluate(test_loader)
+            if engine.is_driver:
+                stats = EpochStats.merge([p for p in parts if p is not None])
+                say(epoch_line(epoch, s.epochs, stats, ev, s.task, s.tokens_per_sample))
             if metrics is not None:
-                metrics.steps(step, epoch, parts[-1])
-            step, done = step + end - done, end
-            position = (ckpt.Position(step, epoch + 1, 0) if done == per_epoch
-                        else ckpt.Position(step, epoch, done * d))
-            if every and step % every == 0:
-                save(position)
-        bar.close()
-        ev = engine.evaluate(test_loader)
-        if engine.is_driver:
-            stats = EpochStats.merge([p for p in parts if p is not None])
-            say(epoch_line(epoch, s.epochs, stats, ev, s.task, s.tokens_per_sample))
+                metrics.evaluation(step, epoch, ev)
+            if stop_at is not None and step >= stop_at:
+                say(f"stopped at step {step} (train.stop_at_step)")
+                break
+        if s.save_dir and saved != step:
+            save(position)
+        engine.close()
+    finally:
         if metrics is not None:
-            metrics.evaluation(step, epoch, ev)
-        if stop_at is not None and step >= stop_at:
-            say(f"stopped at step {step} (train.stop_at_step)")
-            break
-    if s.save_dir and saved != step:
-        save(position)
-    engine.close()
-    if metrics is not None:
-        metrics.close()
+            metrics.close()  # also when a stage fails: the curves so far stay on disk
     if not engine.is_driver:
         return None
     summary = Summary(s.method, engine.name, k, boundaries, s.epochs, ev.accuracy, ev.aux_accuracy,

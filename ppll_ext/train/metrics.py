@@ -127,9 +127,9 @@ class MetricsLog:
             self.tb.close()
 
 
-def _summary_writer(folder: Path, start_step: int):
+def _summary_writer(folder: Path, start_step: int) -> Any:
     """A TensorBoard SummaryWriter in `folder` (a resumed run hides the earlier run's events after `start_step`),
-    or None with one log line when tensorboard is not installed."""
+    or None with one log line when tensorboard is not installed (typed Any: tensorboard is an optional extra)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
