@@ -142,7 +142,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         device = torch.device(stage.device)
         self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
         self._inbox = receiver.messages() if receiver is not None else None
-        self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device)
+        self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device, per_step=False)
         self._group, self._ranks = group, ranks
 
     @property

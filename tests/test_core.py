@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -153,10 +154,13 @@ def test_micro_batch_accumulation_equals_full_batch() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_nan_loss_names_stage() -> None:
+def test_nan_loss_names_stage_and_step() -> None:
     blk = LocalBlock(nn.Linear(2, 2), None, nn.CrossEntropyLoss(), index=3)
-    with pytest.raises(PipelineError, match="stage 3"):
-        blk.check_finite(float("nan"))
+    blk.optimizer = torch.optim.SGD(blk.parameters(), lr=0.1)
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    blk.train_step(x, y)
+    with pytest.raises(PipelineError, match="^stage 3: loss is nan at step 1; "):
+        blk.train_step(torch.full_like(x, math.nan), y)
 
 
 def _train(cfg, blocks, steps: int) -> None:

@@ -116,7 +116,7 @@ def test_on_nan_skip_drops_the_update_but_keeps_step_and_schedule(caplog: pytest
     strict.optimizer = torch.optim.SGD(strict.parameters(), lr=0.1)
     with pytest.raises(PipelineError, match=r'^stage 1: loss is nan at step 0; .*on_nan="skip"$'):
         strict.train_step(x, y)
-    assert all(p.grad is None for p in strict.parameters())  # raised before the backward pass
+    assert all(p.grad is None for p in strict.parameters())  # raised before the update, its gradients dropped
 
 
 Cli = Callable[..., tuple[int, str, list[str]]]

@@ -11,18 +11,24 @@ gradients are computed and applied is an `Updater`: plain torch (clipping, fp16 
 default, DeepSpeed's engine in the adapter.
 
 A non-finite local loss either stops the run (`on_nan="error"`, a PipelineError naming stage and
-step, raised before the backward pass) or, with `on_nan="skip"`, makes this block skip the
-parameter update of that mini-batch: its gradients are dropped and the optimizer (and its state,
-e.g. momentum) is left untouched, but `steps` and the LR schedule still advance, so they keep
-counting mini-batches and stay aligned with the data position stored in checkpoints. Only this
-block skips; the others train on as usual.
+the step it first happened at) or, with `on_nan="skip"`, makes this block skip the parameter update
+of that mini-batch: its gradients are dropped and the optimizer (and its state, e.g. momentum) is
+left untouched, but `steps` and the LR schedule still advance, so they keep counting mini-batches and
+stay aligned with the data position stored in checkpoints. Only this block skips; the others train
+on as usual.
+
+No host-device synchronisation per micro-batch: losses stay on the device and finiteness is
+recorded there. The host reads it back only where it must act on it: with `on_nan="skip"` once per
+optimizer step (to apply or skip it, as torch's GradScaler does with non-fused optimizers); with
+`on_nan="error"` every `check_every` steps before the update (1 = every step, so a NaN never reaches
+the weights) and at the stage loop's logging points (`check_health`). On the CPU a read costs
+nothing, so `check_every` defaults to 1 there and to CHECK_EVERY on accelerators.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 from typing import Literal, Protocol
 
@@ -35,6 +41,8 @@ from ppll_ext.errors import PipelineError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Mixed-precision choices of a block (`autocast=`) and the dtype each one computes in."""
+CHECK_EVERY = 16
+"""Optimizer steps between host checks of the non-finite flag on an accelerator (on_nan="error")."""
 ON_NAN = ("error", "skip")
 """What a block does with a NaN/inf local loss (`on_nan=`)."""
 OnNaN = Literal["error", "skip"]
@@ -118,6 +126,7 @@ class LocalBlock(nn.Module):
         scale_grads: bool = True,
         on_nan: OnNaN = "error",
         updater: Updater | None = None,
+        check_every: int = 0,
     ) -> None:
         super().__init__()
         if on_nan not in ON_NAN:
@@ -135,10 +144,16 @@ class LocalBlock(nn.Module):
         self.scale_grads = scale_grads
         self.on_nan = on_nan
         self.updater: Updater = updater if updater is not None else TorchUpdater(self)
+        self.check_every = check_every
+        """Steps between host reads of the non-finite flag with on_nan="error" (0: 1 on the CPU, else
+        CHECK_EVERY)."""
         self.steps = 0
         self.skipped_steps = 0
         self._skip = False
         self._pending = 0
+        self._bad: torch.Tensor | None = None
+        """On the device: the step (mini-batch) at which a non-finite loss first appeared since the last check, -1
+        if none, and that loss; only read by the host at checks."""
 
     @property
     def is_last(self) -> bool:
@@ -180,19 +195,26 @@ class LocalBlock(nn.Module):
         with self._autocast():
             return self.loss_fn(h if self.aux is None else self.aux(h), y)
 
-    def backward(self, loss: torch.Tensor, n_micro: int = 1) -> float:
-        """Backpropagate one micro-batch's loss through this block only; returns its value.
+    def backward(self, loss: torch.Tensor, n_micro: int = 1) -> torch.Tensor:
+        """Backpropagate one micro-batch's loss through this block only; returns it detached (on the device).
 
         The loss is divided by `n_micro` (gradients = mean over micro-batches) unless scale_grads=False (sum).
-        A non-finite loss raises (on_nan="error") or marks this mini-batch's update as skipped (on_nan="skip").
+        A non-finite loss is recorded on the device, without a host read: it stops the run (on_nan="error") or skips
+        this mini-batch's update (on_nan="skip") when `step` checks it.
         """
-        value = float(loss.detach())
-        if math.isfinite(value):
-            self.updater.backward(loss / n_micro if self.scale_grads else loss)
-        else:
-            self._non_finite(value)
+        value = loss.detach()
+        self._record(value)
+        self.updater.backward(loss / n_micro if self.scale_grads else loss)
         self._pending += 1
         return value
+
+    def _record(self, loss: torch.Tensor) -> None:
+        """Keep (step, loss) of the first non-finite loss since the last check in `_bad`, on the device."""
+        here = torch.stack([torch.full_like(loss, self.steps, dtype=torch.float64), loss.to(torch.float64)])
+        if self._bad is None:
+            self._bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)
+        fresh = (self._bad[0] < 0) & ~torch.isfinite(loss)
+        self._bad = torch.where(fresh, here, self._bad)
 
     def train_step(
         self,
@@ -223,29 +245,46 @@ class LocalBlock(nn.Module):
         h = self(x)
         return h, score(self.loss_fn, self.logits(h).float(), y)
 
-    def check_finite(self, loss: float) -> None:
-        """PipelineError naming the stage and step when a loss is NaN or infinite (unless on_nan="skip")."""
-        if not math.isfinite(loss) and self.on_nan == "error":
+    def check_health(self) -> None:
+        """Read the non-finite flag (one host read): raise for on_nan="error", naming the step it first happened at.
+
+        Called before updates every `check_every` steps and at logging points (reports, checkpoints).
+        """
+        if self._bad is None or self.on_nan == "skip":
+            return
+        step, loss = self._bad.tolist()
+        if step >= 0:
+            self.zero_grad(set_to_none=True)  # the pending (non-finite) gradients are never applied
             raise PipelineError(
-                f"stage {self.index}: loss is {loss} at step {self.steps}; lower the learning rate or clip "
+                f"stage {self.index}: loss is {loss} at step {int(step)}; lower the learning rate or clip "
                 f"gradients, or skip such steps with on_nan=\"skip\"", key="on_nan")
 
-    def _non_finite(self, loss: float) -> None:
-        """Raise (on_nan="error"), or mark the current mini-batch's update as skipped and say so once."""
-        self.check_finite(loss)
-        if not self._skip:
-            log.warning("stage %d: loss is %s at step %d; this stage skips the step's update (on_nan=skip)",
-                        self.index, loss, self.steps)
-        self._skip = True
+    def _pending_non_finite(self) -> float | None:
+        """The first non-finite loss of the pending mini-batch, else None (one host read; on_nan="skip")."""
+        if self._bad is None:
+            return None
+        step, loss = self._bad.tolist()
+        self._bad = None
+        return loss if step >= 0 else None
 
     @property
     def will_skip(self) -> bool:
         """True when the pending mini-batch's update will be skipped (a non-finite loss, on_nan="skip")."""
+        if self.on_nan == "skip" and not self._skip:
+            loss = self._pending_non_finite()
+            if loss is not None:
+                log.warning("stage %d: loss is %s at step %d; this stage skips the step's update (on_nan=skip)",
+                            self.index, loss, self.steps)
+                self._skip = True
         return self._skip
 
     def mark_skip(self) -> None:
         """Skip the pending mini-batch's update (a data-parallel peer of this stage saw a non-finite loss)."""
         self._skip = True
+
+    def _check_due(self) -> bool:
+        every = self.check_every or (1 if self.device.type == "cpu" else CHECK_EVERY)
+        return (self.steps + 1) % every == 0
 
     def step(self) -> None:
         """Apply (or, after a non-finite loss with on_nan="skip", drop) the pending update; count the step.
@@ -253,7 +292,9 @@ class LocalBlock(nn.Module):
         The LR schedule and `steps` advance either way.
         """
         self._pending = 0
-        if self._skip:
+        if self.on_nan == "error" and self._check_due():
+            self.check_health()
+        if self.will_skip:
             self._skip = False
             self.skipped_steps += 1
             self.updater.skip()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
-import math
 import os
 import time
 import weakref
@@ -226,12 +225,13 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             self.module.train()
         return counts
 
-    def _mean_over_replicas(self, total: float, count: int) -> torch.Tensor:
-        """Mean of `count` losses summing to `total`, over the stage's replicas (NaN when there are none)."""
-        both = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+    def _mean_over_replicas(self, total: float | torch.Tensor, count: float | torch.Tensor) -> torch.Tensor:
+        """Mean of `count` losses summing to `total`, over the stage's replicas (NaN when there are none), computed
+        on the device without a host read."""
+        both = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in (total, count)])
         if self.is_data_parallel:
             dist.all_reduce(both, group=self.grid.get_data_parallel_group())
-        return (both[0] / both[1]).float() if both[1] > 0 else torch.tensor(math.nan, device=self.device)
+        return (both[0] / both[1]).float()
 
     def flush(self) -> None:
         """Block until every activation this stage sent has been received downstream."""
@@ -318,17 +318,17 @@ class LocalPipelineEngine(_ds.PipelineEngine):
 
     def _local_backward(self, buffer_id: int) -> None:
         h, y = _ds.buffer(self, "outputs", buffer_id), _ds.buffer(self, "labels", buffer_id)
-        value = self.block.backward(self.block.local_loss(h, y), self._micro)
-        if math.isfinite(value):
-            self._loss_sum += value
-            self._losses += 1
+        value = self.block.backward(self.block.local_loss(h, y), self._micro).to(torch.float64)
+        finite = torch.isfinite(value)
+        self._loss_sum = torch.where(finite, value, 0.0) + self._loss_sum
+        self._losses = finite.to(torch.float64) + self._losses
         _ds.set_buffer(self, "outputs", buffer_id, None)
         _ds.set_buffer(self, "labels", buffer_id, None)
 
     def _local_reduce(self) -> None:
         """All replicas of a stage skip together (one saw a non-finite loss), then reduce as DeepSpeed does."""
         if self.is_data_parallel and self.block.on_nan == "skip":
-            flag = torch.tensor(float(self.block.will_skip), device=self.device)
+            flag = torch.tensor(float(self.block.will_skip), device=self.device)  # on_nan="skip": a read per step
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.grid.get_data_parallel_group())
             if flag.item() and not self.block.will_skip:
                 self.block.mark_skip()

@@ -38,11 +38,19 @@ def split_micro(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.Te
 class StageStats:
     """One stage's work over a stretch of training: time busy computing, time waiting for input or output room,
     and per optimizer step its mean loss, learning rate and end time, so the driver draws curves of every stage
-    from the stats it already gathers at segment ends (no extra messages per step)."""
+    from the stats it already gathers at segment ends (no extra messages per step).
+
+    Losses are summed on their device while training (no host read per micro-batch); `settle()` reads them back
+    once, at the end of the stretch, before the stats are reported.
+    """
 
     index: int
     loss: float = 0.0
+    """Sum over finite micro-batch losses of loss x samples."""
     samples: int = 0
+    """Samples trained on (every micro-batch, finite loss or not)."""
+    counted: int = 0
+    """Samples whose loss was finite (the mean's denominator)."""
     steps: int = 0
     busy_s: float = 0.0
     wait_in_s: float = 0.0
@@ -53,29 +61,48 @@ class StageStats:
     """Learning rate each step was taken with (of the first parameter group)."""
     step_end_s: list[float] = field(default_factory=list)
     """time.perf_counter() when each step ended on this stage (stage 0 runs in the driving process)."""
-    _step_loss: float = 0.0
-    _step_samples: int = 0
+    per_step: bool = True
+    """Keep the per-step lists (False: totals only, for a stage whose stats nobody collects per segment)."""
+    _step: torch.Tensor | None = None
+    _pending: list[torch.Tensor | None] = field(default_factory=list)
 
-    def add_loss(self, loss: float, n: int) -> None:
-        """Accumulate a micro-batch's mean loss weighted by its size; a skipped non-finite loss is left out."""
-        if not math.isfinite(loss):
-            return
-        self.loss += loss * n
+    def add_loss(self, loss: torch.Tensor | float, n: int) -> None:
+        """Accumulate a micro-batch's mean loss weighted by its size, on its device; a non-finite loss is left out."""
+        value = torch.as_tensor(loss).detach().to(torch.float64)
+        finite = torch.isfinite(value)
+        pair = torch.stack([torch.where(finite, value * n, 0.0), finite.to(torch.float64) * n])
+        self._step = pair if self._step is None else self._step + pair
         self.samples += n
-        self._step_loss += loss * n
-        self._step_samples += n
 
     def end_step(self, lr: float) -> None:
-        """Close an optimizer step: record its mean loss, learning rate and end time."""
-        self.step_loss.append(self._step_loss / self._step_samples if self._step_samples else math.nan)
+        """Close an optimizer step: keep its (loss sum, samples) on the device, its learning rate and end time."""
+        if not self.per_step:
+            return
+        self._pending.append(self._step)
+        self._step = None
         self.step_lr.append(lr)
         self.step_end_s.append(time.perf_counter())
-        self._step_loss, self._step_samples = 0.0, 0
+
+    def settle(self) -> StageStats:
+        """Read the pending steps' losses back to the host (one read) and fold them in; returns self."""
+        if self._step is not None:  # micro-batches of a step not closed yet count towards the totals only
+            self._pending.append(self._step)
+        closed = len(self.step_lr) - len(self.step_loss)
+        real = [t for t in self._pending if t is not None]
+        values = iter(torch.stack(real).tolist() if real else [])
+        sums = [next(values) if t is not None else [0.0, 0.0] for t in self._pending]
+        for total, count in sums:
+            self.loss += total
+            self.counted += int(count)
+        self.step_loss += [total / count if count else math.nan for total, count in sums[:closed]]
+        self._pending, self._step = [], None
+        return self
 
     def merge(self, other: StageStats) -> None:
         """Add `other` (a later segment of the same stage) to these stats."""
         self.loss += other.loss
         self.samples += other.samples
+        self.counted += other.counted
         self.steps = other.steps
         self.busy_s += other.busy_s
         self.wait_in_s += other.wait_in_s
@@ -87,7 +114,7 @@ class StageStats:
     @property
     def mean_loss(self) -> float:
         """Sample-weighted mean loss over the epoch."""
-        return self.loss / max(1, self.samples)
+        return self.loss / max(1, self.counted)
 
 
 @dataclass

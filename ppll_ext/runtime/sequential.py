@@ -45,7 +45,7 @@ class SequentialRunner:
             outputs = []
             for xm, ym in micro:
                 out, loss = train_step(xm, ym, n_micro=len(micro))
-                st.add_loss(float(loss), len(ym))
+                st.add_loss(loss, len(ym))
                 outputs.append((out, ym))
             micro = outputs
             st.end_step(lr)
@@ -64,7 +64,9 @@ class SequentialRunner:
             samples += len(y)
             if on_batch is not None:
                 on_batch(len(y))
-        return EpochStats(time.perf_counter() - start, samples, stats)
+        for b in self.blocks:
+            b.check_health()
+        return EpochStats(time.perf_counter() - start, samples, [st.settle() for st in stats])
 
     def evaluate(self, batches: Batches) -> EvalResult:
         """Accuracy of the final output and of every aux head on `batches`."""
@@ -72,6 +74,8 @@ class SequentialRunner:
 
     def checkpoint(self, step: int) -> list:
         """Every stage's saver result (the blocks are idle between batches here)."""
+        for b in self.blocks:
+            b.check_health()
         return [self.saver(b, step) for b in self.blocks]
 
     def close(self) -> None:

@@ -3,7 +3,9 @@
 A stage consumes an ordered stream of messages (training micro-batches, evaluation batches and
 in-band control markers), forwards its detached output downstream as soon as its forward pass is
 done, then trains on its own loss. Control markers travel in the same stream, so a stage never
-waits on anything but its input and room in its output.
+waits on anything but its input and room in its output. Training micro-batches make no host read of
+device values: losses and the non-finite flag are read back at the control markers (evaluation
+batches, which count correct predictions on the host, are not on that path).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from ppll_ext.runtime.base import EvalCounts, Report, SaveRequest, StageStats, c
 from ppll_ext.transport import Kind, Msg
 
 Send = Callable[[Msg], None]
+_LOGGING_POINTS = (Kind.EPOCH_END, Kind.EVAL_END, Kind.CHECKPOINT)
+"""Markers at which a stage reads its device-side state back (non-finite flag, losses): the only host reads of
+the training stream."""
 
 
 class StageWorker:
@@ -28,11 +33,14 @@ class StageWorker:
     EvalCounts, CHECKPOINT (step in the n_micro field) -> SaveRequest.
     """
 
-    def __init__(self, block: LocalBlock, send: Send | None, device: torch.device | None = None) -> None:
+    def __init__(self, block: LocalBlock, send: Send | None, device: torch.device | None = None,
+                 per_step: bool = True) -> None:
         self.block = block
         self._send = send
         self.device = device or block.device
-        self.stats = StageStats(block.index)
+        self.per_step = per_step
+        """Record per-step curves in `stats` (False where no EPOCH_END ever collects them, e.g. SchedulePPLL)."""
+        self.stats = StageStats(block.index, per_step=per_step)
         self.counts = EvalCounts(block.index)
         self.last_loss: torch.Tensor | None = None
         self.last_output: torch.Tensor | None = None
@@ -60,7 +68,7 @@ class StageWorker:
                 x, y, msg.n_micro, on_output=lambda out: self._emit(Msg(Kind.TRAIN, out, y, msg.n_micro))
             )
             self.last_loss, self.last_output = loss, out
-            self.stats.add_loss(float(loss), len(y))
+            self.stats.add_loss(loss, len(y))
             if self.block.steps != steps:
                 self.stats.end_step(lr)
             self.stats.steps = self.block.steps
@@ -76,8 +84,10 @@ class StageWorker:
         else:
             self._emit(msg)
         self.stats.busy_s += time.perf_counter() - start - (self.stats.wait_out_s - waited)
+        if msg.kind in _LOGGING_POINTS:
+            self.block.check_health()
         if msg.kind is Kind.EPOCH_END:
-            report, self.stats = self.stats, StageStats(self.block.index)
+            report, self.stats = self.stats.settle(), StageStats(self.block.index, per_step=self.per_step)
         elif msg.kind is Kind.EVAL_END:
             self.block.train()
             report, self.counts = self.counts, EvalCounts(self.block.index)

@@ -101,7 +101,7 @@ class DeepSpeedLoopEngine:
                 data = iter(split_micro(*next(batches), self.cfg.local.micro_batches)) if batches else None
                 micro = min(self.cfg.local.micro_batches, sizes[self.replica]) if batches else None
                 loss = engine.train_batch(data, num_micro_batches=micro)
-                st.add_loss(float(loss), sizes[self.replica])
+                st.add_loss(loss, sizes[self.replica])
             else:
                 engine.grad_weight = 1.0
                 engine.train_batch(None, num_micro_batches=0)
@@ -112,8 +112,9 @@ class DeepSpeedLoopEngine:
         seconds = time.perf_counter() - began
         st.busy_s = seconds - engine.wait_in_s - engine.wait_out_s
         st.wait_in_s, st.wait_out_s, st.steps = engine.wait_in_s, engine.wait_out_s, engine.global_steps
+        self.block.check_health()
         gathered: list[StageStats | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, st if self.replica == 0 else None)
+        dist.all_gather_object(gathered, st.settle() if self.replica == 0 else None)
         if not self.is_driver:
             return None
         return EpochStats(seconds, samples, sorted((s for s in gathered if s is not None), key=lambda s: s.index))
