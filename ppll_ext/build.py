@@ -108,7 +108,7 @@ def build_blocks(
                                        next_blocks=cfg.local.aux_next_blocks)
         body = layered.sequential(boundaries[s], boundaries[s + 1])
         block = LocalBlock(body, aux, loss_fn, index=s, grad_clip=cfg.optim.grad_clip, autocast=cfg.train.autocast,
-                           on_nan=cfg.train.on_nan)
+                           on_nan=cfg.train.on_nan, check_every=cfg.train.check_every)
         block.optimizer = make_optimizer(cfg.optim, block.parameters())
         block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)
         blocks[s] = block
@@ -118,7 +118,7 @@ def build_blocks(
 def build_bp_block(cfg: Config, layered: LayeredModel, *, total_steps: int) -> LocalBlock:
     """End-to-end backprop as a single block whose body is the whole, unsplit model."""
     block = LocalBlock(layered.sequential(), None, make_loss(cfg.task), index=0, grad_clip=cfg.optim.grad_clip,
-                       autocast=cfg.train.autocast, on_nan=cfg.train.on_nan)
+                       autocast=cfg.train.autocast, on_nan=cfg.train.on_nan, check_every=cfg.train.check_every)
     block.optimizer = make_optimizer(cfg.optim, block.parameters())
     block.lr_scheduler = make_scheduler(cfg.optim, block.optimizer, total_steps)
     return block

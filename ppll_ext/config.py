@@ -182,6 +182,10 @@ class TrainConfig:
     """End the run after this many steps, as if interrupted (the LR schedule still spans train.epochs)."""
     on_nan: OnNan = "error"
     """A NaN/inf local loss: error (stop, naming stage and step) | skip (that stage skips that step, logged)."""
+    check_every: int = 0
+    """Optimizer steps between host reads of a stage's non-finite-loss flag with on_nan=error (0 = auto: every step
+    on the CPU, where a read is free, every 16 on a GPU, where it would stall the stream; also read at every
+    epoch end, evaluation and checkpoint)."""
     trace: str | None = None
     """Write a Chrome-trace / Perfetto JSON of every stage's forward, send, backward, step and waits here."""
     log_dir: str | None = None
@@ -194,6 +198,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             _at_least(self, "train.", name, 1)
         _at_least(self, "train.", "threads", 0)
+        _at_least(self, "train.", "check_every", 0)
         if self.save_every < 0 or self.keep < 1:
             raise ConfigError(f"train.save_every={self.save_every} must be >= 0 and train.keep={self.keep} >= 1",
                               key="train.save_every" if self.save_every < 0 else "train.keep")

@@ -31,11 +31,12 @@ class BatchLoader:
     int64 N x T token ids), without workers or global RNG.
 
     The epoch's order comes from (seed, epoch) and each batch's augmentation from (seed, epoch, batch index), so
-    `iter_from(k)` reproduces batches k, k+1, ... of a full pass exactly.
+    `iter_from(k)` reproduces batches k, k+1, ... of a full pass exactly. With `pin_memory` (training on a GPU)
+    batches come in page-locked memory, so the first stage's copy to the device is asynchronous.
     """
 
     def __init__(self, ds: ArrayDataset | TokenDataset, batch_size: int, *, shuffle: bool, augment: bool, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1", key="batch_size")
         if drop_last and batch_size > len(ds):
@@ -47,6 +48,7 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.pin_memory = pin_memory
         self.images = isinstance(ds, ArrayDataset)
         self.augment = augment and self.images
         if self.images:
@@ -80,6 +82,10 @@ class BatchLoader:
         identical to the same batches of a full pass."""
         if batch_index < 0:
             raise ConfigError(f"batch_index={batch_index} must be non-negative", key="batch_index")
+        for x, y in self._batches(batch_index, stride):
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+    def _batches(self, batch_index: int, stride: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order()
         for i in range(batch_index, len(self), stride):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset))

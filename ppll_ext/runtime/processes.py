@@ -46,8 +46,11 @@ class ProcessRunner:
         # Reports travel in their own group, so collectives never mix with the links' point-to-point traffic.
         self.control = dist.new_group(list(range(self.world)), timeout=datetime.timedelta(seconds=timeout_s),
                                       backend="gloo")
+        # On a GPU the headers travel over gloo in host memory, so reading one never stalls the device.
+        headers = (dist.new_group(list(range(self.world)), timeout=datetime.timedelta(seconds=timeout_s),
+                                  backend="gloo") if block.device.type != "cpu" else None)
         self.sender, self.receiver = open_links(list(range(self.world)), self.rank, queue_depth, timeout_s,
-                                                block.device)
+                                                block.device, header_group=headers)
         self.worker = StageWorker(block, self.sender.send if self.sender else None)
         self.inbox = self.receiver.messages() if self.receiver is not None else None
 

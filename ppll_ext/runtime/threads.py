@@ -2,7 +2,8 @@
 
 Stage k runs on `devices[k]` (all "cpu", or cuda:0..K-1). torch releases the GIL inside its
 kernels, so stages really run in parallel; any stage's exception stops every stage and is
-raised in the caller, naming the stage.
+raised in the caller, naming the stage. Between GPUs a stage copies its output to the next
+stage's device on a copy stream of its own, so the copy overlaps its local backward pass.
 """
 
 from __future__ import annotations
@@ -35,6 +36,28 @@ _POLL_S = 0.05
 
 class _Stopped(Exception):
     """Raised inside a stage thread when another stage failed: unwinds quietly."""
+
+
+def _device_copier(src: torch.device, dst: torch.device) -> Callable[[Msg], Msg]:
+    """How stage outputs on `src` reach `dst`: unchanged on one device (or the CPU); between GPUs copied on a side
+    stream of `src`, which waits for the compute stream and which `dst`'s stream waits for (torch's cross-device
+    copy does that), the source kept alive for the copy by record_stream."""
+    if src == dst or src.type != "cuda" or dst.type != "cuda":
+        return lambda msg: msg
+    side = torch.cuda.Stream(device=src)
+
+    def move(msg: Msg) -> Msg:
+        if msg.x is None:
+            return msg
+        side.wait_stream(torch.cuda.current_stream(src))
+        with torch.cuda.stream(side):
+            x, y = msg.x.to(dst, non_blocking=True), msg.y.to(dst, non_blocking=True)
+        for t in (msg.x, msg.y):
+            if t.device == src:
+                t.record_stream(side)
+        return Msg(msg.kind, x, y, msg.n_micro)
+
+    return move
 
 
 class ThreadRunner:
@@ -100,8 +123,10 @@ class ThreadRunner:
         nxt = self._inboxes[k + 1] if k + 1 < len(self.blocks) else None
         send: Callable[[Msg], None] | None = None
         if nxt is not None:
+            move = _device_copier(block.device, self.blocks[k + 1].device)
+
             def send(msg: Msg) -> None:
-                self._put(nxt, msg, f"stage {k} sending to stage {k + 1}")
+                self._put(nxt, move(msg), f"stage {k} sending to stage {k + 1}")
         def report(r: Report) -> None:
             self._reports.put(self.saver(block, r.step) if isinstance(r, SaveRequest) else r)
 

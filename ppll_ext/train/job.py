@@ -48,9 +48,10 @@ def prepare(cfg: Config) -> Job:
         check_output_file(cfg.train.trace, "train.trace")
     train_ds = load_dataset(cfg.data, "train")
     test_ds = load_dataset(cfg.data, "test")
+    pin = cfg.train.device == "cuda"
     train_loader = BatchLoader(train_ds, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment,
-                               seed=cfg.train.seed)
-    test_loader = BatchLoader(test_ds, cfg.train.eval_batch_size, shuffle=False, augment=False)
+                               seed=cfg.train.seed, pin_memory=pin)
+    test_loader = BatchLoader(test_ds, cfg.train.eval_batch_size, shuffle=False, augment=False, pin_memory=pin)
     layered = build_layered(cfg, **shape_of(train_ds))
     if cfg.train.method == "local":
         check_stages(len(layered.layers), cfg.local.stages)

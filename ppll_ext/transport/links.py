@@ -6,6 +6,11 @@ payload, guessing it has the same shape. Sender and receiver track the same gues
 shape changes (last batch, evaluation, control message) the sender fills the guessed buffers with
 a placeholder and sends the real tensors on a second pair of tags. A sender keeps at most `depth`
 messages in flight; every wait has a timeout and a failure names the peer stage.
+
+Headers live in host memory whenever they can: on the CPU, or on a GPU when a CPU-capable `header_group`
+(gloo) is given beside the NCCL group of the payloads, so decoding a header never waits on the device.
+Payloads are sent from the compute stream's results by NCCL on its own stream, so sends overlap the
+next forward pass.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ class LinkSender:
     """Sends messages to the next rank with at most `depth` messages in flight."""
 
     def __init__(self, peer: int, group: dist.ProcessGroup | None, depth: int, timeout_s: float,
-                 device: torch.device, rank: int, stage: int | None = None) -> None:
+                 device: torch.device, rank: int, stage: int | None = None,
+                 header_group: dist.ProcessGroup | None = None) -> None:
         self.peer, self.group, self.depth, self.rank = peer, group, depth, rank
+        self.header_group = header_group
         self.me, self.to = _name(stage, rank), _name(None if stage is None else stage + 1, peer)
         self.timeout_s = timeout_s
         self.device = device
@@ -59,9 +66,9 @@ class LinkSender:
         except RuntimeError as exc:
             raise link_error(self.me, self.to, True, self.timeout_s, exc) from exc
 
-    def _isend(self, tensor: torch.Tensor, tag: int) -> dist.Work:
+    def _isend(self, tensor: torch.Tensor, tag: int, group: dist.ProcessGroup | None = None) -> dist.Work:
         try:
-            return dist.isend(tensor, self.peer, group=self.group, tag=tag)
+            return dist.isend(tensor, self.peer, group=self.group if group is None else group, tag=tag)
         except RuntimeError as exc:  # gloo reports a reset connection when the send is posted
             raise link_error(self.me, self.to, True, self.timeout_s, exc) from exc
 
@@ -74,9 +81,11 @@ class LinkSender:
             trace.current().complete("wait-out", None, started)
         shape = payload_shape(msg)
         resent = shape is not None and shape != self._guess
-        head = encode_header(msg, resent).to(self.device)
+        head = encode_header(msg, resent)
+        if self.header_group is None:
+            head = head.to(self.device)
         tensors: list[torch.Tensor] = [head]
-        works = [self._isend(head, _TAG_HEADER)]
+        works = [self._isend(head, _TAG_HEADER, self.header_group)]
         if self._guess is not None:
             if shape == self._guess:
                 tensors += [msg.x.contiguous(), msg.y.contiguous()]
@@ -99,22 +108,24 @@ class LinkReceiver:
     """Receives messages from the previous rank in the caller's thread, the next one always posted ahead."""
 
     def __init__(self, peer: int, group: dist.ProcessGroup | None, timeout_s: float, device: torch.device,
-                 rank: int, stage: int | None = None) -> None:
+                 rank: int, stage: int | None = None, header_group: dist.ProcessGroup | None = None) -> None:
         self.peer, self.group, self.rank, self.timeout_s, self.device = peer, group, rank, timeout_s, device
+        self.header_group = header_group
+        self._head_device = torch.device("cpu") if header_group is not None else device
         self.me, self.source = _name(stage, rank), _name(None if stage is None else stage - 1, peer)
         self._guess: tuple[torch.Tensor, torch.Tensor, list[dist.Work]] | None = None
         self._post(None)
 
-    def _irecv(self, tensor: torch.Tensor, tag: int) -> dist.Work:
+    def _irecv(self, tensor: torch.Tensor, tag: int, group: dist.ProcessGroup | None = None) -> dist.Work:
         try:
-            return dist.irecv(tensor, self.peer, group=self.group, tag=tag)
+            return dist.irecv(tensor, self.peer, group=self.group if group is None else group, tag=tag)
         except RuntimeError as exc:
             raise link_error(self.me, self.source, False, self.timeout_s, exc) from exc
 
     def _post(self, shape: Shape | None) -> None:
         """Post the next header, and the next payload if the last message carried one of `shape`."""
-        self._head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._head_work = self._irecv(self._head, _TAG_HEADER)
+        self._head = torch.empty(HEADER_LEN, dtype=torch.int64, device=self._head_device)
+        self._head_work = self._irecv(self._head, _TAG_HEADER, self.header_group)
         self._guess = None
         if shape is not None:
             x, y = (torch.empty(s, dtype=d, device=self.device) for s, d in shape)
@@ -126,7 +137,8 @@ class LinkReceiver:
 
     def _receive(self) -> Msg:
         self._wait([self._head_work])
-        kind, n_micro, shape, resent = decode_header(self._head.cpu())
+        head = self._head if self._head.device.type == "cpu" else self._head.cpu()  # NCCL without a header group
+        kind, n_micro, shape, resent = decode_header(head)
         msg = Msg(kind, n_micro=n_micro)
         guess, self._guess = self._guess, None
         if guess is not None:
@@ -152,11 +164,14 @@ class LinkReceiver:
 
 
 def open_links(ranks: list[int], index: int, depth: int, timeout_s: float, device: torch.device,
-               group: dist.ProcessGroup | None = None) -> tuple[LinkSender | None, LinkReceiver | None]:
+               group: dist.ProcessGroup | None = None, header_group: dist.ProcessGroup | None = None,
+               ) -> tuple[LinkSender | None, LinkReceiver | None]:
     """The sender to stage index+1 and the receiver from stage index-1 of a pipeline whose stage k runs on
-    global rank ranks[k], communicating over `group` (default: the default group)."""
+    global rank ranks[k], communicating over `group` (default: the default group); headers go over
+    `header_group` in host memory when one is given (a gloo group beside NCCL)."""
     me = ranks[index]
-    sender = (LinkSender(ranks[index + 1], group, depth, timeout_s, device, me, index) if index + 1 < len(ranks)
-              else None)
-    receiver = LinkReceiver(ranks[index - 1], group, timeout_s, device, me, index) if index > 0 else None
+    sender = (LinkSender(ranks[index + 1], group, depth, timeout_s, device, me, index, header_group)
+              if index + 1 < len(ranks) else None)
+    receiver = (LinkReceiver(ranks[index - 1], group, timeout_s, device, me, index, header_group)
+                if index > 0 else None)
     return sender, receiver

@@ -83,8 +83,13 @@ def encode_header(msg: Msg, resent: bool = False) -> torch.Tensor:
 
 
 def decode_header(head: torch.Tensor) -> tuple[Kind, int, Shape | None, bool]:
-    """Inverse of encode_header: kind, n_micro, payload shape (None without payload), resent flag."""
-    v = head.tolist()
+    """Inverse of encode_header: kind, n_micro, payload shape (None without payload), resent flag.
+
+    `head` must be in host memory (links receive headers there), so reading it never waits on a device.
+    """
+    if head.device.type != "cpu":
+        raise PipelineError(f"a message header must be decoded from host memory, not {head.device}")
+    v = head.numpy().tolist()
     kind = Kind(v[0])
     shape = (_get(v, _FIXED), _get(v, _FIXED + 2 + MAX_DIMS)) if kind in (Kind.TRAIN, Kind.EVAL) else None
     return kind, v[1], shape, bool(v[2])
