@@ -3,7 +3,12 @@ models on pydoc bytes, >= 10 steps."""
 
 from __future__ import annotations
 
+import os
+
 from ppll_ext.config import Config, load_config
+
+DEVICE = os.environ.get("PPLL_TEST_DEVICE", "cpu")
+"""Where the equivalence cases train: cpu here; benchmarks/gpu_check.sh sets cuda."""
 
 VARIANTS = {
     "resnet_m1": ["model.name=resnet8", "model.width=8", "local.aux=conv", "local.micro_batches=1"],
@@ -25,9 +30,9 @@ DEPTHS = (1, 4)
 
 def case_config(variant: str, stages: int, runtime: str, depth: int = 2) -> Config:
     """12 training steps (384 digits or text blocks, batch 32) of `variant` cut into `stages` blocks, one torch
-    thread."""
+    thread, on DEVICE."""
     return load_config(None, [
         *VARIANTS[variant], f"local.stages={stages}", f"local.runtime={runtime}", f"local.queue_depth={depth}",
         "data.train_subset=384", "data.test_subset=64", "train.batch_size=32", "train.epochs=1",
-        "train.threads=1", "train.progress=false", "local.timeout_s=120",
+        "train.threads=1", "train.progress=false", "local.timeout_s=120", f"train.device={DEVICE}",
     ])

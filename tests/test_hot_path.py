@@ -63,3 +63,12 @@ def test_processes_stage_loop_reads_back_only_at_logging_points() -> None:
     assert sorted(counts) == [0, 1], res.stdout[-3000:]
     assert all(h == 0 for h, _ in counts.values()), res.stdout[-3000:]
     assert all(n > 0 for _, n in counts.values()), res.stdout[-3000:]
+
+
+def test_gpu_check_without_a_gpu_is_one_line_and_exit_1() -> None:
+    """benchmarks/gpu_check.sh is valid bash and, on a machine without CUDA, says so in one line and fails."""
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120, env=env())
+    assert res.returncode == 1 and res.stdout == "", (res.stdout, res.stderr)
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "no CUDA device" in res.stderr, res.stderr

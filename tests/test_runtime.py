@@ -34,7 +34,7 @@ def _states(cfg) -> dict[int, dict[str, torch.Tensor]]:
     got: dict[int, dict[str, torch.Tensor]] = {}
 
     def keep(blocks) -> None:
-        got.update({k: {n: t.detach().clone() for n, t in b.state_dict().items()} for k, b in blocks.items()})
+        got.update({k: {n: t.detach().cpu().clone() for n, t in b.state_dict().items()} for k, b in blocks.items()})
 
     run_training(cfg, out=io.StringIO(), on_finish=keep)
     return got

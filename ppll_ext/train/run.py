@@ -56,11 +56,12 @@ def setup_native(cfg: Config) -> Setup:
     else:
         boundaries, blocks = build_blocks(cfg, job.layered, job.example, total_steps=total_steps,
                                           boundaries=kept_cut)
-    if folder is not None:
-        restore_checkpoint(folder, info, job.layered, blocks, boundaries)
+    # Onto the devices before a resumed optimizer state is loaded, which puts that state beside its parameters.
     for idx, block in blocks.items():
         on_gpu = device.type == "cuda" and runtime == "threads"
-        block.to(torch.device("cuda", idx) if on_gpu else device)
+        block.to(torch.device("cuda", idx % torch.cuda.device_count()) if on_gpu else device)
+    if folder is not None:
+        restore_checkpoint(folder, info, job.layered, blocks, boundaries)
     key_maps = {idx: job.layered.key_map(b.body) for idx, b in blocks.items()}
 
     def saver(block: LocalBlock, step: int) -> ckpt.StageManifest:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The GPU check, as one script: equivalence tests on CUDA, a short PPLL vs 1F1B vs GPipe bench on the GPU(s),
+# results in benchmarks/results/gpu.md. Without a CUDA device it prints one "no CUDA device" line and exits 1.
+#     bash benchmarks/gpu_check.sh            (from anywhere; uses the active Python environment)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
+exec python benchmarks/gpu_check.py "$@"
