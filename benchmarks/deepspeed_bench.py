@@ -26,7 +26,7 @@ import torch.distributed as dist
 from common import machine, ratio_rows, run_json, write_results
 from deepspeed.runtime.pipe.module import PipelineModule
 from probe import gather, peak_rss_mb
-from runtime_bench import MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
+from runtime_bench import ALL_MODELS, MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
 
 from ppll_ext.build import build_layered
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="deepspeed", help="file stem of the results under benchmarks/results/")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(ALL_MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
 from probe import TorchStageProbe, gather, peak_rss_mb
-from runtime_bench import MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
+from runtime_bench import ALL_MODELS, MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="pipelining", help="file stem of the results under benchmarks/results/")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(ALL_MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", help=argparse.SUPPRESS)
     p.add_argument("--trace", help=argparse.SUPPRESS)
     a = p.parse_args()
