@@ -45,6 +45,11 @@ class StageProbe:
         self.buffers_peak = 0
         self._sources: list[Callable[[], Iterable[torch.Tensor]]] = []
 
+    def reset(self) -> None:
+        """Forget the peaks so far (after warm-up: one-off work such as torch pipelining's shape inference)."""
+        self.meter.reset()
+        self.buffers_peak = 0
+
     def add_buffers(self, source: Callable[[], Iterable[torch.Tensor]]) -> None:
         """Count the tensors `source()` returns as this stage's buffers at every sample."""
         self._sources.append(source)
@@ -71,7 +76,9 @@ class StageProbe:
     def result(self) -> dict:
         """This stage's StageMemory.to_dict()."""
         self.watch.sample()
-        return StageMemory.measured(self.meter, self.watch, self.buffers_peak).to_dict()
+        # saved_live_end: bytes still saved for backward after the last backward (a graph some code keeps alive).
+        return {**StageMemory.measured(self.meter, self.watch, self.buffers_peak).to_dict(),
+                "saved_live_end": self.meter.live}
 
 
 class _SampledDeque(collections.deque):

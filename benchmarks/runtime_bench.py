@@ -133,6 +133,8 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
     first = synthetic_batches(warmup, batch, seed=2, model=model) if rank == 0 else None
     later = synthetic_batches(steps, batch, seed=3, model=model) if rank == 0 else None
     runner.train_epoch(first)
+    for probe in probes:
+        probe.reset()
     timed = runner.train_epoch(later)
     runner.close()
     mem = [p.result() for p in probes]

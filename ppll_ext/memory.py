@@ -265,16 +265,21 @@ class StageMemory:
 
 @contextlib.contextmanager
 def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
-    """Normalisation layers of `module` use batch statistics without updating their running statistics (the
-    recomputation of a checkpointed forward must not count the batch twice)."""
+    """Normalisation layers of `module` leave their running statistics as they are (momentum 0, batch counter
+    restored): the recomputation of a checkpointed forward must not count the batch twice. The layers still run
+    the same op, so autograd saves the same tensors as in the first forward (checkpoint checks that)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
     for m in norms:
-        m.track_running_stats = False
+        m.momentum = 0.0
     try:
         yield
     finally:
-        for m in norms:
-            m.track_running_stats = True
+        for m, (momentum, count) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def checkpointed(fn: Callable[..., torch.Tensor], *args: torch.Tensor, modules: nn.Module | None = None
