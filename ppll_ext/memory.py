@@ -143,7 +143,9 @@ class SavedTensorMeter:
                 self.peak = max(self.peak, self.live)
             else:
                 ref[0] += 1
-        return _Packed(t, lambda: self._release(key))
+        # Detached (same storage, no grad_fn): a saved output kept with its grad_fn would close a reference cycle
+        # through the C++ graph that no garbage collector breaks, leaking any graph dropped without backward.
+        return _Packed(t.detach(), lambda: self._release(key))
 
     def _release(self, key: StorageKey) -> None:
         with self._lock:
