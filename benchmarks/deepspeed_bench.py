@@ -13,20 +13,23 @@ is reported with the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, write_results
 from deepspeed.runtime.pipe.module import PipelineModule
+from memprobe import StageProbe, receiver_of, rows, tensors_in, watch_links
 from probe import gather, peak_rss_mb
-from runtime_bench import MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
+from runtime_bench import ALL_MODELS, MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
 
 from ppll_ext.build import build_layered
@@ -54,19 +57,24 @@ class CutPipelineModule(PipelineModule):
         self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
 
-def ds_cmd(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> list[str]:
-    """The deepspeed launcher command of one measurement (2 processes); it prints one JSON line on rank 0."""
+def ds_cmd(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str,
+           nproc: int = 2, memory: bool = False) -> list[str]:
+    """The deepspeed launcher command of one measurement (`nproc` processes, one per stage); it prints one JSON
+    line on rank 0 (with `memory`, every stage's StageMemory too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launcher = str(Path(sys.executable).with_name("deepspeed"))
-    return [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+    return [launcher, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
             str(Path(__file__).resolve()), "--worker", method, "--model", model, "--batch-size", str(batch),
-            "--microbatches", str(micro), "--warmup", str(warmup), "--steps", str(steps), "--partition", partition]
+            "--microbatches", str(micro), "--warmup", str(warmup), "--steps", str(steps), "--partition", partition,
+            *(["--memory"] if memory else [])]
 
 
-def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str) -> dict | None:
-    """This rank's stage trained with `method`; rank 0 returns samples/s, busy fractions and peak RSS per rank."""
+def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str,
+           memory: bool = False) -> dict | None:
+    """This rank's stage trained with `method`; rank 0 returns samples/s, busy fractions and peak RSS per rank,
+    and with `memory` every stage's StageMemory (memprobe)."""
     from ppll_ext.deepspeed import LocalPipelineModule, initialize, release_shm_buffer
 
     torch.set_num_threads(1)
@@ -102,20 +110,50 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
         dist.barrier()
         return time.perf_counter() - start
 
-    run(synthetic_batches(warmup, batch, seed=2, model=model))
-    waits = (getattr(engine, "wait_in_s", 0.0), getattr(engine, "wait_out_s", 0.0))
-    seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
+    mem = _memory_probe(engine) if memory else None
+    with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
+        run(synthetic_batches(warmup, batch, seed=2, model=model))
+        if mem is not None:
+            mem.reset()
+        waits = (getattr(engine, "wait_in_s", 0.0), getattr(engine, "wait_out_s", 0.0))
+        seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
     waited = getattr(engine, "wait_in_s", 0.0) + getattr(engine, "wait_out_s", 0.0) - sum(waits)
     busy = 1.0 - waited / seconds if method == "ds-ppll" else None
-    per_rank = gather((busy, peak_rss_mb()))
+    per_rank = gather((busy, peak_rss_mb(), mem.result() if mem else None))
     dist.destroy_process_group()
     if rank != 0:
         return None
     out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
-           "peak_rss_mb": [m for _, m in per_rank]}
+           "peak_rss_mb": [m for _, m, _ in per_rank]}
     if method == "ds-ppll":
-        out["busy_fraction"] = [b for b, _ in per_rank]
+        out["busy_fraction"] = [b for b, _, _ in per_rank]
+    if memory:
+        out["memory"] = rows(m for _, _, m in per_rank)
     return out
+
+
+def _memory_probe(engine: Any) -> StageProbe:
+    """This stage's memory probe: the engine's module (stage layers, + aux head for PPLL) and optimizer; buffers =
+    DeepSpeed's pipe buffers (inputs, labels, outputs of the micro-batches in flight) and receive buffers, and for
+    PPLL its links' in-flight and posted buffers, sampled after every pipeline instruction."""
+    mem = StageProbe(engine.module, engine.optimizer)
+    mem.add_buffers(lambda: tensors_in([engine.pipe_buffers, getattr(engine, "pipe_recv_buf", None),
+                                        getattr(engine, "grad_layer", None)]))
+    if hasattr(engine, "_sender"):
+        watch_links(mem, engine._sender, receiver_of(engine._inbox))
+    # An instance table shadows the class's: every instruction samples the buffers when it is done.
+    engine._INSTRUCTION_MAP = {kind: _sampled(fn, mem) for kind, fn in type(engine)._INSTRUCTION_MAP.items()}
+    return mem
+
+
+def _sampled(fn: Any, mem: StageProbe) -> Any:
+    def instruction(self: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, **kwargs)
+        finally:
+            mem.sample()
+
+    return instruction
 
 
 def main() -> None:
@@ -130,12 +168,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="deepspeed", help="file stem of the results under benchmarks/results/")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(ALL_MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition)
+        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition, a.memory)
         if result is not None:
             print(json.dumps(result), flush=True)
         return

@@ -12,15 +12,18 @@ SchedulePPLL steps each stage on its own and streams.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
+from memprobe import StageProbe, receiver_of, rows, tensors_in, watch_links
 from probe import TorchStageProbe, gather, peak_rss_mb
-from runtime_bench import MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
+from runtime_bench import ALL_MODELS, MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -40,8 +43,9 @@ class Contiguous(nn.Module):
 
 
 def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str,
-           trace_path: str | None = None) -> dict | None:
-    """This rank's stage of `model` trained with `method`; rank 0 returns the timing (and writes the trace)."""
+           trace_path: str | None = None, memory: bool = False) -> dict | None:
+    """This rank's stage of `model` trained with `method`; rank 0 returns the timing (and writes the trace), and
+    with `memory` every stage's StageMemory (memprobe)."""
     dist.init_process_group("gloo")
     if trace_path:
         trace.start()
@@ -69,6 +73,9 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
         cls = ScheduleGPipe if method == "gpipe" else Schedule1F1B
         schedule = cls(stage, n_microbatches=micro, loss_fn=loss_fn)
         probe = TorchStageProbe(stage, rank)
+    mem = None
+    if memory:
+        mem = _memory_probe(method, stage, schedule, optimizer)
 
     def busy_s() -> float:
         return schedule._worker.stats.busy_s if method == "ppll" else probe.busy_s
@@ -93,17 +100,43 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
         dist.barrier()
         return time.perf_counter() - start
 
-    run(synthetic_batches(warmup, batch, seed=2, model=model))
-    busy_before = busy_s()
-    seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
-    per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb()))
+    with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
+        run(synthetic_batches(warmup, batch, seed=2, model=model))
+        if mem is not None:
+            mem.reset()
+        busy_before = busy_s()
+        seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
+    per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb(), mem.result() if mem else None))
     if trace_path:
         trace.finish(trace_path, dist.group.WORLD, f"{model}: torch {method}, K={world}, M={micro}")
     dist.destroy_process_group()
     if rank != 0:
         return None
-    return {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
-            "busy_fraction": [b for b, _ in per_rank], "peak_rss_mb": [m for _, m in per_rank]}
+    out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
+           "busy_fraction": [b for b, _, _ in per_rank], "peak_rss_mb": [m for _, m, _ in per_rank]}
+    if memory:
+        out["memory"] = rows(m for _, _, m in per_rank)
+    return out
+
+
+def _memory_probe(method: str, stage: PipelineStage, schedule: Any, optimizer: torch.optim.Optimizer
+                  ) -> StageProbe:
+    """This stage's memory probe. SchedulePPLL: its block (stage module + aux head), its links' in-flight and
+    posted buffers. GPipe / 1F1B: the stage module; buffers = the stage's receive buffers (activations and
+    gradients, allocated for every micro-batch), its forward cache (outputs and inputs kept for backward) and
+    its last-stage output chunks, sampled after every forward and backward chunk."""
+    if method == "ppll":
+        mem = StageProbe(schedule.block, optimizer)
+        watch_links(mem, schedule._sender, receiver_of(schedule._inbox))
+        schedule.block.train_step = mem.after(schedule.block.train_step)
+        schedule._worker._train_step = schedule.block.train_step
+        return mem
+    mem = StageProbe(stage.submod, optimizer)
+    mem.add_buffers(lambda: tensors_in([stage.args_recv_info, stage.grad_recv_info, stage.fwd_cache,
+                                        stage.output_chunks]))
+    stage.forward_one_chunk = mem.after(stage.forward_one_chunk)
+    stage.backward_one_chunk = mem.after(stage.backward_one_chunk)
+    return mem
 
 
 def main() -> None:
@@ -118,12 +151,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="pipelining", help="file stem of the results under benchmarks/results/")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(ALL_MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", help=argparse.SUPPRESS)
     p.add_argument("--trace", help=argparse.SUPPRESS)
+    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition, a.trace)
+        result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition, a.trace,
+                        a.memory)
         if result is not None:
             print(json.dumps(result), flush=True)
         return

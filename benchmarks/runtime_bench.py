@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
+from memprobe import StageProbe, rows, tensors_in, watch_links
 from probe import gather, peak_rss_mb
 
 from ppll_ext import trace
@@ -38,6 +39,12 @@ MODELS = {
     "gpt2": ["model.name=gpt2", "model.depth=4", "model.hidden_dim=128", "model.heads=4", "model.mlp_dim=512",
              "data.name=pydoc", "data.seq_len=128", "local.aux=lm", "optim.name=adamw", "optim.lr=0.002"],
 }
+MEMORY_MODELS = {
+    "resnet110": ["model.name=resnet110", "local.aux=conv"],
+    "resnet8": ["model.name=resnet8", "local.aux=conv"],  # a small model for smoke runs and tests
+}
+"""Models the workers also know, beyond the throughput benchmarks' defaults (memory_bench.py uses them)."""
+ALL_MODELS = {**MODELS, **MEMORY_MODELS}
 LM_MODELS = ("gpt2",)
 SEQ_LEN, VOCAB = 128, 256
 
@@ -50,13 +57,15 @@ def model_shape(model: str) -> dict[str, int]:
 
 
 def bench_config(model: str, method: str, stages: int, batch: int, partition: str = "profile",
-                 micro: int = 1) -> Config:
-    """The job every method runs: `model` cut into `stages` blocks of `micro` micro-batches, one torch thread."""
+                 micro: int = 1, checkpoint: bool = False) -> Config:
+    """The job every method runs: `model` cut into `stages` blocks of `micro` micro-batches, one torch thread
+    (`checkpoint`: local.checkpoint_activations)."""
     runtime = "sequential" if method == "bp" else method
-    return load_config(None, ["data.name=cifar10", *MODELS[model], f"local.stages={stages}", f"local.runtime={runtime}",
-                              f"local.partition={partition}", f"local.micro_batches={micro}",
+    return load_config(None, ["data.name=cifar10", *ALL_MODELS[model], f"local.stages={stages}",
+                              f"local.runtime={runtime}", f"local.partition={partition}",
+                              f"local.micro_batches={micro}",
                               f"train.method={'bp' if method == 'bp' else 'local'}", f"train.batch_size={batch}",
-                              "train.threads=1"])
+                              "train.threads=1", f"local.checkpoint_activations={str(checkpoint).lower()}"])
 
 
 def synthetic_batches(n: int, batch: int, seed: int = 0, model: str = "resnet32"
@@ -81,10 +90,13 @@ def profiled_partition(model: str, stages: int, batch: int) -> str:
 
 
 def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,
-           micro: int = 1, threads: int = 1, trace_path: str | None = None) -> dict | None:
+           micro: int = 1, threads: int = 1, trace_path: str | None = None, memory: bool = False,
+           checkpoint: bool = False) -> dict | None:
     """Train `warmup` then `steps` mini-batches with `method` on `threads` torch threads; returns timing, per-stage
-    busy fraction and per-process peak RSS on the driving process (which also writes the trace, if asked)."""
-    cfg = bench_config(model, method, stages, batch, partition, micro)
+    busy fraction and per-process peak RSS on the driving process (which also writes the trace, if asked), and
+    with `memory` each stage's StageMemory (memprobe; the hooks slow training, so its timing is not for the
+    record). `checkpoint`: local.checkpoint_activations."""
+    cfg = bench_config(model, method, stages, batch, partition, micro, checkpoint)
     torch.set_num_threads(threads)
     rank = 0
     if method == "processes":
@@ -102,18 +114,32 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
         boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total,
                                           stages=[rank] if method == "processes" else None)
     ordered = [blocks[k] for k in sorted(blocks)]
+    probes = [StageProbe(b, b.optimizer) for b in ordered] if memory else []
+    for block, probe in zip(ordered, probes, strict=False):
+        # Before the runner exists: its stage loop takes block.train_step once, and each stage thread must run
+        # inside its own meter (saved-tensor hooks are thread-local).
+        block.train_step = probe.after(probe.meter.wrap(block.train_step))
     if method == "threads":
         runner = ThreadRunner(ordered, cfg.local.micro_batches, cfg.local.queue_depth)
+        for k, probe in enumerate(probes[1:], start=1):  # the queue into stage k (stage 0's holds the input data)
+            probe.add_buffers(lambda k=k: tensors_in([[m.x, m.y] for m in list(runner._inboxes[k].queue)]))
     elif method == "processes":
         runner = ProcessRunner(ordered[0], micro_batches=cfg.local.micro_batches, queue_depth=cfg.local.queue_depth)
+        if probes:
+            watch_links(probes[0], runner.sender, runner.receiver)
     else:
         runner = SequentialRunner(ordered, cfg.local.micro_batches)
     title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
     first = synthetic_batches(warmup, batch, seed=2, model=model) if rank == 0 else None
     later = synthetic_batches(steps, batch, seed=3, model=model) if rank == 0 else None
     runner.train_epoch(first)
+    for probe in probes:
+        probe.reset()
     timed = runner.train_epoch(later)
     runner.close()
+    mem = [p.result() for p in probes]
+    if method == "processes" and memory:
+        mem = [m for per_rank in (gather(mem) or []) for m in per_rank]
     if rank != 0:
         gather(peak_rss_mb())
         if trace_path:
@@ -129,16 +155,21 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
     elif trace_path:
         trace.finish(trace_path, title=title)
     busy = [s.busy_s / max(timed.seconds, 1e-9) for s in timed.stages]
-    return {"samples_per_s": timed.samples_per_s, "seconds": timed.seconds, "boundaries": boundaries,
-            "busy_fraction": busy, "peak_rss_mb": rss}
+    out = {"samples_per_s": timed.samples_per_s, "seconds": timed.seconds, "boundaries": boundaries,
+           "busy_fraction": busy, "peak_rss_mb": rss}
+    if memory:
+        out["memory"] = rows(mem)
+    return out
 
 
 def run_method(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,
-               micro: int = 1, threads: int = 1, trace_path: str | None = None) -> dict:
+               micro: int = 1, threads: int = 1, trace_path: str | None = None, memory: bool = False,
+               checkpoint: bool = False) -> dict:
     """Run one measurement in fresh process(es); torchrun for the processes runtime."""
     args = ["--worker", method, "--model", model, "--stages", str(stages), "--batch-size", str(batch),
             "--warmup", str(warmup), "--steps", str(steps), "--partition", partition, "--microbatches", str(micro),
-            "--threads", str(threads), *(["--trace", trace_path] if trace_path else [])]
+            "--threads", str(threads), *(["--trace", trace_path] if trace_path else []),
+            *(["--memory"] if memory else []), *(["--checkpoint-activations"] if checkpoint else [])]
     script = str(Path(__file__).resolve())
     if method == "processes":
         return run_json(torchrun_cmd(stages, script, *args), what=f"{model}/{method}")[0]
@@ -163,15 +194,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="runtime", help="file stem of the results under benchmarks/results/")
     p.add_argument("--worker", choices=METHODS[:-1], help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(ALL_MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", default="profile", help=argparse.SUPPRESS)
     p.add_argument("--microbatches", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--trace", help=argparse.SUPPRESS)
+    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint-activations", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         result = worker(a.model, a.worker, a.stages, a.batch_size, a.warmup, a.steps, a.partition, a.microbatches,
-                        a.threads, a.trace)
+                        a.threads, a.trace, a.memory, a.checkpoint_activations)
         if result is not None:
             print(json.dumps(result), flush=True)
         return

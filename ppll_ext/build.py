@@ -14,6 +14,7 @@ from torch import nn
 
 from ppll_ext.config import Config, OptimConfig
 from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, make_loss, partition
+from ppll_ext.memory import CheckpointedSequential
 from ppll_ext.models import LayeredModel, build_model
 
 
@@ -92,7 +93,8 @@ def build_blocks(
     """Cut the model at `boundaries` (computed if None) and build the blocks listed in `stages` (default all).
 
     Each aux head is seeded by its stage index (core.aux_seed), so building a subset gives the same weights as
-    building all, in every engine.
+    building all, in every engine. With local.checkpoint_activations each body recomputes its layers in backward
+    (memory.CheckpointedSequential: the same layers and state_dict names).
     """
     k = cfg.local.stages
     if boundaries is None:
@@ -107,6 +109,8 @@ def build_blocks(
                                        hidden=cfg.local.aux_hidden, seed=cfg.train.seed,
                                        next_blocks=cfg.local.aux_next_blocks)
         body = layered.sequential(boundaries[s], boundaries[s + 1])
+        if cfg.local.checkpoint_activations:
+            body = CheckpointedSequential(*body)
         block = LocalBlock(body, aux, loss_fn, index=s, grad_clip=cfg.optim.grad_clip, autocast=cfg.train.autocast,
                            on_nan=cfg.train.on_nan, check_every=cfg.train.check_every)
         block.optimizer = make_optimizer(cfg.optim, block.parameters())

@@ -71,6 +71,10 @@ class LocalConfig:
     local.micro_batches and optim.grad_clip, and bf16 from train.autocast=bf16, so both engines train alike."""
     data_parallel: int = 1
     """engine=deepspeed: data-parallel replicas per stage (processes = stages x data_parallel)."""
+    checkpoint_activations: bool = False
+    """Recompute each layer of a stage's body during its backward instead of keeping its activations (torch's
+    non-reentrant checkpoint, RNG state preserved, BatchNorm statistics updated once): the same training results
+    for less saved-activation memory and more compute."""
 
     def check(self) -> None:
         """Reject local.* values that cannot work (ConfigError with the key), before any work is done."""

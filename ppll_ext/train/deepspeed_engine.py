@@ -27,6 +27,7 @@ from ppll_ext.core import LocalBlock, make_loss
 from ppll_ext.data import BatchLoader
 from ppll_ext.deepspeed import LocalPipelineEngine, LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError
+from ppll_ext.memory import checkpointed
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats, eval_result, split_micro
 from ppll_ext.runtime.base import current_lr
 from ppll_ext.runtime.launch import check_same_config, init_distributed
@@ -174,10 +175,16 @@ def setup_deepspeed(cfg: Config) -> Setup:
     block = blocks[stage]
     if folder is not None:
         restore_checkpoint(folder, info, job.layered, {stage: block}, boundaries)
+    def checkpoint_layer(fn: Any, *args: torch.Tensor) -> Any:
+        """local.checkpoint_activations: DeepSpeed's per-layer checkpoint, non-reentrant as in the native engine."""
+        return checkpointed(fn, *args, modules=net)
+
     net = LocalPipelineModule(
         job.layered.layers, topology=PipeDataParallelTopology(num_pp=k, num_dp=d), loss_fn=make_loss(cfg.task),
         aux_heads=[blocks[s].aux for s in range(k - 1)], on_nan=cfg.train.on_nan,
-        partition_method=",".join(str(b) for b in boundaries[:-1]))
+        partition_method=",".join(str(b) for b in boundaries[:-1]),
+        activation_checkpoint_interval=int(cfg.local.checkpoint_activations),
+        activation_checkpoint_func=checkpoint_layer)
     engine, optimizer, _, scheduler = initialize(
         model=net, config=conf, model_parameters=[p for p in net.parameters() if p.requires_grad],
         optimizer=None if "optimizer" in conf else block.optimizer,
