@@ -81,6 +81,11 @@ MEASURED_EVAL_S = {"bp": 0.0, "1f1b": 0.0, "ppll-conv": 0.0, "ppll-next-blocks":
 START_S = 15.0
 """Start-up seconds per method (processes, data, model), for the estimate."""
 DEFAULT_EPOCHS = 6
+DEFAULT_PARTITION = {"resnet20": "0,4"}
+"""The cut of every method, where fixed: ResNet-20's layers (stem, 9 blocks, head) timed forward + backward at batch
+128 on one thread here took 65, 200, 204, 215, 185, 124, 128, 124, 106, 109, 1 ms, so stages starting at layers 0
+and 4 balance end-to-end backprop best (684 / 777 ms; 1F1B's best cut); PPLL stage 0 adds its aux head (290 ms conv
+head, ~250 ms next-blocks head), so the cut is if anything unfavourable to PPLL. Other models are profiled once."""
 QUICK = {"train_subset": 2000, "test_subset": 1000, "epochs": 1}
 POLL_S = 2.0
 
@@ -274,7 +279,7 @@ def worker(run_dir: Path, overrides: list[str], microbatches: int) -> None:
                 else:
                     losses: list[torch.Tensor] = []
                     schedule(len(batch)).step(target=batch, losses=losses)
-                    stats.add_loss(float(torch.stack(losses).mean()), len(batch))
+                    stats.add_loss(float(torch.stack(losses).detach().mean()), len(batch))
                 optimizer.step()
                 optimizer.zero_grad()
                 scheduler.step()
@@ -612,7 +617,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--partition", help="first layers of the 2 stages, e.g. 0,5 (default: profiled once, then reused)")
+    p.add_argument("--partition", help="first layers of the 2 stages, e.g. 0,5 (default: 0,4 for resnet20, else "
+                                       "profiled once; then the stored results' cut)")
     p.add_argument("--train-subset", type=int, help="train on the first N images (after a fixed shuffle)")
     p.add_argument("--test-subset", type=int, help="evaluate on N test images")
     p.add_argument("--data-root", help=f"CIFAR-10: the folder holding {TARBALL}, the tarball, or an image-folder "
@@ -654,7 +660,8 @@ def bench(a: argparse.Namespace) -> None:
         for m in a.methods:
             (folder / f"{m}.json").unlink(missing_ok=True)
             shutil.rmtree(runs / m, ignore_errors=True)
-    partition = a.partition or stored_partition(folder) or profile_partition(a, data_root, cache_dir)
+    partition = (a.partition or stored_partition(folder) or DEFAULT_PARTITION.get(a.model)
+                 or profile_partition(a, data_root, cache_dir))
     s = Settings(a.model, a.epochs or DEFAULT_EPOCHS, a.batch_size, a.microbatches, a.lr, a.weight_decay, a.seed,
                  a.train_subset, a.test_subset, partition)
     overrides = s.overrides(data_root, cache_dir)
