@@ -335,9 +335,13 @@ def save_stage(run_dir: Path, rank: int, epoch: int, step: int, stage_mod: torch
 class Interrupted(Exception):
     """SIGINT or SIGTERM reached the benchmark: stop the running method, keep its results so far."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 def has_checkpoint(method: str, run_dir: Path) -> bool:
@@ -680,7 +684,7 @@ def bench(a: argparse.Namespace) -> None:
             run_method(m, s, overrides, runs / m, folder / f"{m}.json", results[m])
     except Interrupted as exc:
         log.info("interrupted (%s): rerun the same command to resume", exc)
-        sys.exit(130)
+        sys.exit(128 + exc.signum)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
