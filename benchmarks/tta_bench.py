@@ -404,8 +404,10 @@ def run_method(method: str, s: Settings, overrides: list[str], run_dir: Path, re
             evals = read_evals(run_dir, s)
             if len(evals) != seen:
                 for ev in evals[seen:]:
-                    log.info("%s: epoch %d/%d, test accuracy %.4f after %.1f s of training", method, ev["epoch"],
-                             s.epochs, ev["accuracy"], ev["train_s"])
+                    left = (s.epochs - ev["epoch"]) * ev["wall_s"] / ev["epoch"] / 60
+                    log.info("%s: epoch %d/%d, test accuracy %.4f after %.1f s of training (this method: about %.0f "
+                             "min left at this pace)", method, ev["epoch"], s.epochs, ev["accuracy"], ev["train_s"],
+                             left)
                 seen = len(evals)
                 update(result, evals, elapsed + time.monotonic() - began, s)
                 write_json(result_file, result)
@@ -550,7 +552,10 @@ def report(results: dict[str, dict], s: Settings, out: str, meta: dict) -> str:
           f"Length: {total / 60:.1f} min of method runs in all (start-up, training, evaluation, checkpoints; "
           f"summed over resumes); this invocation {meta['invocation_s'] / 60:.1f} min"
           + (f"; estimated beforehand {est / 60:.0f} min" if est else "") + ".", "",
-          f"Machine: {meta['machine']}; torch {meta['torch']}; Python {meta['python']}.", "",
+          f"Machine: {meta['machine']}; torch {meta['torch']}; Python {meta['python']}; 1-minute load average "
+          f"{meta['load_average']['start'][0]:.1f} at the start of this invocation, "
+          f"{meta['load_average']['end'][0]:.1f} at its end (other work slows every method, multi-threaded BP most).",
+          "",
           f"Settings (the same for every method): {s.model}, cut at layers {s.partition} (2 stages), batch "
           f"{s.batch_size}, SGD lr {s.lr} Nesterov momentum 0.9, weight decay {s.weight_decay}, cosine schedule over "
           f"{s.epochs} epochs, random crop + flip, seed {s.seed}, train images "
@@ -651,7 +656,7 @@ def main() -> None:
 
 def bench(a: argparse.Namespace) -> None:
     """Run the selected methods one after another (resuming unfinished ones) and write the report."""
-    started = time.monotonic()
+    started, load_start = time.monotonic(), os.getloadavg()
     if a.quick:
         a.epochs = a.epochs or QUICK["epochs"]
         a.train_subset = a.train_subset or QUICK["train_subset"]
@@ -688,7 +693,8 @@ def bench(a: argparse.Namespace) -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    meta = {**machine(), "estimate_s": est, "invocation_s": time.monotonic() - started}
+    meta = {**machine(), "estimate_s": est, "invocation_s": time.monotonic() - started,
+            "load_average": {"start": load_start, "end": os.getloadavg()}}
     ordered = {m: results[m] for m in METHODS if m in results}
     print(report(ordered, s, out, meta))
 
