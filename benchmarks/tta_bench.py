@@ -74,12 +74,16 @@ METHODS = {
 PPLL_METHODS = ("ppll-conv", "ppll-next-blocks")
 THRESHOLDS = (0.60, 0.70)
 TARGET_ACC, TARGET_RATIO = 0.70, 0.8
-# Samples/s measured here on the real data (ResNet-20, batch 128, 2 CPU cores, other work running, see the README's
-# benchmarks part) and evaluation seconds per 10,000 test images; they only size the run-length estimate.
-MEASURED_SPS = {"bp": 0.0, "1f1b": 0.0, "ppll-conv": 0.0, "ppll-next-blocks": 0.0}
-MEASURED_EVAL_S = {"bp": 0.0, "1f1b": 0.0, "ppll-conv": 0.0, "ppll-next-blocks": 0.0}
-START_S = 15.0
-"""Start-up seconds per method (processes, data, model), for the estimate."""
+EXPECTED_SPS = {"bp": 370.0, "1f1b": 350.0, "ppll-conv": 420.0, "ppll-next-blocks": 400.0}
+"""ResNet-20 samples/s on this 2-core machine when nothing else runs, for the run-length estimate only: RESULTS.md's
+quiet ResNet-32 figures (BP 2 threads 233, 1F1B 225, PPLL 268) x 1.6 (9 residual blocks instead of 15), PPLL
+lowered for the 0,4 cut's aux head. Measured here on the real data with other work running (load average 3-7,
+nice 10; 12,800 or 6,400 images): BP 22-55, 1F1B 112-183, PPLL conv 162-305, next-blocks 154-162: a busy machine
+slows every method, two-thread BP most, so the run needs a quiet machine."""
+EXPECTED_EVAL_S = 12.0
+"""Seconds per evaluation of the 10,000 test images plus the epoch checkpoint (20 s measured under load)."""
+START_S = 20.0
+"""Start-up seconds per method launch (processes, data, model), for the estimate."""
 DEFAULT_EPOCHS = 6
 DEFAULT_PARTITION = {"resnet20": "0,4"}
 """The cut of every method, where fixed: ResNet-20's layers (stem, 9 blocks, head) timed forward + backward at batch
@@ -180,7 +184,7 @@ def evaluations(records: list[dict], n_train: int, batch_size: int) -> list[dict
     for r in records:
         if r["kind"] == "eval":
             train_s = sum(s for step, s in seconds.items() if step <= r["step"])
-            out.append({"epoch": r["epoch"] + 1, "step": r["step"], "train_s": round(train_s, 3),
+            out.append({"epoch": r["epoch"] + 1, "step": r["step"], "train_s": round(train_s, 6),
                         "wall_s": r["time_s"], "accuracy": r["accuracy"]})
     return out
 
@@ -471,12 +475,11 @@ def write_json(path: Path, obj: object) -> None:
 # Report
 
 
-def estimate_s(s: Settings, methods: list[str]) -> float | None:
-    """Estimated seconds of the whole run from the measured samples/s (None until they are filled in)."""
-    if any(MEASURED_SPS[m] <= 0 for m in methods):
-        return None
+def estimate_s(s: Settings, methods: list[str]) -> float:
+    """Estimated seconds of `methods` on a quiet machine (EXPECTED_SPS: ResNet-20; ResNet-32 takes 1.6x longer)."""
     n_test = min(s.test_subset or 10_000, 10_000)
-    return sum(START_S + s.epochs * (n_train_of(s) / MEASURED_SPS[m] + MEASURED_EVAL_S[m] * n_test / 10_000)
+    slower = 1.6 if s.model == "resnet32" else 1.0
+    return sum(START_S + s.epochs * (slower * n_train_of(s) / EXPECTED_SPS[m] + EXPECTED_EVAL_S * n_test / 10_000)
                for m in methods)
 
 
@@ -551,7 +554,8 @@ def report(results: dict[str, dict], s: Settings, out: str, meta: dict) -> str:
           f"Command: `{meta['command']}`", "",
           f"Length: {total / 60:.1f} min of method runs in all (start-up, training, evaluation, checkpoints; "
           f"summed over resumes); this invocation {meta['invocation_s'] / 60:.1f} min"
-          + (f"; estimated beforehand {est / 60:.0f} min" if est else "") + ".", "",
+          + (f"; estimated beforehand {est / 60:.0f} min for the methods it ran, from expected quiet-machine "
+             f"samples/s" if est else "") + ".", "",
           f"Machine: {meta['machine']}; torch {meta['torch']}; Python {meta['python']}; 1-minute load average "
           f"{meta['load_average']['start'][0]:.1f} at the start of this invocation, "
           f"{meta['load_average']['end'][0]:.1f} at its end (other work slows every method, multi-threaded BP most).",
@@ -675,13 +679,17 @@ def bench(a: argparse.Namespace) -> None:
                  a.train_subset, a.test_subset, partition)
     overrides = s.overrides(data_root, cache_dir)
     load_config(None, overrides)  # bad values fail here, once, before any process starts
+    last = n_train_of(s) - (-(-n_train_of(s) // s.batch_size) - 1) * s.batch_size
+    if "1f1b" in a.methods and (s.batch_size % s.microbatches or last % s.microbatches):
+        raise ConfigError(f"1F1B needs batches that --microbatches {s.microbatches} divides: batch {s.batch_size}, "
+                          f"last batch of the epoch {last}; change --batch-size, --microbatches or --train-subset")
     results = {m: load_result(folder / f"{m}.json", m, s) for m in METHODS if (folder / f"{m}.json").is_file()
                or m in a.methods}
     todo = [m for m in a.methods if results[m]["status"] != "done"]
     est = estimate_s(s, todo)
-    log.info("settings: %s, cut at %s, %d epochs, batch %d; to run: %s%s", s.model, partition, s.epochs,
-             s.batch_size, ", ".join(todo) or "nothing (all done)",
-             f"; estimated {est / 60:.0f} min" if est else "")
+    log.info("settings: %s, cut at %s, %d epochs, batch %d; to run: %s; estimated %.0f min on a quiet machine "
+             "(load average now %.1f)", s.model, partition, s.epochs, s.batch_size, ", ".join(todo) or "nothing",
+             est / 60, load_start[0])
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
