@@ -452,7 +452,8 @@ def update(result: dict, evals: list[dict], elapsed: float, s: Settings) -> None
 
 def time_to(evals: list[dict], threshold: float) -> dict | None:
     """The first evaluation at or above `threshold`: its training seconds and epoch, and the seconds linearly
-    interpolated between it and the evaluation before (None if never reached)."""
+    interpolated between it and the evaluation before (before the first: 0 s at chance, 10 %); None if never
+    reached."""
     before = {"train_s": 0.0, "accuracy": 0.1}
     for ev in evals:
         if ev["accuracy"] >= threshold:
@@ -589,8 +590,8 @@ def plot(results: dict[str, dict], path: Path, s: Settings) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for m, r in results.items():
-        xs = [0.0] + [ev["train_s"] for ev in r["evals"]]
-        ys = [10.0] + [100 * ev["accuracy"] for ev in r["evals"]]
+        xs = [ev["train_s"] for ev in r["evals"]]
+        ys = [100 * ev["accuracy"] for ev in r["evals"]]
         ax.plot(xs, ys, marker="o", markersize=3, label=METHODS[m])
     for t in THRESHOLDS:
         ax.axhline(100 * t, color="grey", linestyle="--", linewidth=0.8)
