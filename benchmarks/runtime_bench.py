@@ -91,7 +91,7 @@ def describe_plan(plan: PartitionPlan) -> str:
     """One line: start layers, then each stage's predicted milliseconds and share of the bottleneck."""
     shares = plan.shares() or []
     times = ", ".join(f"{s.total_s * 1e3:.1f} ms ({share:.0%})" for s, share in zip(plan.stages or [], shares))
-    return f"stages start at layers {plan.starts} ({plan.method}; predicted per batch: {times or 'not timed'})"
+    return f"stages start at layers {plan.starts} ({plan.method}; predicted per micro-batch: {times or 'not timed'})"
 
 
 def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,

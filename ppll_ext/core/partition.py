@@ -169,7 +169,8 @@ def _no_side_effects(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Timing runs training-mode forwards: restore the buffers they touch (BatchNorm running statistics), drop the
     gradients they leave and the random numbers they draw, so profiling does not change the run that follows."""
     buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         try:
             yield
         finally:
