@@ -18,13 +18,13 @@ from ppll_ext.core.partition import (
     Timing,
     balanced_boundaries,
     choose_split,
-    clearly_better,
+    near_splits,
     parameter_counts,
     partition_plan,
     plan_from_costs,
     preferred,
     profile_costs,
-    refine_boundaries,
+    refine_plan,
 )
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import ConfigError, PipelineError
@@ -237,13 +237,23 @@ def test_profile_refinement_keeps_valid_boundaries(one_thread: None) -> None:
     x = torch.randn(8, 3, 32, 32)
     aux = lambda h: build_aux_head("conv", h, 10)  # noqa: E731
     costs = profile_costs(layered.layers, x, aux, FAST)
-    for start in ([0, 1, 11], [0, 9, 10, 11], [0, 5, 11]):
-        plan = refine_boundaries(layered.layers, start, x, costs, FAST)
-        b = plan.boundaries
-        assert len(b) == len(start) and b[0] == 0 and b[-1] == 11 and all(p < q for p, q in zip(b, b[1:]))
-        assert plan.stages is not None and len(plan.stages) == len(start) - 1
-        assert plan.stages[-1].aux_s == 0 and plan.stages[-1].send_s == 0
-        assert all(s.aux_s > 0 and s.send_s > 0 for s in plan.stages[:-1])
+    cands = [[0, 1, 11], [0, 5, 11], [0, 9, 11]]
+    plan = refine_plan(layered.layers, cands, x, costs, FAST)
+    assert plan.boundaries in cands and plan.method == "profile"
+    assert plan.stages is not None and len(plan.stages) == 2
+    assert plan.stages[-1].aux_s == 0 and plan.stages[-1].send_s == 0
+    assert plan.stages[0].aux_s == costs.aux_s[plan.boundaries[1]] > 0 and plan.stages[0].send_s > 0
+    assert refine_plan(layered.layers, [[0, 4, 9, 11]], x, costs, FAST).boundaries == [0, 4, 9, 11]
+
+
+def test_near_splits_are_the_choice_then_the_fastest_within_the_window() -> None:
+    costs = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    # K=2: 30|30 (best), then 20|40 and 40|20 (33 % slower), then 10|50, 50|10.
+    assert near_splits(costs, 2, window=0.0) == [[0, 3, 6]]
+    assert near_splits(costs, 2, window=0.4) == [[0, 3, 6], [0, 2, 6], [0, 4, 6]]
+    assert near_splits(costs, 2, window=1.0, limit=4) == [[0, 3, 6], [0, 2, 6], [0, 4, 6], [0, 1, 6]]
+    extra = [0.0, 0.0, 30.0, 0.0, 0.0]
+    assert near_splits([34.0, 34.0, 2.0, 100.0], 2, extra, window=0.1) == [[0, 2, 4], [0, 3, 4]]
 
 
 def _splits(n: int, k: int):
@@ -302,13 +312,6 @@ def test_plan_from_costs_predicts_body_aux_send() -> None:
     assert [(s.body_s, s.aux_s, s.send_s) for s in plan.stages] == [(6.0, 0.5, 0.1), (4.0, 0.0, 0.0)]
     assert plan.bottleneck_s == pytest.approx(6.6) and plan.shares() == pytest.approx([1.0, 4.0 / 6.6])
     assert plan.to_dict()["stages"][1]["total_s"] == 4.0
-
-
-def test_clearly_better_needs_more_than_the_tolerance() -> None:
-    assert clearly_better([90.0, 80.0], [100.0, 60.0])        # 10 % faster
-    assert clearly_better([98.0, 97.0], [100.0, 60.0])        # as fast, far more even
-    assert not clearly_better([99.0, 60.0], [100.0, 60.0])    # 1 % faster, as uneven: noise
-    assert not clearly_better([102.0, 99.0], [100.0, 98.0])   # already even
 
 
 def _mlp(widths: list[int]) -> list[nn.Module]:

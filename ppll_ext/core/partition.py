@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 PARTITION_METHODS = ("uniform", "parameters", "profile")
 TOLERANCE = 0.03
 """Splits whose predicted bottleneck is within this fraction of the best count as equally fast; the most even wins."""
-REFINED_NOTE = "stage body timed whole; aux head and send from the layer profile"
 AuxFactory = Callable[[torch.Tensor], nn.Module]
 """Builds the aux head that would follow an activation shaped like its argument (for timing only)."""
 
@@ -318,15 +317,65 @@ def preferred(candidates: Sequence[tuple[Sequence[int], Sequence[float]]], toler
     return min(eligible, key=lambda i: _spread_key(candidates[i][1], candidates[i][0]))
 
 
-def clearly_better(stage_s: Sequence[float], than: Sequence[float], tolerance: float = TOLERANCE) -> bool:
-    """True when a split with stage seconds `stage_s` beats one with `than` by more than the tolerated noise: its
-    bottleneck is lower by more than `tolerance`, or it is as fast (within `tolerance`) and its stage times are more
-    even by more than `tolerance` of the bottleneck."""
-    worst, ref = max(stage_s), max(than)
-    if worst < ref * (1.0 - tolerance):
-        return True
-    spread, ref_spread = worst - min(stage_s), ref - min(than)
-    return worst <= ref * (1.0 + tolerance) and spread < ref_spread - tolerance * ref
+class _Additive:
+    """The additive cost model of a split: stage = its layers' costs + boundary_cost at its end (none at the last)."""
+
+    def __init__(self, costs: Sequence[float], k: int, boundary_cost: Sequence[float] | None) -> None:
+        self.n, self.k = len(costs), k
+        self.extra = list(boundary_cost) if boundary_cost is not None else [0.0] * (self.n + 1)
+        self.prefix = [0.0]
+        for c in costs:
+            self.prefix.append(self.prefix[-1] + float(c))
+        self.best = balanced_boundaries(costs, k, boundary_cost)
+
+    def block(self, i: int, j: int) -> float:
+        return self.prefix[j] - self.prefix[i] + (self.extra[j] if j < self.n else 0.0)
+
+    def stage_s(self, b: Sequence[int]) -> list[float]:
+        return [self.block(b[s], b[s + 1]) for s in range(len(b) - 1)]
+
+    def rest(self, limit: float) -> list[list[bool]]:
+        """fits[s][i]: layers i..n-1 can be cut into s stages of at most `limit` each."""
+        inf = float("inf")
+        best = [[inf] * (self.n + 1) for _ in range(self.k + 1)]
+        best[0][self.n] = 0.0
+        for s in range(1, self.k + 1):
+            for i in range(self.n - s, -1, -1):
+                best[s][i] = min(max(self.block(i, j), best[s - 1][j]) for j in range(i + 1, self.n - s + 2))
+        return [[v <= limit for v in row] for row in best]
+
+    def search(self, limit: float, visit: Callable[[list[int], float, float], float], max_nodes: int) -> None:
+        """Depth-first over every split whose stages all cost at most `limit`, lowest boundaries first; `visit`
+        gets each complete split with its smallest and largest stage cost and returns the spread above which
+        partial splits are pruned (inf: none). Stops after `max_nodes` partial splits."""
+        fits = self.rest(limit)
+        bounds = [0]
+        nodes = 0
+        prune = float("inf")
+
+        def go(i: int, left: int, lo: float, hi: float) -> bool:
+            nonlocal nodes, prune
+            if left == 0:
+                prune = visit(list(bounds), lo, hi)
+                return True
+            for j in range(i + 1, self.n - left + 2):
+                if self.prefix[j] - self.prefix[i] > limit:
+                    break
+                c = self.block(i, j)
+                if c > limit or not fits[left - 1][j] or max(hi, c) - min(lo, c) > prune:
+                    continue
+                nodes += 1
+                if nodes > max_nodes:
+                    log.debug("partition search stopped after %d partial splits; keeping what it found", max_nodes)
+                    return False
+                bounds.append(j)
+                going = go(j, left - 1, min(lo, c), max(hi, c))
+                bounds.pop()
+                if not going:
+                    return False
+            return True
+
+        go(0, self.k, float("inf"), float("-inf"))
 
 
 def choose_split(costs: Sequence[float], k: int, boundary_cost: Sequence[float] | None = None,
@@ -338,58 +387,40 @@ def choose_split(costs: Sequence[float], k: int, boundary_cost: Sequence[float] 
     Deterministic: a pure function of the costs. Should the search visit more than `max_nodes` partial splits
     (thousands of layers), the best split found so far is returned (at worst the minimum-bottleneck one).
     """
-    n = len(costs)
-    start = balanced_boundaries(costs, k, boundary_cost)
-    extra = list(boundary_cost) if boundary_cost is not None else [0.0] * (n + 1)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
+    check_stages(len(costs), k)
+    model = _Additive(costs, k, boundary_cost)
+    start = model.best
+    best = (_spread_key(model.stage_s(start), start), start)
 
-    def block(i: int, j: int) -> float:
-        return prefix[j] - prefix[i] + (extra[j] if j < n else 0.0)
+    def visit(b: list[int], lo: float, hi: float) -> float:
+        nonlocal best
+        key = (hi - lo, hi, tuple(b))
+        if key < best[0]:
+            best = (key, b)
+        return best[0][0]
 
-    def stage_s(b: Sequence[int]) -> list[float]:
-        return [block(b[s], b[s + 1]) for s in range(len(b) - 1)]
-
-    limit = max(stage_s(start)) * (1.0 + tolerance)
-    inf = float("inf")
-    # rest[s][i]: smallest bottleneck of layers i..n-1 cut into s stages (inf if impossible).
-    rest = [[inf] * (n + 1) for _ in range(k + 1)]
-    rest[0][n] = 0.0
-    for s in range(1, k + 1):
-        for i in range(n - s, -1, -1):
-            rest[s][i] = min(max(block(i, j), rest[s - 1][j]) for j in range(i + 1, n - s + 2))
-    best = (_spread_key(stage_s(start), start), start)
-    nodes = 0
-    bounds = [0]
-
-    def search(i: int, left: int, lo: float, hi: float) -> bool:
-        """Extend `bounds` (ending at layer i, `left` stages to go); False once the node budget is spent."""
-        nonlocal best, nodes
-        if left == 0:
-            key = _spread_key(stage_s(bounds), bounds)
-            if key < best[0]:
-                best = (key, list(bounds))
-            return True
-        for j in range(i + 1, n - left + 2):
-            if prefix[j] - prefix[i] > limit:
-                break
-            c = block(i, j)
-            if c > limit or rest[left - 1][j] > limit or max(hi, c) - min(lo, c) > best[0][0]:
-                continue
-            nodes += 1
-            if nodes > max_nodes:
-                log.debug("choose_split: %d partial splits searched; keeping the best found", max_nodes)
-                return False
-            bounds.append(j)
-            going = search(j, left - 1, min(lo, c), max(hi, c))
-            bounds.pop()
-            if not going:
-                return False
-        return True
-
-    search(0, k, inf, -inf)
+    model.search(max(model.stage_s(start)) * (1.0 + tolerance), visit, max_nodes)
     return best[1]
+
+
+def near_splits(costs: Sequence[float], k: int, boundary_cost: Sequence[float] | None = None,
+                window: float = 0.15, limit: int = 6, tolerance: float = TOLERANCE,
+                max_nodes: int = 200_000) -> list[list[int]]:
+    """Up to `limit` splits whose additive bottleneck is within `window` of the best: `choose_split`'s first, then
+    the fastest (then most even). They are the candidates timed whole, where the additive model's error (cache
+    effects between layers, the first layer needing no input gradient) is larger than the tolerance."""
+    check_stages(len(costs), k)
+    model = _Additive(costs, k, boundary_cost)
+    found: list[tuple[float, float, list[int]]] = []
+
+    def visit(b: list[int], lo: float, hi: float) -> float:
+        found.append((hi, hi - lo, b))
+        return float("inf")
+
+    model.search(max(model.stage_s(model.best)) * (1.0 + window), visit, max_nodes)
+    first = choose_split(costs, k, boundary_cost, tolerance, max_nodes)
+    rest = [b for _, _, b in sorted(found, key=lambda f: (f[0], f[1], tuple(f[2]))) if b != first]
+    return [first, *rest[: limit - 1]]
 
 
 def plan_from_costs(costs: LayerCosts, k: int, tolerance: float = TOLERANCE, method: str = "profile") -> PartitionPlan:
@@ -446,45 +477,26 @@ def _time_splits(layers: Sequence[nn.Module], splits: Sequence[Sequence[int]], a
              for s in range(len(c) - 1)] for c in splits]
 
 
-def refine_boundaries(
+def refine_plan(
     layers: Sequence[nn.Module],
-    bounds: Sequence[int],
+    candidates: Sequence[Sequence[int]],
     example: torch.Tensor,
     costs: LayerCosts,
     timing: Timing = Timing(),
     tolerance: float = TOLERANCE,
     acts: Sequence[torch.Tensor] | None = None,
-    max_moves: int = 1,
 ) -> PartitionPlan:
-    """Local search from `bounds` on whole-stage body times (per-layer sums miss cache and fusion effects between
-    layers): time, interleaved, the bodies of the current split and of every split moving one boundary by one
-    layer (aux and send costs from `costs`), and move to a neighbour only when it is `clearly_better` (the
-    `preferred` one if several are); at most `max_moves` moves, each after a fresh measurement. The margin keeps
-    timing noise from walking the split about; the default single move costs one measurement."""
-    current = list(bounds)
-    seen = {tuple(current)}
+    """The `preferred` split among `candidates` by whole-stage timings: every distinct stage body of every candidate
+    timed in one interleaved set (per-layer sums miss cache and fusion effects between layers), aux and send costs
+    from `costs`. One set and one rule for all candidates: no path through the splits for noise to bend."""
     with _no_side_effects(layers):
         acts = list(acts) if acts is not None else activations(layers, example)
-        times_now = None
-        for _ in range(max_moves):
-            cands = [current]
-            for t in range(1, len(current) - 1):
-                for delta in (-1, 1):
-                    cand = list(current)
-                    cand[t] += delta
-                    if cand[t - 1] < cand[t] < cand[t + 1] and tuple(cand) not in seen:
-                        cands.append(cand)
-            times = _time_splits(layers, cands, acts, costs, timing)
-            totals = [[st.total_s for st in t] for t in times]
-            better = [i for i in range(1, len(cands)) if clearly_better(totals[i], totals[0], tolerance)]
-            if not better:
-                return PartitionPlan(current, "profile", times[0], [REFINED_NOTE])
-            pick = better[preferred([(cands[i], totals[i]) for i in better], tolerance)]
-            current, times_now = cands[pick], times[pick]
-            seen.add(tuple(current))
-        if times_now is None:
-            times_now = _time_splits(layers, [current], acts, costs, timing)[0]
-    return PartitionPlan(current, "profile", times_now, [REFINED_NOTE])
+        times = _time_splits(layers, candidates, acts, costs, timing)
+    pick = preferred([(c, [st.total_s for st in t]) for c, t in zip(candidates, times, strict=True)], tolerance)
+    log.debug("profile: candidates %s, stage seconds %s: took %s", [list(c) for c in candidates],
+              [[round(st.total_s, 6) for st in t] for t in times], list(candidates[pick]))
+    return PartitionPlan(list(candidates[pick]), "profile", times[pick],
+                         ["stage body timed whole; aux head and send from the layer profile"])
 
 
 def profile_plan(
@@ -494,17 +506,18 @@ def profile_plan(
     aux_factory: AuxFactory | None = None,
     timing: Timing = Timing(),
     tolerance: float = TOLERANCE,
+    window: float = 0.15,
 ) -> PartitionPlan:
-    """local.partition=profile: time layers, aux heads and sends, take the preferred split of their sums, then
-    refine it on whole-stage timings."""
+    """local.partition=profile: time layers, aux heads and sends; take `choose_split`'s split of their sums and
+    the other splits within `window` of it (`near_splits`), time those whole and keep the `preferred` one."""
     check_stages(len(layers), k)
     with _no_side_effects(layers):
         acts = activations(layers, example)
         costs = profile_costs(layers, example, aux_factory, timing, acts)
-        first = plan_from_costs(costs, k, tolerance)
         if k == 1:
-            return first
-        return refine_boundaries(layers, first.boundaries, example, costs, timing, tolerance, acts)
+            return plan_from_costs(costs, k, tolerance)
+        cands = near_splits(costs.layer_s, k, costs.boundary_s(), window, tolerance=tolerance)
+        return refine_plan(layers, cands, example, costs, timing, tolerance, acts)
 
 
 def parse_explicit(spec: str, num_layers: int, k: int) -> list[int]:
