@@ -3,10 +3,13 @@
 Boundaries are returned as K+1 indices `b` with block k = layers[b[k]:b[k+1]].
 
 `profile` measures forward+backward seconds and predicts each stage's time as body + aux head + send of its
-output downstream. The measurements are built to give the same split on a noisy machine: every timed piece runs
-in interleaved rounds (drift hits all alike), warm-up rounds are discarded, each piece keeps the median of a
-time-bounded number of rounds, and among splits whose predicted bottleneck is within `tolerance` of the best the
-most even one wins, so a few percent of noise cannot flip the choice between two near-equal splits.
+output downstream, in two steps: per-layer times (with aux heads and sends) summed give a first choice and the
+other splits within 15 % of it; those few are then timed as whole stages, which sums of layers misjudge (cache
+effects between layers), and the preferred one is kept. The measurements are built to give the same split on a
+noisy machine: every timed piece runs in interleaved rounds (drift hits all alike), warm-up rounds are discarded,
+each piece keeps the median CPU time of a time-bounded number of rounds (other processes do not inflate it), and
+among splits whose predicted bottleneck is within `tolerance` of the best the most even one wins, so a few percent
+of noise does not flip the choice between a balanced split and a lopsided one that is barely faster.
 """
 
 from __future__ import annotations
