@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from common import run_json, torchrun_cmd
-from runtime_bench import LM_MODELS, MODELS, profiled_partition, run_method
+from runtime_bench import LM_MODELS, MODELS, describe_plan, profiled_plan, run_method
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -317,6 +317,24 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def predicted_stages(plans: dict[str, dict], rows: list[dict]) -> list[str]:
+    """A small table: each profiled split's predicted seconds per stage (body + aux head + send of one micro-batch)
+    and share of the slowest, beside the stage busy fractions PPLL processes measured on that split."""
+    if not plans:
+        return []
+    lines = ["", "Predicted stage times (the profile that chose each split; forward+backward of one micro-batch, "
+             "body + aux head + send, share of the slowest stage) beside the measured busy fractions of PPLL "
+             "processes:", "", "| model | split | predicted ms per stage (share) | measured stage busy |",
+             "|---|---|---|---|"]
+    for name, p in plans.items():
+        model, k = name.split(" K=")
+        method = "ppll-processes" + ("" if k == "2" else f"-k{k}")
+        row = next((r for r in rows if r["model"] == model and r["method"] == method), None)
+        predicted = ", ".join(f"{s['total_s'] * 1e3:.1f} ({s['share_of_bottleneck']:.0%})" for s in p["stages"] or [])
+        lines.append(f"| {name} | {p['starts']} | {predicted or 'not timed'} | {_busy(row)} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     """RESULTS.md: conditions, throughput table, targets (met / missed), accuracy, pictures."""
     meta = doc["meta"]
@@ -342,6 +360,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['model']} | {r['method']} | {r['median_samples_per_s']:.1f} | "
                      f"{', '.join(f'{v:.0f}' for v in r['runs'])} | {_fmt(r['x_sequential'])} | {_fmt(r['x_1f1b'])} | "
                      f"{_fmt(r['x_ds-1f1b'])} | {busy} | {rss} |")
+    lines += predicted_stages(meta.get("plans", {}), doc["throughput"])
     ran = {r["method"] for r in doc["throughput"]}
     legend = {k: v for k, v in {**METHODS, **K4_METHODS}.items() if k in ran}
     lines += ["", "Methods: " + "; ".join(f"**{k}** {v}" for k, v in legend.items()) + ".", "",
@@ -446,11 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(model, method, 2) for model in models for method in methods]
     if a.k4:
         plan += [(model, f"{method}-k4", 4) for model in models for method in ("sequential", "ppll-processes")]
-    partitions = {}
+    partitions, plans = {}, {}
     for model in models:
         for k in sorted({k for _, _, k in plan}):
-            partitions[(model, k)] = profiled_partition(model, k, setup.batch // setup.micro)
-            print(f"{model}: K={k} stages start at layers {partitions[(model, k)]} (profiled)", flush=True)
+            plans[(model, k)] = profiled_plan(model, k, setup.batch // setup.micro)
+            partitions[(model, k)] = plans[(model, k)].starts
+            print(f"{model}: K={k} {describe_plan(plans[(model, k)])}", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {m: {} for m in models}
     traces: dict[str, list[str]] = {m: [] for m in models}
     for rep in range(repeats):
@@ -477,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": {**versions(), "quick": a.quick, "command": command,
                     "stages": 2, "batch": setup.batch, "micro": setup.micro, "steps": setup.steps,
                     "warmup": setup.warmup, "repeats": repeats, "skipped": skipped,
-                    "partitions": {f"{m} K={k}": v for (m, k), v in partitions.items()}},
+                    "partitions": {f"{m} K={k}": v for (m, k), v in partitions.items()},
+                    "plans": {f"{m} K={k}": p.to_dict() for (m, k), p in plans.items()}},
            "throughput": rows, "accuracy": accuracy, "lm_quality": lm, "targets": evaluate_targets(rows, accuracy, lm),
            "traces": {m: [os.path.relpath(t, out) for t in ts] for m, ts in traces.items()}}
     bench_json = out / f"bench{suffix}.json"

@@ -25,8 +25,9 @@ from memprobe import StageProbe, rows, tensors_in, watch_links
 from probe import gather, peak_rss_mb
 
 from ppll_ext import trace
-from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_boundaries
+from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_plan
 from ppll_ext.config import Config, load_config
+from ppll_ext.core import PartitionPlan
 from ppll_ext.runtime import ProcessRunner, SequentialRunner, ThreadRunner
 from ppll_ext.runtime.launch import init_distributed
 
@@ -80,13 +81,26 @@ def synthetic_batches(n: int, batch: int, seed: int = 0, model: str = "resnet32"
             for _ in range(n)]
 
 
-def profiled_partition(model: str, stages: int, batch: int) -> str:
-    """Cut the model once by measured layer + aux-head time (one thread), so every method uses the same split."""
+def profiled_plan(model: str, stages: int, batch: int) -> PartitionPlan:
+    """Cut the model once by measured layer + aux-head + send time (one thread), so every method uses the same
+    split; the plan also holds each stage's predicted seconds per batch of `batch` rows."""
     torch.set_num_threads(1)
     cfg = bench_config(model, "sequential", stages, batch)
     layered = build_layered(cfg, **model_shape(model))
     example = synthetic_batches(1, batch, seed=1, model=model)[0][0]
-    return ",".join(str(b) for b in stage_boundaries(cfg, layered, example)[:-1])
+    return stage_plan(cfg, layered, example)
+
+
+def profiled_partition(model: str, stages: int, batch: int) -> str:
+    """The start layers of profiled_plan's split, as local.partition takes them (e.g. "0,6")."""
+    return profiled_plan(model, stages, batch).starts
+
+
+def describe_plan(plan: PartitionPlan) -> str:
+    """One line: start layers, then each stage's predicted milliseconds and share of the bottleneck."""
+    shares = plan.shares() or []
+    times = ", ".join(f"{s.total_s * 1e3:.1f} ms ({share:.0%})" for s, share in zip(plan.stages or [], shares))
+    return f"stages start at layers {plan.starts} ({plan.method}; predicted per micro-batch: {times or 'not timed'})"
 
 
 def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,
@@ -212,8 +226,9 @@ def main() -> None:
         a.steps, a.warmup, a.repeats = 6, 2, 3
     runs: dict[str, dict[str, list[dict]]] = {m: {k: [] for k in METHODS} for m in a.models}
     for model in a.models:
-        partition = profiled_partition(model, a.stages, a.batch_size)
-        print(f"{model}: stages start at layers {partition} (profiled)", flush=True)
+        plan = profiled_plan(model, a.stages, a.batch_size)
+        partition = plan.starts
+        print(f"{model}: {describe_plan(plan)}", flush=True)
         for rep in range(a.repeats):
             for method in METHODS:
                 r = run_method(model, method, a.stages, a.batch_size, a.warmup, a.steps, partition)

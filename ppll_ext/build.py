@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ppll_ext.config import Config, OptimConfig
-from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, make_loss, partition
+from ppll_ext.core import LocalBlock, PartitionPlan, build_aux_head, build_stage_aux_head, make_loss, partition_plan
 from ppll_ext.memory import CheckpointedSequential
 from ppll_ext.models import LayeredModel, build_model
 
@@ -56,8 +56,13 @@ def build_layered(cfg: Config, *, num_classes: int, **shape: int) -> LayeredMode
     return build_model(cfg.model, num_classes=num_classes, **shape)
 
 
-def stage_boundaries(cfg: Config, layered: LayeredModel, example: torch.Tensor) -> list[int]:
-    """Where the K blocks start and end (cfg.local.partition on the model's layer list)."""
+def stage_plan(cfg: Config, layered: LayeredModel, example: torch.Tensor, *, timed: bool = False) -> PartitionPlan:
+    """cfg.local.partition on the model's layer list, as a plan (predicted stage times for profile, and for the
+    other methods with timed=True).
+
+    Layers are timed on a batch of one micro-batch's rows (`example`'s rows repeated or cut to
+    train.batch_size / local.micro_batches): the work a stage does per forward, whatever size the example has.
+    """
     num_classes = _num_classes(layered, example)
 
     # next-blocks / lm-blocks heads depend on the cut itself; a conv / lm head stands in for their cost while
@@ -69,7 +74,15 @@ def stage_boundaries(cfg: Config, layered: LayeredModel, example: torch.Tensor) 
     def aux_factory(h: torch.Tensor) -> nn.Module:
         return build_aux_head(kind, h, num_classes, hidden=cfg.local.aux_hidden)
 
-    return partition(layered.layers, cfg.local.stages, cfg.local.partition, example=example, aux_factory=aux_factory)
+    rows = cfg.train.batch_size // cfg.local.micro_batches
+    batch = example[torch.arange(rows) % example.shape[0]]
+    return partition_plan(layered.layers, cfg.local.stages, cfg.local.partition, example=batch,
+                          aux_factory=aux_factory, timed=timed)
+
+
+def stage_boundaries(cfg: Config, layered: LayeredModel, example: torch.Tensor) -> list[int]:
+    """Where the K blocks start and end (cfg.local.partition on the model's layer list)."""
+    return stage_plan(cfg, layered, example).boundaries
 
 
 def _num_classes(layered: LayeredModel, example: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-"""The `ppll` command line: `ppll train [--config FILE] [--set key=value ...]`."""
+"""The `ppll` command line: `ppll train [--config FILE] [--set key=value ...]`, `ppll partition ...` and the rest."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
                        "train.on_nan=...)")
     train.add_argument("--trace", help="write a Chrome-trace JSON of every stage here (= --set train.trace=...)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    part = sub.add_parser("partition", help="show the split a config gives: per stage its layers, parameters and "
+                          "predicted seconds (nothing is trained, no data is read)")
+    part.add_argument("--config", help="experiment YAML file (see configs/), as for ppll train")
+    part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set local.partition=profile (repeatable)")
+    part.add_argument("--json", dest="json_out", metavar="FILE", help="also write the split and times as JSON here")
+    part.add_argument("--no-time", action="store_true", help="uniform / parameters / explicit splits: do not time "
+                      "the stages (profile always times)")
     exp = sub.add_parser("export", help="consolidate a checkpoint's shards into model.safetensors")
     exp.add_argument("checkpoint", help="checkpoint directory (or a run directory: its newest checkpoint)")
     exp.add_argument("out", help="output directory")
@@ -165,6 +173,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _partition(args: argparse.Namespace) -> int:
+    """Print (and with --json write) the split of the config's model and its stages' predicted times."""
+    import json
+    from pathlib import Path
+
+    from ppll_ext.paths import unwritable
+    from ppll_ext.split import format_report, split_report
+
+    cfg = load_config(args.config, args.overrides)
+    if args.json_out:
+        out = Path(args.json_out).expanduser().absolute()
+        reason = f"{str(out)!r} is a directory" if out.is_dir() else unwritable(out.parent)
+        if reason is not None:
+            raise ConfigError(f"--json {args.json_out!r} cannot be written: {reason}; choose another file")
+    report = split_report(cfg, timed=not args.no_time)
+    print(format_report(report))
+    if args.json_out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from ppll_ext.plot import plot_bench, plot_runs, plot_traces
 
@@ -240,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "partition":
+            return _partition(args)
         if args.command == "export":
             return _export(args)
         if args.command == "verify":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from ppll_ext.cli import main
+from ppll_ext.config import ModelConfig
+from ppll_ext.core.partition import parameter_counts
+from ppll_ext.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +76,55 @@ def test_bad_yaml_in_a_real_process(tmp_path: Path) -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in (REPO / "README.md").read_text()
+
+
+def test_partition_prints_and_writes_every_stage(tmp_path: Path) -> None:
+    """`ppll partition` as a user runs it: the profiled split of a small config, each stage's layers and times."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model: {name: resnet8, width: 8}\ndata: {name: digits}\n"
+                   "local: {stages: 3, partition: profile}\ntrain: {batch_size: 32}\n")
+    out = tmp_path / "plans" / "split.json"
+    res = ppll("partition", "--config", str(cfg), "--set", "local.micro_batches=2", "--json", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "resnet8" and doc["method"] == "profile" and doc["rows"] == 16
+    assert [s["first_layer"] for s in doc["stages"]] == doc["boundaries"][:-1] and len(doc["stages"]) == 3
+    assert [n for s in doc["stages"] for n in s["layers"]] == ["conv1+bn1", "layer1.0", "layer2.0", "layer3.0", "fc"]
+    assert doc["bottleneck_s"] == max(s["total_s"] for s in doc["stages"]) > 0
+    lines = res.stdout.splitlines()
+    assert f"start layers {doc['starts']}" in lines[0]
+    rows = [line.split() for line in lines[2:5]]
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    for row, stage in zip(rows, doc["stages"]):
+        assert row[2] == f"{stage['params']:,}" and stage["layers"][0] in " ".join(row)
+        assert row[7] == f"{stage['share_of_bottleneck']:.0%}"
+    assert lines[5].startswith("bottleneck: stage ") and lines[-1] == f"wrote {out}"
+
+
+def test_partition_without_timing(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default job's model (ResNet-8 on 8x8 digits) cut uniformly: layers and parameters, no times."""
+    assert main(["partition", "--set", "local.stages=3", "--set", "local.partition=uniform", "--no-time"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    layers = build_model(ModelConfig(name="resnet8"), in_channels=1, image_size=8, num_classes=10).layers
+    assert "start layers 0,2,4" in lines[0]
+    assert lines[2].split()[:3] == ["0", "0-1", f"{sum(parameter_counts(layers[:2])):,}"]
+    assert all("not timed" in line for line in lines[2:5]) and lines[5].startswith("not timed")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "local.stages=40"], "local.stages=40 is larger than the model's 5 layers"),
+    (["--set", "local.stages=3", "--set", "local.partition=0,4,2"], "start layers must begin at 0 and strictly"),
+    (["--set", "model.name=resnet9000"], "model.name='resnet9000'"),
+    (["--json", "."], "--json '.' cannot be written"),
+])
+def test_partition_bad_input_is_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["partition", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppll: error:") and needle in err[0], err
+
+
+def test_partition_bad_input_in_a_real_process() -> None:
+    res = ppll("partition", "--set", "local.stages=0", timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == ["ppll: error: local.stages=0 must be at least 1 (command line: --set "
+                                               "local.stages=...)"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -12,7 +14,19 @@ from torch import nn
 from ppll_ext.build import build_blocks, build_bp_block, build_layered
 from ppll_ext.config import ModelConfig, load_config
 from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, partition
-from ppll_ext.core.partition import parameter_counts
+from ppll_ext.core.partition import (
+    LayerCosts,
+    Timing,
+    balanced_boundaries,
+    choose_split,
+    near_splits,
+    parameter_counts,
+    partition_plan,
+    plan_from_costs,
+    preferred,
+    profile_costs,
+    refine_plan,
+)
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.models import build_model
@@ -119,7 +133,7 @@ def test_parameter_partition_balance_resnet110_k4() -> None:
     assert max(blocks) <= 1.5 * ideal, (blocks, ideal)
 
 
-def test_profile_partition_counts_aux_cost() -> None:
+def test_profile_partition_counts_aux_cost(one_thread: None) -> None:
     layered = _resnet("resnet8")
     x = torch.randn(8, 3, 32, 32)
     b = partition(layered.layers, 2, "profile", example=x,
@@ -209,12 +223,134 @@ def test_sequential_local_learning_lowers_every_stage_loss() -> None:
     assert all(s.steps == 2 * len(loader) for s in second.stages)
 
 
-def test_profile_refinement_keeps_valid_boundaries() -> None:
-    from ppll_ext.core.partition import refine_boundaries
+FAST = Timing(warmup=1, min_rounds=3, budget_s=0.05)
+"""Short timings for tests: the splits checked below do not hinge on a few percent."""
 
+
+@pytest.fixture
+def one_thread():
+    """Time on one torch thread, as a stage does (train.threads=0): several threads on a busy machine are slow."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
+def test_profile_refinement_keeps_valid_boundaries(one_thread: None) -> None:
     layered = _resnet("resnet20")
     x = torch.randn(8, 3, 32, 32)
-    for start in ([0, 1, 11], [0, 9, 10, 11], [0, 5, 11]):
-        b = refine_boundaries(layered.layers, start, x, lambda h: build_aux_head("conv", h, 10), repeats=1)
-        assert len(b) == len(start) and b[0] == 0 and b[-1] == 11 and all(p < q for p, q in zip(b, b[1:]))
-    assert refine_boundaries(layered.layers, [0, 1, 11], x, repeats=3)[1] > 1
+    aux = lambda h: build_aux_head("conv", h, 10)  # noqa: E731
+    costs = profile_costs(layered.layers, x, aux, FAST)
+    cands = [[0, 1, 11], [0, 5, 11], [0, 9, 11]]
+    plan = refine_plan(layered.layers, cands, x, costs, FAST)
+    assert plan.boundaries in cands and plan.method == "profile"
+    assert plan.stages is not None and len(plan.stages) == 2
+    assert plan.stages[-1].aux_s == 0 and plan.stages[-1].send_s == 0
+    assert plan.stages[0].aux_s == costs.aux_s[plan.boundaries[1]] > 0 and plan.stages[0].send_s > 0
+    assert refine_plan(layered.layers, [[0, 4, 9, 11]], x, costs, FAST).boundaries == [0, 4, 9, 11]
+
+
+def test_near_splits_are_the_choice_then_the_fastest_within_the_window() -> None:
+    costs = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    # K=2: 30|30 (best), then 20|40 and 40|20 (33 % slower), then 10|50, 50|10.
+    assert near_splits(costs, 2, window=0.0) == [[0, 3, 6]]
+    assert near_splits(costs, 2, window=0.4) == [[0, 3, 6], [0, 2, 6], [0, 4, 6]]
+    assert near_splits(costs, 2, window=1.0, limit=4) == [[0, 3, 6], [0, 2, 6], [0, 4, 6], [0, 1, 6]]
+    extra = [0.0, 0.0, 30.0, 0.0, 0.0]
+    assert near_splits([34.0, 34.0, 2.0, 100.0], 2, extra, window=0.1) == [[0, 2, 4], [0, 3, 4]]
+
+
+def _splits(n: int, k: int):
+    for cut in itertools.combinations(range(1, n), k - 1):
+        yield [0, *cut, n]
+
+
+def test_choose_split_is_the_preferred_of_all_splits() -> None:
+    """The pruned search returns exactly what `preferred` picks among every split (integer costs: exact sums, many
+    ties, so the order's later keys matter too)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 9)
+        k = rng.randint(1, min(4, n))
+        costs = [float(rng.randint(1, 20)) for _ in range(n)]
+        extra = [float(rng.randint(0, 6)) for _ in range(n + 1)]
+        tol = rng.choice([0.0, 0.03, 0.1, 0.5])
+        every = list(_splits(n, k))
+        stage = [[sum(costs[b[s]:b[s + 1]]) + (extra[b[s + 1]] if b[s + 1] < n else 0) for s in range(k)]
+                 for b in every]
+        expected = every[preferred(list(zip(every, stage)), tol)]
+        assert choose_split(costs, k, extra, tol) == expected, (costs, extra, k, tol)
+
+
+def test_tie_break_prefers_the_even_split_within_tolerance() -> None:
+    costs, extra = [34.0, 34.0, 2.0, 100.0], [0.0, 0.0, 30.0, 0.0, 0.0]
+    # [0,3,4]: stages 70, 100 (fastest, uneven); [0,2,4]: 98, 102 (2 % slower, even); [0,1,4]: 34, 136.
+    assert balanced_boundaries(costs, 2, extra) == [0, 3, 4]
+    assert choose_split(costs, 2, extra, tolerance=0.03) == [0, 2, 4]
+    assert choose_split(costs, 2, extra, tolerance=0.01) == [0, 3, 4]
+    # Equally even: the faster; equal in both: the lower boundaries.
+    assert preferred([([0, 1, 3], [10.0, 10.0]), ([0, 2, 3], [9.0, 9.0])]) == 1
+    assert preferred([([0, 2, 3], [9.0, 9.0]), ([0, 1, 3], [9.0, 9.0])]) == 1
+
+
+def test_noise_of_one_percent_does_not_flip_the_split() -> None:
+    """Two splits 0.5 % apart in bottleneck, one clearly more even: with every cost off by up to 1 % (seeded), the
+    tolerant choice never changes, while the plain fastest-split choice flips between them."""
+    layers, extra = [82.0, 4.5, 93.0], [0.0, 7.0, 10.5, 0.0]
+    # [0,2,3]: 97, 93 (spread 4); [0,1,3]: 89, 97.5 (spread 8.5).
+    rng = random.Random(1)
+    tolerant, fastest = set(), set()
+    for _ in range(200):
+        noisy = LayerCosts([c * rng.uniform(0.99, 1.01) for c in layers],
+                           [c * rng.uniform(0.99, 1.01) for c in extra], [0.0] * 4)
+        tolerant.add(tuple(plan_from_costs(noisy, 2).boundaries))
+        fastest.add(tuple(plan_from_costs(noisy, 2, tolerance=0.0).boundaries))
+    assert tolerant == {(0, 2, 3)}
+    assert fastest == {(0, 2, 3), (0, 1, 3)}
+
+
+def test_plan_from_costs_predicts_body_aux_send() -> None:
+    costs = LayerCosts([1.0, 2.0, 3.0, 4.0], [0.0, 0.5, 0.25, 0.5, 0.0], [0.0, 0.1, 0.1, 0.1, 0.0])
+    plan = plan_from_costs(costs, 2)
+    assert plan.boundaries == [0, 3, 4] and plan.starts == "0,3"
+    assert [(s.body_s, s.aux_s, s.send_s) for s in plan.stages] == [(6.0, 0.5, 0.1), (4.0, 0.0, 0.0)]
+    assert plan.bottleneck_s == pytest.approx(6.6) and plan.shares() == pytest.approx([1.0, 4.0 / 6.6])
+    assert plan.to_dict()["stages"][1]["total_s"] == 4.0
+
+
+def _mlp(widths: list[int]) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(w_in, w_out), nn.BatchNorm1d(w_out), nn.ReLU())
+            for w_in, w_out in zip(widths, widths[1:])]
+
+
+def test_real_profile_twice_gives_the_same_split_and_leaves_no_trace(one_thread: None) -> None:
+    """Two wide layers, then narrow ones: K=2 must cut between the wide ones (one wide layer per stage, against two
+    in one stage for any other cut), every time; profiling restores BatchNorm statistics, leaves no gradients and
+    draws no random numbers from the caller's stream."""
+    layers = _mlp([512, 512, 512, 16, 16, 16, 16])  # a wide layer: ~5 ms, far above the ~0.2 ms of a narrow one
+    x = torch.randn(128, 512)
+    before = [copy.deepcopy(m.state_dict()) for m in layers]
+    rng = torch.get_rng_state()
+    plans = [partition_plan(layers, 2, "profile", example=x, aux_factory=lambda h: nn.Linear(h.shape[-1], 10),
+                            timing=FAST) for _ in range(2)]
+    assert [p.boundaries for p in plans] == [[0, 1, 6], [0, 1, 6]]
+    assert torch.equal(torch.get_rng_state(), rng)
+    for m, state in zip(layers, before):
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+        assert all(p.grad is None for p in m.parameters())
+
+
+def test_non_profile_plans_are_timed_only_when_asked(one_thread: None) -> None:
+    layered = _resnet("resnet8")
+    x = torch.randn(8, 3, 32, 32)
+    plain = partition_plan(layered.layers, 2, "uniform")
+    assert plain.stages is None and plain.bottleneck_s is None and plain.shares() is None
+    assert plain.boundaries == partition(layered.layers, 2, "uniform")
+    timed = partition_plan(layered.layers, 2, "0,2", example=x, aux_factory=lambda h: build_aux_head("conv", h, 10),
+                           timed=True, timing=FAST)
+    assert timed.boundaries == [0, 2, 5] and len(timed.stages) == 2
+    assert timed.stages[0].aux_s > 0 and timed.stages[1].aux_s == timed.stages[1].send_s == 0
+    assert max(timed.shares()) == 1.0
+    with pytest.raises(ConfigError, match="example input batch"):
+        partition_plan(layered.layers, 2, "uniform", timed=True)

@@ -123,6 +123,16 @@ def test_bench_summary_and_targets(bench) -> None:
     assert targets["|accuracy PPLL - sequential LL| <= 1.5 points"]["met"] is True
 
 
+def test_bench_shows_predicted_stage_times_beside_measured_busy(bench) -> None:
+    from ppll_ext.core.partition import LayerCosts, plan_from_costs
+
+    plan = plan_from_costs(LayerCosts([0.03, 0.05, 0.04], [0.0, 0.01, 0.02, 0.0], [0.0, 0.001, 0.001, 0.0]), 2)
+    rows = [{"model": "resnet32", "method": "ppll-processes", "busy_fraction": [0.93, 0.96]}]
+    lines = bench.predicted_stages({"resnet32 K=2": plan.to_dict()}, rows)
+    assert lines[-1] == "| resnet32 K=2 | 0,1 | 41.0 (46%), 90.0 (100%) | 93%, 96% |"  # 30+10+1 | 50+40
+    assert bench.predicted_stages({}, rows) == []
+
+
 def test_bench_parses_the_training_summary(bench) -> None:
     text = ("summary: method=local runtime=processes stages=4 boundaries=[0, 5, 9, 13, 17] epochs=1\n"
             "  test accuracy 0.4120 | aux heads (early exit) 0.3010 0.3500 0.4000\n"

@@ -1,20 +1,38 @@
 """Cut an ordered list of layers into K contiguous bodies, one per pipeline stage.
 
 Boundaries are returned as K+1 indices `b` with block k = layers[b[k]:b[k+1]].
+
+`profile` measures forward+backward seconds and predicts each stage's time as body + aux head + send of its
+output downstream, in two steps: per-layer times (with aux heads and sends) summed give a first choice and the
+other splits within 15 % of it; those few are then timed as whole stages, which sums of layers misjudge (cache
+effects between layers), and the preferred one is kept. The measurements are built to give the same split on a
+noisy machine: every timed piece runs in interleaved rounds (drift hits all alike), warm-up rounds are discarded,
+each piece keeps the median CPU time of a time-bounded number of rounds (other processes do not inflate it), and
+among splits whose predicted bottleneck is within `tolerance` of the best the most even one wins, so a few percent
+of noise does not flip the choice between a balanced split and a lopsided one that is barely faster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ppll_ext.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 PARTITION_METHODS = ("uniform", "parameters", "profile")
+TOLERANCE = 0.03
+"""Splits whose predicted bottleneck is within this fraction of the best count as equally fast; the most even wins."""
+AuxFactory = Callable[[torch.Tensor], nn.Module]
+"""Builds the aux head that would follow an activation shaped like its argument (for timing only)."""
 
 
 def check_stages(num_layers: int, k: int) -> None:
@@ -73,97 +91,436 @@ def parameter_counts(layers: Sequence[nn.Module]) -> list[int]:
     return [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in layers]
 
 
-def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of forward+backward of `module` on `x`, and its (detached) output."""
-    times = []
-    out = None
-    for _ in range(repeats + 1):
-        inp = x.detach().requires_grad_(x.is_floating_point())
-        start = time.perf_counter()
+CLOCKS = ("auto", "cpu", "wall")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a set of pieces is timed: `warmup` discarded rounds, then rounds of every piece in turn until each has
+    `min_rounds` samples and the rounds have used `budget_s` of wall time, or `max_rounds` samples; each piece's
+    median counts. Cheap pieces thus get many samples, expensive ones at least min_rounds."""
+
+    warmup: int = 1
+    """Untimed rounds first (allocator, kernel selection, caches)."""
+    min_rounds: int = 5
+    """Timed rounds at least, whatever the budget."""
+    max_rounds: int = 41
+    """Timed rounds at most."""
+    budget_s: float = 1.0
+    """Wall seconds of timed rounds after which no further round starts (once min_rounds are done)."""
+    clock: str = "auto"
+    """cpu: this process's CPU time (other processes competing for the cores do not inflate it, so a shared machine
+    still gives the same split); wall: elapsed time, the device synchronised; auto: wall when CUDA is in use,
+    otherwise cpu."""
+
+
+def measure_interleaved(jobs: Sequence[Callable[[], object]], timing: Timing = Timing()) -> list[float]:
+    """Median seconds of each job, timed in rounds that run every job once in turn (never one job many times in a
+    row), so slow drift of the machine shifts every job alike instead of whichever happened to run during it."""
+    if timing.clock not in CLOCKS:
+        raise ConfigError(f"Timing clock={timing.clock!r} is not one of {', '.join(CLOCKS)}", key="clock")
+    if not jobs:
+        return []
+    wall = timing.clock == "wall" or (timing.clock == "auto" and torch.cuda.is_initialized())
+    clock = time.perf_counter if wall else time.process_time
+    for _ in range(timing.warmup):
+        for job in jobs:
+            job()
+    samples: list[list[float]] = [[] for _ in jobs]
+    deadline = time.perf_counter() + timing.budget_s
+    while True:
+        for job, times in zip(jobs, samples, strict=True):
+            start = clock()
+            job()
+            times.append(clock() - start)
+        done = len(samples[0])
+        if done >= timing.max_rounds or (done >= timing.min_rounds and time.perf_counter() >= deadline):
+            return [statistics.median(times) for times in samples]
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, input_grad: bool) -> Callable[[], None]:
+    """One forward+backward of `module` on `x`; the input needs a gradient when it is mid-stage (input_grad)."""
+
+    def run() -> None:
+        inp = x.detach().requires_grad_(input_grad and x.is_floating_point())
         out = module(inp)
         out.float().sum().backward()
-        times.append(time.perf_counter() - start)
-    module.zero_grad(set_to_none=True)
-    return statistics.median(times[1:]), out.detach()
+        _sync(out)
+
+    return run
+
+
+def _copy(h: torch.Tensor) -> Callable[[], None]:
+    """One copy of `h`'s bytes into a preallocated buffer: the send cost model (see profile_costs)."""
+    dst = torch.empty_like(h)
+
+    def run() -> None:
+        dst.copy_(h)
+        _sync(dst)
+
+    return run
+
+
+@contextlib.contextmanager
+def _no_side_effects(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Timing runs training-mode forwards: restore the buffers they touch (BatchNorm running statistics), drop the
+    gradients they leave and the random numbers they draw, so profiling does not change the run that follows."""
+    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m in modules:
+                m.zero_grad(set_to_none=True)
+
+
+def activations(layers: Sequence[nn.Module], example: torch.Tensor) -> list[torch.Tensor]:
+    """[example, output of layer 0, output of layer 1, ...] without gradients: every layer's and stage's input."""
+    with torch.no_grad():
+        acts = [example]
+        for m in layers:
+            acts.append(m(acts[-1]))
+    return acts
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Measured seconds of one forward+backward: of each layer, and at each cut position j (0..n) of the aux head
+    that would follow layer j-1 and of sending its output downstream (0 at j = n: the last stage has neither)."""
+
+    layer_s: list[float]
+    aux_s: list[float]
+    send_s: list[float]
+
+    def boundary_s(self) -> list[float]:
+        """aux + send at each cut position: what a stage ending there pays on top of its layers."""
+        return [a + s for a, s in zip(self.aux_s, self.send_s, strict=True)]
 
 
 def profile_costs(
     layers: Sequence[nn.Module],
     example: torch.Tensor,
-    aux_factory: Callable[[torch.Tensor], nn.Module] | None = None,
-    repeats: int = 3,
-) -> tuple[list[float], list[float]]:
-    """Measured forward+backward seconds of each layer, and of the aux head that would follow each layer.
+    aux_factory: AuxFactory | None = None,
+    timing: Timing = Timing(),
+    acts: Sequence[torch.Tensor] | None = None,
+) -> LayerCosts:
+    """Forward+backward seconds of every layer and of the aux head after each layer, and the send cost of each
+    layer's output, all timed in the same interleaved rounds.
 
-    The aux head's cost is measured once per distinct activation shape (heads of equal input shape cost the same).
-    """
-    layer_t: list[float] = []
-    aux_t: list[float] = [0.0]
-    cache: dict[tuple[int, ...], float] = {}
-    h = example
-    for i, m in enumerate(layers):
-        t, h = _time_fwd_bwd(m, h, repeats)
-        layer_t.append(t)
-        if aux_factory is None or i == len(layers) - 1:
-            aux_t.append(0.0)
-            continue
-        key = tuple(h.shape)
-        if key not in cache:
-            cache[key] = _time_fwd_bwd(aux_factory(h), h, repeats)[0]
-        aux_t.append(cache[key])
-    return layer_t, aux_t
-
-
-def refine_boundaries(
-    layers: Sequence[nn.Module],
-    bounds: list[int],
-    example: torch.Tensor,
-    aux_factory: Callable[[torch.Tensor], nn.Module] | None = None,
-    repeats: int = 3,
-) -> list[int]:
-    """Hill-climb from `bounds` on measured whole-stage times (body + aux head, input detached as in training).
-
-    Per-layer sums miss cache and fusion effects between layers; moving one boundary by one layer
-    while the slowest stage gets faster corrects for them at a cost of a few stage timings.
+    Aux heads and sends are timed once per distinct activation shape (equal shapes cost the same). The send cost is
+    one copy of the output's bytes on this device: the least any send does on the sending side (gloo over loopback
+    copies the tensor into the socket at least once). It is a lower bound; the bandwidth of a real network or PCIe
+    link and the receiver's copy are not modelled.
     """
     n = len(layers)
-    with torch.no_grad():
-        acts = [example]
-        for m in layers:
-            acts.append(m(acts[-1]))
-    cache: dict[tuple[int, int], float] = {}
+    with _no_side_effects(layers):
+        acts = list(acts) if acts is not None else activations(layers, example)
+        jobs: list[Callable[[], None]] = [_fwd_bwd(m, acts[i], True) for i, m in enumerate(layers)]
+        aux_job: dict[tuple, int] = {}
+        send_job: dict[tuple, int] = {}
+        for j in range(1, n):
+            key = _shape_key(acts[j])
+            if aux_factory is not None and key not in aux_job:
+                aux_job[key] = len(jobs)
+                jobs.append(_fwd_bwd(aux_factory(acts[j]), acts[j], False))
+            if key not in send_job:
+                send_job[key] = len(jobs)
+                jobs.append(_copy(acts[j]))
+        seconds = measure_interleaved(jobs, timing)
+    aux_s, send_s = [0.0] * (n + 1), [0.0] * (n + 1)
+    for j in range(1, n):
+        key = _shape_key(acts[j])
+        aux_s[j] = seconds[aux_job[key]] if key in aux_job else 0.0
+        send_s[j] = seconds[send_job[key]]
+    return LayerCosts(seconds[:n], aux_s, send_s)
 
-    def stage_time(i: int, j: int) -> float:
-        if (i, j) not in cache:
-            parts = list(layers[i:j])
-            if aux_factory is not None and j < n:
-                parts.append(aux_factory(acts[j]))
-            stage = nn.Sequential(*parts)
-            times = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                stage(acts[i]).float().sum().backward()
-                times.append(time.perf_counter() - start)
-            stage.zero_grad(set_to_none=True)
-            cache[i, j] = statistics.median(times[1:])
-        return cache[i, j]
 
-    def cost(b: list[int]) -> float:
-        return max(stage_time(b[k], b[k + 1]) for k in range(len(b) - 1))
+def _shape_key(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype
 
-    best, best_cost = list(bounds), cost(bounds)
-    for _ in range(2 * len(bounds)):
-        moves = []
-        for t in range(1, len(best) - 1):
-            for delta in (-1, 1):
-                cand = list(best)
-                cand[t] += delta
-                if cand[t - 1] < cand[t] < cand[t + 1]:
-                    moves.append((cost(cand), cand))
-        if not moves or min(moves)[0] >= best_cost:
-            break
-        best_cost, best = min(moves)
-    return best
+
+@dataclass(frozen=True)
+class StageTime:
+    """Predicted seconds of one forward+backward of a stage on one (micro-)batch, by part."""
+
+    body_s: float
+    """The stage's layers."""
+    aux_s: float
+    """Its aux head (0 on the last stage)."""
+    send_s: float
+    """Sending its output downstream (0 on the last stage)."""
+
+    @property
+    def total_s(self) -> float:
+        """body + aux + send: the stage's busy time per (micro-)batch."""
+        return self.body_s + self.aux_s + self.send_s
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """A split and, when timed, each stage's predicted seconds; the pipeline runs at the pace of the slowest."""
+
+    boundaries: list[int]
+    """K+1 indices: stage k holds layers[boundaries[k]:boundaries[k+1]]."""
+    method: str
+    """The partition method that chose it (uniform | parameters | profile | explicit start layers)."""
+    stages: list[StageTime] | None = None
+    """Predicted seconds per stage; None when not timed."""
+    notes: list[str] = field(default_factory=list)
+    """How the times were obtained (for reports)."""
+
+    @property
+    def starts(self) -> str:
+        """The split as local.partition accepts it: start layer of every stage, e.g. "0,6"."""
+        return ",".join(str(b) for b in self.boundaries[:-1])
+
+    @property
+    def bottleneck_s(self) -> float | None:
+        """The slowest stage's predicted seconds (None when not timed)."""
+        return None if self.stages is None else max(s.total_s for s in self.stages)
+
+    def shares(self) -> list[float] | None:
+        """Each stage's predicted time over the bottleneck's: the busy fraction a stage would reach in a
+        pipeline paced by the slowest one."""
+        worst = self.bottleneck_s
+        if self.stages is None or not worst:
+            return None
+        return [s.total_s / worst for s in self.stages]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: boundaries, starts, method, per-stage seconds and shares, bottleneck."""
+        shares = self.shares()
+        stages = None if self.stages is None else [
+            {"body_s": s.body_s, "aux_s": s.aux_s, "send_s": s.send_s, "total_s": s.total_s,
+             "share_of_bottleneck": shares[k] if shares else None} for k, s in enumerate(self.stages)]
+        return {"method": self.method, "boundaries": self.boundaries, "starts": self.starts, "stages": stages,
+                "bottleneck_s": self.bottleneck_s, "notes": self.notes}
+
+
+def _spread_key(stage_s: Sequence[float], bounds: Sequence[int]) -> tuple[float, float, tuple[int, ...]]:
+    """Order among equally fast splits: most even (smallest max - min), then fastest, then lowest boundaries."""
+    return max(stage_s) - min(stage_s), max(stage_s), tuple(bounds)
+
+
+def preferred(candidates: Sequence[tuple[Sequence[int], Sequence[float]]], tolerance: float = TOLERANCE) -> int:
+    """Index of the split to take among (boundaries, stage seconds) candidates: of those whose bottleneck is within
+    `tolerance` of the smallest, the most even (then the fastest, then the lowest boundaries)."""
+    best = min(max(s) for _, s in candidates)
+    limit = best * (1.0 + tolerance)
+    eligible = [i for i, (_, s) in enumerate(candidates) if max(s) <= limit]
+    return min(eligible, key=lambda i: _spread_key(candidates[i][1], candidates[i][0]))
+
+
+class _Additive:
+    """The additive cost model of a split: stage = its layers' costs + boundary_cost at its end (none at the last)."""
+
+    def __init__(self, costs: Sequence[float], k: int, boundary_cost: Sequence[float] | None) -> None:
+        self.n, self.k = len(costs), k
+        self.extra = list(boundary_cost) if boundary_cost is not None else [0.0] * (self.n + 1)
+        self.prefix = [0.0]
+        for c in costs:
+            self.prefix.append(self.prefix[-1] + float(c))
+        self.best = balanced_boundaries(costs, k, boundary_cost)
+
+    def block(self, i: int, j: int) -> float:
+        return self.prefix[j] - self.prefix[i] + (self.extra[j] if j < self.n else 0.0)
+
+    def stage_s(self, b: Sequence[int]) -> list[float]:
+        return [self.block(b[s], b[s + 1]) for s in range(len(b) - 1)]
+
+    def rest(self, limit: float) -> list[list[bool]]:
+        """fits[s][i]: layers i..n-1 can be cut into s stages of at most `limit` each."""
+        inf = float("inf")
+        best = [[inf] * (self.n + 1) for _ in range(self.k + 1)]
+        best[0][self.n] = 0.0
+        for s in range(1, self.k + 1):
+            for i in range(self.n - s, -1, -1):
+                best[s][i] = min(max(self.block(i, j), best[s - 1][j]) for j in range(i + 1, self.n - s + 2))
+        return [[v <= limit for v in row] for row in best]
+
+    def search(self, limit: float, visit: Callable[[list[int], float, float], float], max_nodes: int) -> None:
+        """Depth-first over every split whose stages all cost at most `limit`, lowest boundaries first; `visit`
+        gets each complete split with its smallest and largest stage cost and returns the spread above which
+        partial splits are pruned (inf: none). Stops after `max_nodes` partial splits."""
+        fits = self.rest(limit)
+        bounds = [0]
+        nodes = 0
+        prune = float("inf")
+
+        def go(i: int, left: int, lo: float, hi: float) -> bool:
+            nonlocal nodes, prune
+            if left == 0:
+                prune = visit(list(bounds), lo, hi)
+                return True
+            for j in range(i + 1, self.n - left + 2):
+                if self.prefix[j] - self.prefix[i] > limit:
+                    break
+                c = self.block(i, j)
+                if c > limit or not fits[left - 1][j] or max(hi, c) - min(lo, c) > prune:
+                    continue
+                nodes += 1
+                if nodes > max_nodes:
+                    log.debug("partition search stopped after %d partial splits; keeping what it found", max_nodes)
+                    return False
+                bounds.append(j)
+                going = go(j, left - 1, min(lo, c), max(hi, c))
+                bounds.pop()
+                if not going:
+                    return False
+            return True
+
+        go(0, self.k, float("inf"), float("-inf"))
+
+
+def choose_split(costs: Sequence[float], k: int, boundary_cost: Sequence[float] | None = None,
+                 tolerance: float = TOLERANCE, max_nodes: int = 200_000) -> list[int]:
+    """The split `preferred` picks among all splits of the additive cost model (stage = its layers' costs +
+    boundary_cost at its end), found exactly: a depth-first search over splits whose every stage stays within
+    the tolerated bottleneck, pruned by feasibility of the rest and by the spread already reached.
+
+    Deterministic: a pure function of the costs. Should the search visit more than `max_nodes` partial splits
+    (thousands of layers), the best split found so far is returned (at worst the minimum-bottleneck one).
+    """
+    check_stages(len(costs), k)
+    model = _Additive(costs, k, boundary_cost)
+    start = model.best
+    best = (_spread_key(model.stage_s(start), start), start)
+
+    def visit(b: list[int], lo: float, hi: float) -> float:
+        nonlocal best
+        key = (hi - lo, hi, tuple(b))
+        if key < best[0]:
+            best = (key, b)
+        return best[0][0]
+
+    model.search(max(model.stage_s(start)) * (1.0 + tolerance), visit, max_nodes)
+    return best[1]
+
+
+def near_splits(costs: Sequence[float], k: int, boundary_cost: Sequence[float] | None = None,
+                window: float = 0.15, limit: int = 6, tolerance: float = TOLERANCE,
+                max_nodes: int = 200_000) -> list[list[int]]:
+    """Up to `limit` splits whose additive bottleneck is within `window` of the best: `choose_split`'s first, then
+    the fastest (then most even). They are the candidates timed whole, where the additive model's error (cache
+    effects between layers, the first layer needing no input gradient) is larger than the tolerance."""
+    check_stages(len(costs), k)
+    model = _Additive(costs, k, boundary_cost)
+    found: list[tuple[float, float, list[int]]] = []
+
+    def visit(b: list[int], lo: float, hi: float) -> float:
+        found.append((hi, hi - lo, b))
+        return float("inf")
+
+    model.search(max(model.stage_s(model.best)) * (1.0 + window), visit, max_nodes)
+    first = choose_split(costs, k, boundary_cost, tolerance, max_nodes)
+    rest = [b for _, _, b in sorted(found, key=lambda f: (f[0], f[1], tuple(f[2]))) if b != first]
+    return [first, *rest[: limit - 1]]
+
+
+def plan_from_costs(costs: LayerCosts, k: int, tolerance: float = TOLERANCE, method: str = "profile") -> PartitionPlan:
+    """The split `choose_split` takes on measured layer costs, with its stage times predicted as sums: a pure
+    function of the costs, so equal measurements always give the same plan."""
+    bounds = choose_split(costs.layer_s, k, costs.boundary_s(), tolerance)
+    return PartitionPlan(bounds, method, _sum_stages(costs, bounds), ["stage body = sum of its layers' times"])
+
+
+def _sum_stages(costs: LayerCosts, bounds: Sequence[int]) -> list[StageTime]:
+    return [StageTime(sum(costs.layer_s[bounds[s]:bounds[s + 1]]), costs.aux_s[bounds[s + 1]],
+                      costs.send_s[bounds[s + 1]]) for s in range(len(bounds) - 1)]
+
+
+def _body_jobs(layers: Sequence[nn.Module], spans: Sequence[tuple[int, int]], acts: Sequence[torch.Tensor]
+               ) -> list[Callable[[], None]]:
+    """Forward+backward of each span of layers as one stage body, its input detached as in training (timed whole:
+    per-layer sums miss cache and fusion effects between layers)."""
+    return [_fwd_bwd(nn.Sequential(*layers[i:j]), acts[i], False) for i, j in spans]
+
+
+def time_stages(
+    layers: Sequence[nn.Module],
+    bounds: Sequence[int],
+    example: torch.Tensor,
+    aux_factory: AuxFactory | None = None,
+    timing: Timing = Timing(),
+) -> list[StageTime]:
+    """Predicted seconds of each stage of a given split: its body timed whole, its aux head and its send (one copy
+    of its output, see profile_costs), all in the same interleaved rounds."""
+    n = len(layers)
+    spans = [(bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1)]
+    with _no_side_effects(layers):
+        acts = activations(layers, example)
+        jobs = _body_jobs(layers, spans, acts)
+        cuts = [j for _, j in spans if j < n]
+        if aux_factory is not None:
+            jobs += [_fwd_bwd(aux_factory(acts[j]), acts[j], False) for j in cuts]
+        jobs += [_copy(acts[j]) for j in cuts]
+        seconds = measure_interleaved(jobs, timing)
+    k, c = len(spans), len(cuts)
+    aux = seconds[k:k + c] if aux_factory is not None else [0.0] * c
+    send = seconds[-c:] if c else []
+    return [StageTime(seconds[s], aux[s] if s < c else 0.0, send[s] if s < c else 0.0) for s in range(k)]
+
+
+def _time_splits(layers: Sequence[nn.Module], splits: Sequence[Sequence[int]], acts: Sequence[torch.Tensor],
+                 costs: LayerCosts, timing: Timing) -> list[list[StageTime]]:
+    """Stage times of each split: every distinct stage body timed whole in one interleaved set, aux and send from
+    `costs`."""
+    spans = sorted({(c[s], c[s + 1]) for c in splits for s in range(len(c) - 1)})
+    body = dict(zip(spans, measure_interleaved(_body_jobs(layers, spans, acts), timing), strict=True))
+    return [[StageTime(body[c[s], c[s + 1]], costs.aux_s[c[s + 1]], costs.send_s[c[s + 1]])
+             for s in range(len(c) - 1)] for c in splits]
+
+
+def refine_plan(
+    layers: Sequence[nn.Module],
+    candidates: Sequence[Sequence[int]],
+    example: torch.Tensor,
+    costs: LayerCosts,
+    timing: Timing = Timing(),
+    tolerance: float = TOLERANCE,
+    acts: Sequence[torch.Tensor] | None = None,
+) -> PartitionPlan:
+    """The `preferred` split among `candidates` by whole-stage timings: every distinct stage body of every candidate
+    timed in one interleaved set (per-layer sums miss cache and fusion effects between layers), aux and send costs
+    from `costs`. One set and one rule for all candidates: no path through the splits for noise to bend."""
+    with _no_side_effects(layers):
+        acts = list(acts) if acts is not None else activations(layers, example)
+        times = _time_splits(layers, candidates, acts, costs, timing)
+    pick = preferred([(c, [st.total_s for st in t]) for c, t in zip(candidates, times, strict=True)], tolerance)
+    log.debug("profile: candidates %s, stage seconds %s: took %s", [list(c) for c in candidates],
+              [[round(st.total_s, 6) for st in t] for t in times], list(candidates[pick]))
+    return PartitionPlan(list(candidates[pick]), "profile", times[pick],
+                         ["stage body timed whole; aux head and send from the layer profile"])
+
+
+def profile_plan(
+    layers: Sequence[nn.Module],
+    k: int,
+    example: torch.Tensor,
+    aux_factory: AuxFactory | None = None,
+    timing: Timing = Timing(),
+    tolerance: float = TOLERANCE,
+    window: float = 0.15,
+) -> PartitionPlan:
+    """local.partition=profile: time layers, aux heads and sends; take `choose_split`'s split of their sums and
+    the other splits within `window` of it (`near_splits`), time those whole and keep the `preferred` one."""
+    check_stages(len(layers), k)
+    with _no_side_effects(layers):
+        acts = activations(layers, example)
+        costs = profile_costs(layers, example, aux_factory, timing, acts)
+        if k == 1:
+            return plan_from_costs(costs, k, tolerance)
+        cands = near_splits(costs.layer_s, k, costs.boundary_s(), window, tolerance=tolerance)
+        return refine_plan(layers, cands, example, costs, timing, tolerance, acts)
 
 
 def parse_explicit(spec: str, num_layers: int, k: int) -> list[int]:
@@ -184,24 +541,45 @@ def parse_explicit(spec: str, num_layers: int, k: int) -> list[int]:
     return bounds
 
 
+def partition_plan(
+    layers: Sequence[nn.Module],
+    k: int,
+    method: str,
+    *,
+    example: torch.Tensor | None = None,
+    aux_factory: AuxFactory | None = None,
+    timed: bool = False,
+    timing: Timing = Timing(),
+    tolerance: float = TOLERANCE,
+) -> PartitionPlan:
+    """The split of K blocks by `method` (uniform | parameters | profile | explicit start layers '0,5,9') as a plan;
+    profile always has predicted stage times, the other methods only with timed=True (then they are measured)."""
+    n = len(layers)
+    check_stages(n, k)
+    if method == "profile" or timed:
+        if example is None:
+            raise ConfigError(f"local.partition={method} needs an example input batch to time the layers")
+    if method == "profile":
+        return profile_plan(layers, k, example, aux_factory, timing, tolerance)
+    if method == "uniform":
+        bounds = uniform_boundaries(n, k)
+    elif method == "parameters":
+        bounds = balanced_boundaries(parameter_counts(layers), k)
+    else:
+        bounds = parse_explicit(method, n, k)
+    if not timed:
+        return PartitionPlan(bounds, method)
+    return PartitionPlan(bounds, method, time_stages(layers, bounds, example, aux_factory, timing),
+                         ["stage body timed whole, with its aux head and send"])
+
+
 def partition(
     layers: Sequence[nn.Module],
     k: int,
     method: str,
     *,
     example: torch.Tensor | None = None,
-    aux_factory: Callable[[torch.Tensor], nn.Module] | None = None,
+    aux_factory: AuxFactory | None = None,
 ) -> list[int]:
     """Boundaries of K blocks by `method`: uniform | parameters | profile | explicit start layers '0,5,9'."""
-    n = len(layers)
-    check_stages(n, k)
-    if method == "uniform":
-        return uniform_boundaries(n, k)
-    if method == "parameters":
-        return balanced_boundaries(parameter_counts(layers), k)
-    if method == "profile":
-        if example is None:
-            raise ConfigError("local.partition=profile needs an example input batch to time the layers")
-        layer_t, aux_t = profile_costs(layers, example, aux_factory)
-        return refine_boundaries(layers, balanced_boundaries(layer_t, k, aux_t), example, aux_factory)
-    return parse_explicit(method, n, k)
+    return partition_plan(layers, k, method, example=example, aux_factory=aux_factory).boundaries
