@@ -398,13 +398,48 @@ def markdown(doc: dict) -> str:
                                                                   strict=True))
             lines.append(f"| {name} | {r['perplexity']:.3f} | {r['token_accuracy']:.4f} | {aux or '–'} | "
                          f"{_fmt(r['tokens_per_s'], '.0f')} | {r['wall_s']:.0f} |")
+    if not meta["quick"]:
+        lines += companion_sections(Path(doc.get("out", HERE / "results")))
     lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in doc["pictures"]] + [""]
     return "\n".join(lines)
+
+
+def companion_sections(out: Path) -> list[str]:
+    """RESULTS.md's summaries of the other benchmarks' committed results in `out`: memory per stage
+    (memory_bench.py) and time to accuracy (tta_bench.py), each with its command, date and chart."""
+    lines: list[str] = []
+    if (out / "memory.json").is_file():
+        import memory_bench
+
+        mem = json.loads((out / "memory.json").read_text())
+        m = mem["meta"]
+        lines += ["", "## Memory per stage", "",
+                  f"`{m['command']}` ({m['date']}, {m['minutes']:.0f} min; every stage, field and method in "
+                  f"[memory.md](memory.md)). Each cell: the largest stage's total MiB (saved-for-backward peak + "
+                  f"parameters + gradients + optimizer state + communication buffers), its largest saved peak in "
+                  f"brackets; bp = the whole model in one process; M = {m['microbatches']} micro-batches, batch "
+                  f"{m['batch_images']} images / {m['batch_lm']} x 128 tokens; processes+ckpt = PPLL processes with "
+                  f"local.checkpoint_activations.", "",
+                  *memory_bench.summary(mem), "", "![largest stage per method](memory.png)"]
+    if (out / "tta.json").is_file():
+        import tta_bench
+
+        tta = json.loads((out / "tta.json").read_text())
+        s, m = tta["meta"]["settings"], tta["meta"]
+        lines += ["", "## Time to accuracy", "",
+                  f"`{m['command']}` ({m['date']}; settings, per-epoch accuracy and conditions in [tta.md](tta.md)): "
+                  f"{s['model']}, K = 2, full CIFAR-10, {s['epochs']} epochs, the same hyper-parameters, schedule, "
+                  f"augmentation and data order for every method; training seconds (evaluation excluded) until the "
+                  f"test accuracy first reaches 60 % and 70 %.", "",
+                  *tta_bench.table(tta["methods"]), "", *tta_bench.target_lines(tta["target"]), "",
+                  "![test accuracy vs training seconds](tta.png)"]
+    return lines
 
 
 def render(out: Path, suffix: str) -> int:
     """Rewrite RESULTS{suffix}.md from bench{suffix}.json, targets re-evaluated, without measuring anything."""
     doc = json.loads((out / f"bench{suffix}.json").read_text())
+    doc["out"] = str(out)
     doc["targets"] = evaluate_targets(doc["throughput"], doc["accuracy"], doc.get("lm_quality"))
     (out / f"RESULTS{suffix}.md").write_text(markdown(doc))
     print(f"rewrote {out / f'RESULTS{suffix}.md'} from {out / f'bench{suffix}.json'}")
@@ -514,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_traces(paths, out / doc["pictures"][-1])
     doc["meta"]["wall_s"] = time.perf_counter() - began
     bench_json.write_text(json.dumps(doc, indent=2) + "\n")
-    text = markdown(doc)
+    text = markdown({**doc, "out": str(out)})
     (out / f"RESULTS{suffix}.md").write_text(text)
     print(text)
     print(f"wrote {bench_json}, {out / f'RESULTS{suffix}.md'} and {', '.join(doc['pictures'])} "

@@ -139,6 +139,23 @@ def target_lines(targets: list[dict]) -> list[str]:
     return lines
 
 
+SUMMARY = ("bp", "gpipe", "1f1b", "ds-1f1b", "processes", "ppll-torch", "ds-ppll", "processes+ckpt")
+"""The methods of the summary table (RESULTS.md), baselines first."""
+
+
+def summary(results: dict) -> list[str]:
+    """Markdown lines for RESULTS.md: per model and K, each method's largest stage as total MiB (saved peak), then
+    the target checks."""
+    lines = ["| model | K | " + " | ".join(SUMMARY) + " |", "|---|---:|" + "---:|" * len(SUMMARY)]
+    for model, by_k in results["runs"].items():
+        for k, by_method in by_k.items():
+            stages = {"bp": results["bp"].get(model, []), **by_method}
+            cells = [f"{mib(largest(stages[m])['total'])} ({mib(max(s['saved_peak'] for s in stages[m]))})"
+                     if stages.get(m) else "–" for m in SUMMARY]
+            lines.append(f"| {model} | {k} | " + " | ".join(cells) + " |")
+    return lines + ["", *target_lines(results["targets"])]
+
+
 def chart(results: dict, path: Path) -> None:
     """Stacked bars per method: the largest stage's total split by field; one row per model, one column per K."""
     import matplotlib

@@ -7,6 +7,7 @@ SchedulePPLL steps each stage on its own and streams.
 
     python benchmarks/pipelining_bench.py             # ResNet-32 and ViT, 3 repeats
     python benchmarks/pipelining_bench.py --quick
+    python benchmarks/pipelining_bench.py --device cuda     # one GPU per process, NCCL (benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +45,17 @@ class Contiguous(nn.Module):
 
 
 def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: int, partition: str,
-           trace_path: str | None = None, memory: bool = False) -> dict | None:
+           trace_path: str | None = None, memory: bool = False, device_kind: str = "cpu") -> dict | None:
     """This rank's stage of `model` trained with `method`; rank 0 returns the timing (and writes the trace), and
-    with `memory` every stage's StageMemory (memprobe)."""
-    dist.init_process_group("gloo")
+    with `memory` every stage's StageMemory (memprobe). On `device_kind` "cuda" each rank drives
+    cuda:LOCAL_RANK over NCCL and also reports its peak CUDA bytes."""
+    if device_kind == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     if trace_path:
         trace.start()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -55,8 +64,8 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
     shape = model_shape(model)
     layered = build_layered(cfg, **shape)
     bounds = [int(b) for b in partition.split(",")] + [len(layered.layers)]
-    stage_mod = nn.Sequential(layered.sequential(bounds[rank], bounds[rank + 1]), Contiguous())
-    stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=torch.device("cpu"))
+    stage_mod = nn.Sequential(layered.sequential(bounds[rank], bounds[rank + 1]), Contiguous()).to(device)
+    stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=device)
     loss_fn = make_loss(cfg.task)
     if method == "ppll":
         aux = None
@@ -64,7 +73,7 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
             with torch.no_grad():
                 example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
                 h = layered.sequential(0, bounds[rank + 1]).eval()(example)
-            aux = build_aux_head(cfg.local.aux, h, shape["num_classes"], hidden=cfg.local.aux_hidden)
+            aux = build_aux_head(cfg.local.aux, h, shape["num_classes"], hidden=cfg.local.aux_hidden).to(device)
         params = list(stage_mod.parameters()) + (list(aux.parameters()) if aux is not None else [])
         optimizer = make_optimizer(cfg.optim, params)
         schedule = SchedulePPLL(stage, n_microbatches=micro, loss_fn=loss_fn, aux_head=aux, optimizer=optimizer)
@@ -79,6 +88,9 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
 
     def busy_s() -> float:
         return schedule._worker.stats.busy_s if method == "ppll" else probe.busy_s
+
+    def on_device(data: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x.to(device), y.to(device)) for x, y in data]
 
     def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         dist.barrier()
@@ -97,25 +109,32 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
                 probe.record("step", started)
         if method == "ppll":
             schedule.flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dist.barrier()
         return time.perf_counter() - start
 
     with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
-        run(synthetic_batches(warmup, batch, seed=2, model=model))
+        run(on_device(synthetic_batches(warmup, batch, seed=2, model=model)))
         if mem is not None:
             mem.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         busy_before = busy_s()
-        seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
-    per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb(), mem.result() if mem else None))
+        seconds = run(on_device(synthetic_batches(steps, batch, seed=3, model=model)))
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb(), mem.result() if mem else None, cuda_peak))
     if trace_path:
         trace.finish(trace_path, dist.group.WORLD, f"{model}: torch {method}, K={world}, M={micro}")
     dist.destroy_process_group()
     if rank != 0:
         return None
     out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
-           "busy_fraction": [b for b, _, _ in per_rank], "peak_rss_mb": [m for _, m, _ in per_rank]}
+           "busy_fraction": [b for b, _, _, _ in per_rank], "peak_rss_mb": [m for _, m, _, _ in per_rank]}
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = [c for _, _, _, c in per_rank]
     if memory:
-        out["memory"] = rows(m for _, _, m in per_rank)
+        out["memory"] = rows(m for _, _, m, _ in per_rank)
     return out
 
 
@@ -150,6 +169,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the record)")
     p.add_argument("--out", default="pipelining", help="file stem of the results under benchmarks/results/")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU per process over NCCL (needs 2 GPUs); the split is still profiled on the CPU")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(ALL_MODELS), help=argparse.SUPPRESS)
     p.add_argument("--partition", help=argparse.SUPPRESS)
@@ -158,12 +179,15 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         result = worker(a.model, a.worker, a.batch_size, a.microbatches, a.warmup, a.steps, a.partition, a.trace,
-                        a.memory)
+                        a.memory, a.device)
         if result is not None:
             print(json.dumps(result), flush=True)
         return
     if a.quick:
         a.steps, a.warmup = 6, 2
+    if a.device == "cuda" and torch.cuda.device_count() < 2:
+        p.error(f"--device cuda needs 2 CUDA GPUs (one per stage; NCCL refuses two ranks on one GPU), this machine "
+                f"has {torch.cuda.device_count()}; run without --device for the CPU comparison")
     script = str(Path(__file__).resolve())
     runs: dict[str, dict[str, list[dict]]] = {m: {k: [] for k in METHODS} for m in a.models}
     for model in a.models:
@@ -173,14 +197,15 @@ def main() -> None:
             for method in METHODS:
                 args = ["--worker", method, "--model", model, "--batch-size", str(a.batch_size), "--microbatches",
                         str(a.microbatches), "--warmup", str(a.warmup), "--steps", str(a.steps), "--partition",
-                        partition]
+                        partition, "--device", a.device]
                 r = run_json(torchrun_cmd(2, script, *args), what=f"{model}/{method}")[0]
                 runs[model][method].append(r)
                 print(f"{model:9s} rep {rep + 1}/{a.repeats} {method:6s} {r['samples_per_s']:8.1f} samples/s",
                       flush=True)
-    meta = {**machine(), "batch_size": a.batch_size, "microbatches": a.microbatches, "steps": a.steps,
-            "warmup": a.warmup, "repeats": a.repeats}
-    note = (f"2 processes (torchrun, gloo) x 1 torch thread, the same 2 stages for every schedule; batch "
+    meta = {**machine(), "device": a.device, "batch_size": a.batch_size, "microbatches": a.microbatches,
+            "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats}
+    transport = "NCCL) x 1 GPU each" if a.device == "cuda" else "gloo) x 1 torch thread"
+    note = (f"2 processes (torchrun, {transport}, the same 2 stages for every schedule; batch "
             f"{a.batch_size}, {a.microbatches} micro-batches, {a.steps} timed steps after {a.warmup} warm-up, "
             f"{a.repeats} interleaved repeats, median. Data: synthetic CIFAR-10-shaped batches.")
     baselines = ["gpipe", "1f1b"]

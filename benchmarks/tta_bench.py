@@ -528,10 +528,9 @@ def _ratio(results: dict[str, dict], method: str, base: str) -> str:
     return " / ".join(cells)
 
 
-def report(results: dict[str, dict], s: Settings, out: str, meta: dict) -> str:
-    """Write <out>.json, <out>.md and <out>.png from every method's results; returns the markdown."""
-    checks = target_check(results)
-    epochs = max((len(r["evals"]) for r in results.values()), default=0)
+def table(results: dict[str, dict]) -> list[str]:
+    """Markdown lines: per method, the training seconds to 60 % and 70 %, PPLL's ratios to 1F1B and BP, the final
+    accuracy and the pace (also RESULTS.md's time-to-accuracy table)."""
     head = ["method", "status", "time to 60 % (s)", "time to 70 % (s)", "PPLL/1F1B (60 / 70 %)",
             "PPLL/BP (60 / 70 %)", "final acc", "samples/s", "train s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -541,14 +540,27 @@ def report(results: dict[str, dict], s: Settings, out: str, meta: dict) -> str:
                      f"{_ratio(results, m, '1f1b') if ppll else ''} | {_ratio(results, m, 'bp') if ppll else ''} | "
                      f"{r.get('final_accuracy', math.nan):.4f} | {r.get('samples_per_s', math.nan):.1f} | "
                      f"{r.get('train_s', math.nan):.0f} | {r.get('elapsed_s', math.nan):.0f} |")
+    return lines
+
+
+def target_lines(checks: list[dict]) -> list[str]:
+    """One line per PPLL method and baseline: met, missed or not determined, with the seconds behind it."""
+    return [f"- {c['method']} vs {c['baseline']}: "
+            f"{'met' if c['met'] else 'missed' if c['met'] is False else 'not determined'} ({c['note']})"
+            for c in checks] or ["- not evaluated (needs a PPLL method and its baselines)"]
+
+
+def report(results: dict[str, dict], s: Settings, out: str, meta: dict) -> str:
+    """Write <out>.json, <out>.md and <out>.png from every method's results; returns the markdown."""
+    checks = target_check(results)
+    epochs = max((len(r["evals"]) for r in results.values()), default=0)
+    lines = table(results)
     per_epoch = ["| method | " + " | ".join(f"ep {e + 1}" for e in range(epochs)) + " |",
                  "|---|" + "---:|" * epochs]
     for m, r in results.items():
         cells = [f"{ev['accuracy']:.4f} ({ev['train_s']:.0f} s)" for ev in r["evals"]]
         per_epoch.append(f"| {METHODS[m]} | " + " | ".join(cells + [""] * (epochs - len(cells))) + " |")
-    target = [f"- {c['method']} vs {c['baseline']}: "
-              f"{'met' if c['met'] else 'missed' if c['met'] is False else 'not determined'} ({c['note']})"
-              for c in checks] or ["- not evaluated (needs a PPLL method and its baselines)"]
+    target = target_lines(checks)
     total = sum(r.get("elapsed_s", 0.0) for r in results.values())
     est = meta.get("estimate_s")
     md = [f"# Time to accuracy: {s.model}, K = 2, CIFAR-10 ({meta['date']})", "",
