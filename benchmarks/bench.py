@@ -61,7 +61,7 @@ K4_METHODS = {
     "sequential-k4": "sequential local learning with K = 4 blocks, 1 process x 1 thread (--k4)",
     "ppll-processes-k4": "PPLL processes with K = 4: 4 processes, oversubscribed on fewer than 4 cores (--k4)",
 }
-TRACED = ("ppll-processes", "gpipe", "1f1b")
+TRACED = ("ppll-processes", "ppll-torch", "gpipe", "1f1b")
 QUICK_NOTE = ("A quick run (1 repeat of a few steps) checks that every method runs and every file is written; its "
               "numbers are not measurements. The committed RESULTS.md comes from a full run (`ppll bench`).")
 THRESHOLDS = {"resnet32": 1.1, "vit": 1.3, "gpt2": 1.2}

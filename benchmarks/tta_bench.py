@@ -291,7 +291,7 @@ def worker(run_dir: Path, overrides: list[str], microbatches: int) -> None:
             dist.barrier()
             seconds = time.perf_counter() - began
             gathered: list[StageStats | None] = [None, None]
-            dist.all_gather_object(gathered, stats)
+            dist.all_gather_object(gathered, stats.settle())
             counts = evaluate_pipeline(stage_mod, rank, job.test_loader, loss_fn)
             tallies: list[EvalCounts | None] = [None, None]
             dist.all_gather_object(tallies, counts)
