@@ -66,8 +66,11 @@ QUICK_NOTE = ("A quick run (1 repeat of a few steps) checks that every method ru
               "numbers are not measurements. The committed RESULTS.md comes from a full run (`ppll bench`).")
 THRESHOLDS = {"resnet32": 1.1, "vit": 1.3, "gpt2": 1.2}
 """Target speed-up of PPLL over 1F1B (torch and DeepSpeed) per model."""
-CEILING_TARGETS = {"gpt2": 0.95}
-"""Target share of the two-independent-copies ceiling for PPLL processes, per model."""
+CEILING_SHARE = 0.95
+"""Target share of the two-independent-copies ceiling for every PPLL variant (processes, SchedulePPLL, DeepSpeed)."""
+ADAPTER_SHARE = 0.95
+"""Target: each adapter (SchedulePPLL, DeepSpeed PPLL) within 5 % of the native processes runtime."""
+PPLL_VARIANTS = {"ppll-processes": "PPLL processes", "ppll-torch": "SchedulePPLL", "ds-ppll": "DeepSpeed PPLL"}
 LM_CONFIG = "configs/gpt2_tiny_text.yaml"
 LM_PERPLEXITY_GAP = 0.05
 """Target: PPLL's validation perplexity (better head) within this fraction of BP's at the same token budget."""
@@ -150,6 +153,9 @@ def explain(rows: list[dict], targets: list[dict]) -> list[str]:
             note += (f"; two independent sequential copies reach {ceiling['x_sequential']:.2f}x here (the most two "
                      f"processes can do on this machine), so {method} is at "
                      f"{t['value'] / ceiling['x_sequential']:.0%} of that ceiling")
+        elif base in ("2x-sequential", "ppll-processes"):
+            spread = [by[(model, m)]["runs"] for m in (method, base) if (model, m) in by]
+            note += "; runs (samples/s) " + " vs ".join(", ".join(f"{v:.0f}" for v in rs) for rs in spread)
         elif ceiling and by.get((model, base)):
             most = ceiling["median_samples_per_s"] / by[(model, base)]["median_samples_per_s"]
             note += (f"; two independent sequential copies (the most two processes can do here) reach {most:.2f}x "
@@ -174,13 +180,16 @@ def evaluate_targets(rows: list[dict], accuracy: dict | None, lm: dict | None = 
                 else None
             out.append({"model": model, "target": f"{name} >= {threshold}", "method": method, "baseline": base,
                         "value": value, "met": None if value is None else value >= threshold})
-        if model in CEILING_TARGETS:
-            pairs = {(model, "ppll-processes"), (model, "2x-sequential")}
-            value = med[(model, "ppll-processes")] / med[(model, "2x-sequential")] if pairs <= med.keys() else None
-            bar = CEILING_TARGETS[model]
-            out.append({"model": model, "target": f"PPLL processes / 2 independent copies (ceiling) >= {bar}",
-                        "method": "ppll-processes", "baseline": "2x-sequential", "value": value,
-                        "met": None if value is None else value >= bar})
+        for method, name in PPLL_VARIANTS.items():
+            checks = [(f"{name} / 2 independent copies (ceiling) >= {CEILING_SHARE}", "2x-sequential", CEILING_SHARE)]
+            if method != "ppll-processes":
+                checks.append((f"{name} / PPLL processes (native runtime) >= {ADAPTER_SHARE}", "ppll-processes",
+                               ADAPTER_SHARE))
+            for target, base, threshold in checks:
+                value = med[(model, method)] / med[(model, base)] if {(model, method), (model, base)} <= med.keys() \
+                    else None
+                out.append({"model": model, "target": target, "method": method, "baseline": base, "value": value,
+                            "met": None if value is None else value >= threshold})
     if lm and "bp" in lm.get("runs", {}):
         ppll = {n: r["perplexity"] for n, r in lm["runs"].items() if n.startswith("ppll")}
         if ppll:
@@ -335,6 +344,28 @@ def predicted_stages(plans: dict[str, dict], rows: list[dict]) -> list[str]:
     return lines
 
 
+def throughput_table(rows: list[dict]) -> list[str]:
+    """The throughput table: median and every run's samples/s, ratios to the baselines, busy, RSS."""
+    lines = ["| model | method | samples/s (median) | runs | x sequential | x 1f1b | x ds-1f1b | stage busy | "
+             "peak RSS MiB / process |", "|---|---|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        busy = ", ".join(f"{b:.0%}" for b in r["busy_fraction"])
+        rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb"])
+        lines.append(f"| {r['model']} | {r['method']} | {r['median_samples_per_s']:.1f} | "
+                     f"{', '.join(f'{v:.0f}' for v in r['runs'])} | {_fmt(r['x_sequential'])} | {_fmt(r['x_1f1b'])} | "
+                     f"{_fmt(r['x_ds-1f1b'])} | {busy} | {rss} |")
+    return lines
+
+
+def target_table(targets: list[dict]) -> list[str]:
+    """The targets table: measured value and met / missed / not measured."""
+    lines = ["| model | target | measured | met |", "|---|---|---:|---|"]
+    for t in targets:
+        met = "not measured" if t["met"] is None else ("met" if t["met"] else "**missed**")
+        lines.append(f"| {t['model']} | {t['target']} | {_fmt(t['value'])} | {met} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     """RESULTS.md: conditions, throughput table, targets (met / missed), accuracy, pictures."""
     meta = doc["meta"]
@@ -352,22 +383,12 @@ def markdown(doc: dict) -> str:
              + ", ".join(f"{m} {p}" for m, p in meta["partitions"].items()) + ".", ""]
     if meta.get("skipped"):
         lines += [f"Skipped: {meta['skipped']}", ""]
-    lines += ["| model | method | samples/s (median) | runs | x sequential | x 1f1b | x ds-1f1b | stage busy | "
-              "peak RSS MiB / process |", "|---|---|---:|---|---:|---:|---:|---|---|"]
-    for r in doc["throughput"]:
-        busy = ", ".join(f"{b:.0%}" for b in r["busy_fraction"])
-        rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb"])
-        lines.append(f"| {r['model']} | {r['method']} | {r['median_samples_per_s']:.1f} | "
-                     f"{', '.join(f'{v:.0f}' for v in r['runs'])} | {_fmt(r['x_sequential'])} | {_fmt(r['x_1f1b'])} | "
-                     f"{_fmt(r['x_ds-1f1b'])} | {busy} | {rss} |")
+    lines += throughput_table(doc["throughput"])
     lines += predicted_stages(meta.get("plans", {}), doc["throughput"])
     ran = {r["method"] for r in doc["throughput"]}
     legend = {k: v for k, v in {**METHODS, **K4_METHODS}.items() if k in ran}
     lines += ["", "Methods: " + "; ".join(f"**{k}** {v}" for k, v in legend.items()) + ".", "",
-              "## Targets", "", "| model | target | measured | met |", "|---|---|---:|---|"]
-    for t in doc["targets"]:
-        met = "not measured" if t["met"] is None else ("met" if t["met"] else "**missed**")
-        lines.append(f"| {t['model']} | {t['target']} | {_fmt(t['value'])} | {met} |")
+              "## Targets", "", *target_table(doc["targets"])]
     notes = explain(doc["throughput"], doc["targets"])
     if notes:
         lines += ["", "Missed targets, the numbers behind them:", ""] + [f"- {n}" for n in notes]
@@ -406,7 +427,8 @@ def markdown(doc: dict) -> str:
 
 def companion_sections(out: Path) -> list[str]:
     """RESULTS.md's summaries of the other benchmarks' committed results in `out`: memory per stage
-    (memory_bench.py) and time to accuracy (tta_bench.py), each with its command, date and chart."""
+    (memory_bench.py), time to accuracy (tta_bench.py) and the adapters-vs-native run (`ppll bench --out
+    out/adapters`), each with its command and date."""
     lines: list[str] = []
     if (out / "memory.json").is_file():
         import memory_bench
@@ -433,6 +455,17 @@ def companion_sections(out: Path) -> list[str]:
                   f"test accuracy first reaches 60 % and 70 %.", "",
                   *tta_bench.table(tta["methods"]), "", *tta_bench.target_lines(tta["target"]), "",
                   "![test accuracy vs training seconds](tta.png)"]
+    adapters = out / "adapters" / "bench.json"
+    if adapters.is_file():
+        doc = json.loads(adapters.read_text())
+        m, rows = doc["meta"], doc["throughput"]
+        shown = [t for t in evaluate_targets(rows, None) if t["baseline"] in ("2x-sequential", "ppll-processes")]
+        lines += ["", "## Adapters against the native runtime", "",
+                  f"`{m['command']}` ({m['date']}, {m['wall_s'] / 60:.1f} min; full report "
+                  f"[adapters/RESULTS.md](adapters/RESULTS.md), analysis [adapters/ANALYSIS.md](adapters/ANALYSIS.md))"
+                  f": the same split, batch and micro-batches for the native processes runtime, SchedulePPLL, "
+                  f"DeepSpeed PPLL and the two-copy ceiling, interleaved.", "",
+                  *throughput_table(rows), *predicted_stages(m.get("plans", {}), rows), "", *target_table(shown)]
     return lines
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,20 @@ class SchedulePPLL(PipelineScheduleSingle):
         ranks = [dist.get_global_rank(group, i) for i in range(stage.num_stages)]
         device = torch.device(stage.device)
         self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
-        self._inbox = receiver.messages() if receiver is not None else None
         self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device, per_step=False)
+        self._inbox = self._waited(receiver.messages()) if receiver is not None else None
         self._group, self._ranks = group, ranks
+
+    def _waited(self, messages: Iterator[Msg]) -> Iterator[Msg]:
+        """`messages` with the time spent waiting for each counted and traced as "wait-in", as the runtimes' stage
+        loop does (traces and busy fractions of SchedulePPLL then read like the native runtime's)."""
+        worker = self._worker
+        while True:
+            start = time.perf_counter()
+            msg = next(messages)
+            worker.stats.wait_in_s += time.perf_counter() - start
+            worker.tracer.complete("wait-in", self.block.index, start)
+            yield msg
 
     @property
     def aux_head(self) -> nn.Module | None:
