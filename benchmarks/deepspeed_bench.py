@@ -35,6 +35,7 @@ from torch import nn
 from ppll_ext.build import build_layered
 from ppll_ext.core import make_loss
 from ppll_ext.core.partition import parse_explicit
+from ppll_ext.runtime import shutdown
 
 METHODS = ("ds-1f1b", "ds-ppll")
 REPO = Path(__file__).resolve().parents[1]
@@ -79,57 +80,59 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
-    release_shm_buffer()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = bench_config(model, "processes", world, batch, partition)
-    layered = build_layered(cfg, **model_shape(model))
-    bounds = parse_explicit(partition, len(layered.layers), world)
-    layers = [nn.Sequential(layer, Contiguous()) if i + 1 in bounds[1:-1] else layer
-              for i, layer in enumerate(layered.layers)]
-    conf = json.loads(CONFIGS[method].read_text())
-    conf.update(train_micro_batch_size_per_gpu=batch // micro, gradient_accumulation_steps=micro, steps_per_print=10**9)
-    loss_fn = make_loss(cfg.task)
-    if method == "ds-ppll":
-        example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
-        net = LocalPipelineModule(layers, num_stages=world, loss_fn=loss_fn, aux_heads=cfg.local.aux,
-                                  example_input=example, aux_hidden=cfg.local.aux_hidden, partition_method=partition)
-        engine, *_ = initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
-    else:
-        net = CutPipelineModule(layers, num_stages=world, loss_fn=loss_fn, partition_method=partition)
-        engine, *_ = deepspeed.initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
-    feeds = rank == 0 or (method == "ds-1f1b" and rank == world - 1)  # stock: the last stage reads the labels
-
-    def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for x, y in data:
-            micro_batches = list(zip(x.chunk(micro), y.chunk(micro), strict=True))
-            engine.train_batch(iter(micro_batches) if feeds else None)
+    with shutdown.closing_group():  # links closed, barrier, group destroyed, also on errors
+        release_shm_buffer()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        cfg = bench_config(model, "processes", world, batch, partition)
+        layered = build_layered(cfg, **model_shape(model))
+        bounds = parse_explicit(partition, len(layered.layers), world)
+        layers = [nn.Sequential(layer, Contiguous()) if i + 1 in bounds[1:-1] else layer
+                  for i, layer in enumerate(layered.layers)]
+        conf = json.loads(CONFIGS[method].read_text())
+        conf.update(train_micro_batch_size_per_gpu=batch // micro, gradient_accumulation_steps=micro,
+                    steps_per_print=10**9)
+        loss_fn = make_loss(cfg.task)
         if method == "ds-ppll":
-            engine.flush()
-        dist.barrier()
-        return time.perf_counter() - start
+            example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
+            net = LocalPipelineModule(layers, num_stages=world, loss_fn=loss_fn, aux_heads=cfg.local.aux,
+                                      example_input=example, aux_hidden=cfg.local.aux_hidden,
+                                      partition_method=partition)
+            engine, *_ = initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
+        else:
+            net = CutPipelineModule(layers, num_stages=world, loss_fn=loss_fn, partition_method=partition)
+            engine, *_ = deepspeed.initialize(model=net, config=conf, model_parameters=[p for p in net.parameters()])
+        feeds = rank == 0 or (method == "ds-1f1b" and rank == world - 1)  # stock: the last stage reads the labels
 
-    mem = _memory_probe(engine) if memory else None
-    with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
-        run(synthetic_batches(warmup, batch, seed=2, model=model))
-        if mem is not None:
-            mem.reset()
-        waits = (getattr(engine, "wait_in_s", 0.0), getattr(engine, "wait_out_s", 0.0))
-        seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
-    waited = getattr(engine, "wait_in_s", 0.0) + getattr(engine, "wait_out_s", 0.0) - sum(waits)
-    busy = 1.0 - waited / seconds if method == "ds-ppll" else None
-    per_rank = gather((busy, peak_rss_mb(), mem.result() if mem else None))
-    dist.destroy_process_group()
-    if rank != 0:
-        return None
-    out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
-           "peak_rss_mb": [m for _, m, _ in per_rank]}
-    if method == "ds-ppll":
-        out["busy_fraction"] = [b for b, _, _ in per_rank]
-    if memory:
-        out["memory"] = rows(m for _, _, m in per_rank)
-    return out
+        def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+            dist.barrier()
+            start = time.perf_counter()
+            for x, y in data:
+                micro_batches = list(zip(x.chunk(micro), y.chunk(micro), strict=True))
+                engine.train_batch(iter(micro_batches) if feeds else None)
+            if method == "ds-ppll":
+                engine.flush()
+            dist.barrier()
+            return time.perf_counter() - start
+
+        mem = _memory_probe(engine) if memory else None
+        with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
+            run(synthetic_batches(warmup, batch, seed=2, model=model))
+            if mem is not None:
+                mem.reset()
+            waits = (getattr(engine, "wait_in_s", 0.0), getattr(engine, "wait_out_s", 0.0))
+            seconds = run(synthetic_batches(steps, batch, seed=3, model=model))
+        waited = getattr(engine, "wait_in_s", 0.0) + getattr(engine, "wait_out_s", 0.0) - sum(waits)
+        busy = 1.0 - waited / seconds if method == "ds-ppll" else None
+        per_rank = gather((busy, peak_rss_mb(), mem.result() if mem else None))
+        if rank != 0:
+            return None
+        out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
+               "peak_rss_mb": [m for _, m, _ in per_rank]}
+        if method == "ds-ppll":
+            out["busy_fraction"] = [b for b, _, _ in per_rank]
+        if memory:
+            out["memory"] = rows(m for _, _, m in per_rank)
+        return out
 
 
 def _memory_probe(engine: Any) -> StageProbe:

@@ -33,6 +33,7 @@ from ppll_ext import trace
 from ppll_ext.build import build_layered, make_optimizer
 from ppll_ext.core import build_aux_head, make_loss
 from ppll_ext.pipelining import SchedulePPLL
+from ppll_ext.runtime import shutdown
 
 METHODS = ("gpipe", "1f1b", "ppll")
 
@@ -56,86 +57,86 @@ def worker(model: str, method: str, batch: int, micro: int, warmup: int, steps: 
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    if trace_path:
-        trace.start()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    cfg = bench_config(model, "processes", world, batch, partition)
-    shape = model_shape(model)
-    layered = build_layered(cfg, **shape)
-    bounds = [int(b) for b in partition.split(",")] + [len(layered.layers)]
-    stage_mod = nn.Sequential(layered.sequential(bounds[rank], bounds[rank + 1]), Contiguous()).to(device)
-    stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=device)
-    loss_fn = make_loss(cfg.task)
-    if method == "ppll":
-        aux = None
-        if rank < world - 1:
-            with torch.no_grad():
-                example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
-                h = layered.sequential(0, bounds[rank + 1]).eval()(example)
-            aux = build_aux_head(cfg.local.aux, h, shape["num_classes"], hidden=cfg.local.aux_hidden).to(device)
-        params = list(stage_mod.parameters()) + (list(aux.parameters()) if aux is not None else [])
-        optimizer = make_optimizer(cfg.optim, params)
-        schedule = SchedulePPLL(stage, n_microbatches=micro, loss_fn=loss_fn, aux_head=aux, optimizer=optimizer)
-    else:
-        optimizer = make_optimizer(cfg.optim, stage_mod.parameters())
-        cls = ScheduleGPipe if method == "gpipe" else Schedule1F1B
-        schedule = cls(stage, n_microbatches=micro, loss_fn=loss_fn)
-        probe = TorchStageProbe(stage, rank)
-    mem = None
-    if memory:
-        mem = _memory_probe(method, stage, schedule, optimizer)
-
-    def busy_s() -> float:
-        return schedule._worker.stats.busy_s if method == "ppll" else probe.busy_s
-
-    def on_device(data: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(x.to(device), y.to(device)) for x, y in data]
-
-    def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for x, y in data:
-            if rank == 0:
-                schedule.step(x, target=y)
-            elif rank == world - 1:
-                schedule.step(target=y)
-            else:
-                schedule.step()
-            if method != "ppll":
-                started = time.perf_counter()
-                optimizer.step()
-                optimizer.zero_grad()
-                probe.record("step", started)
+    with shutdown.closing_group():  # links closed, barrier, group destroyed, also on errors
+        if trace_path:
+            trace.start()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.set_num_threads(1)
+        cfg = bench_config(model, "processes", world, batch, partition)
+        shape = model_shape(model)
+        layered = build_layered(cfg, **shape)
+        bounds = [int(b) for b in partition.split(",")] + [len(layered.layers)]
+        stage_mod = nn.Sequential(layered.sequential(bounds[rank], bounds[rank + 1]), Contiguous()).to(device)
+        stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=device)
+        loss_fn = make_loss(cfg.task)
         if method == "ppll":
-            schedule.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dist.barrier()
-        return time.perf_counter() - start
+            aux = None
+            if rank < world - 1:
+                with torch.no_grad():
+                    example = synthetic_batches(1, 2, seed=1, model=model)[0][0]
+                    h = layered.sequential(0, bounds[rank + 1]).eval()(example)
+                aux = build_aux_head(cfg.local.aux, h, shape["num_classes"], hidden=cfg.local.aux_hidden).to(device)
+            params = list(stage_mod.parameters()) + (list(aux.parameters()) if aux is not None else [])
+            optimizer = make_optimizer(cfg.optim, params)
+            schedule = SchedulePPLL(stage, n_microbatches=micro, loss_fn=loss_fn, aux_head=aux, optimizer=optimizer)
+        else:
+            optimizer = make_optimizer(cfg.optim, stage_mod.parameters())
+            cls = ScheduleGPipe if method == "gpipe" else Schedule1F1B
+            schedule = cls(stage, n_microbatches=micro, loss_fn=loss_fn)
+            probe = TorchStageProbe(stage, rank)
+        mem = None
+        if memory:
+            mem = _memory_probe(method, stage, schedule, optimizer)
 
-    with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
-        run(on_device(synthetic_batches(warmup, batch, seed=2, model=model)))
-        if mem is not None:
-            mem.reset()
+        def busy_s() -> float:
+            return schedule._worker.stats.busy_s if method == "ppll" else probe.busy_s
+
+        def on_device(data: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [(x.to(device), y.to(device)) for x, y in data]
+
+        def run(data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+            dist.barrier()
+            start = time.perf_counter()
+            for x, y in data:
+                if rank == 0:
+                    schedule.step(x, target=y)
+                elif rank == world - 1:
+                    schedule.step(target=y)
+                else:
+                    schedule.step()
+                if method != "ppll":
+                    started = time.perf_counter()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    probe.record("step", started)
+            if method == "ppll":
+                schedule.flush()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dist.barrier()
+            return time.perf_counter() - start
+
+        with mem.meter if mem is not None else contextlib.nullcontext():  # a process per stage: all its saves
+            run(on_device(synthetic_batches(warmup, batch, seed=2, model=model)))
+            if mem is not None:
+                mem.reset()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            busy_before = busy_s()
+            seconds = run(on_device(synthetic_batches(steps, batch, seed=3, model=model)))
+        cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb(), mem.result() if mem else None, cuda_peak))
+        if trace_path:
+            trace.finish(trace_path, dist.group.WORLD, f"{model}: torch {method}, K={world}, M={micro}")
+        if rank != 0:
+            return None
+        out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
+               "busy_fraction": [b for b, _, _, _ in per_rank], "peak_rss_mb": [m for _, m, _, _ in per_rank]}
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        busy_before = busy_s()
-        seconds = run(on_device(synthetic_batches(steps, batch, seed=3, model=model)))
-    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    per_rank = gather(((busy_s() - busy_before) / seconds, peak_rss_mb(), mem.result() if mem else None, cuda_peak))
-    if trace_path:
-        trace.finish(trace_path, dist.group.WORLD, f"{model}: torch {method}, K={world}, M={micro}")
-    dist.destroy_process_group()
-    if rank != 0:
-        return None
-    out = {"samples_per_s": steps * batch / seconds, "seconds": seconds, "boundaries": bounds,
-           "busy_fraction": [b for b, _, _, _ in per_rank], "peak_rss_mb": [m for _, m, _, _ in per_rank]}
-    if device.type == "cuda":
-        out["cuda_peak_mib"] = [c for _, _, _, c in per_rank]
-    if memory:
-        out["memory"] = rows(m for _, _, m, _ in per_rank)
-    return out
+            out["cuda_peak_mib"] = [c for _, _, _, c in per_rank]
+        if memory:
+            out["memory"] = rows(m for _, _, m, _ in per_rank)
+        return out
 
 
 def _memory_probe(method: str, stage: PipelineStage, schedule: Any, optimizer: torch.optim.Optimizer

@@ -28,7 +28,7 @@ from ppll_ext import trace
 from ppll_ext.build import build_blocks, build_bp_block, build_layered, stage_plan
 from ppll_ext.config import Config, load_config
 from ppll_ext.core import PartitionPlan
-from ppll_ext.runtime import ProcessRunner, SequentialRunner, ThreadRunner
+from ppll_ext.runtime import ProcessRunner, SequentialRunner, ThreadRunner, shutdown
 from ppll_ext.runtime.launch import init_distributed
 
 METHODS = ("bp", "sequential", "threads", "processes", "2x-sequential")
@@ -115,65 +115,64 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
     rank = 0
     if method == "processes":
         rank, _, _ = init_distributed(stages, "cpu", 300.0)
-    if trace_path:
-        trace.start()
-    torch.manual_seed(cfg.train.seed)
-    layered = build_layered(cfg, **model_shape(model))
-    example = synthetic_batches(1, 8, seed=1, model=model)[0][0]
-    total = warmup + steps
-    if method == "bp":
-        blocks = {0: build_bp_block(cfg, layered, total_steps=total)}
-        boundaries = [0, len(layered.layers)]
-    else:
-        boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total,
-                                          stages=[rank] if method == "processes" else None)
-    ordered = [blocks[k] for k in sorted(blocks)]
-    probes = [StageProbe(b, b.optimizer) for b in ordered] if memory else []
-    for block, probe in zip(ordered, probes, strict=False):
-        # Before the runner exists: its stage loop takes block.train_step once, and each stage thread must run
-        # inside its own meter (saved-tensor hooks are thread-local).
-        block.train_step = probe.after(probe.meter.wrap(block.train_step))
-    if method == "threads":
-        runner = ThreadRunner(ordered, cfg.local.micro_batches, cfg.local.queue_depth)
-        for k, probe in enumerate(probes[1:], start=1):  # the queue into stage k (stage 0's holds the input data)
-            probe.add_buffers(lambda k=k: tensors_in([[m.x, m.y] for m in list(runner._inboxes[k].queue)]))
-    elif method == "processes":
-        runner = ProcessRunner(ordered[0], micro_batches=cfg.local.micro_batches, queue_depth=cfg.local.queue_depth)
-        if probes:
-            watch_links(probes[0], runner.sender, runner.receiver)
-    else:
-        runner = SequentialRunner(ordered, cfg.local.micro_batches)
-    title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
-    first = synthetic_batches(warmup, batch, seed=2, model=model) if rank == 0 else None
-    later = synthetic_batches(steps, batch, seed=3, model=model) if rank == 0 else None
-    runner.train_epoch(first)
-    for probe in probes:
-        probe.reset()
-    timed = runner.train_epoch(later)
-    runner.close()
-    mem = [p.result() for p in probes]
-    if method == "processes" and memory:
-        mem = [m for per_rank in (gather(mem) or []) for m in per_rank]
-    if rank != 0:
-        gather(peak_rss_mb())
+    with shutdown.closing_group():  # links closed, barrier, group destroyed, also on errors
         if trace_path:
-            trace.finish(trace_path, torch.distributed.group.WORLD)
-        torch.distributed.destroy_process_group()
-        return None
-    rss = [peak_rss_mb()]
-    if method == "processes":
-        rss = gather(rss[0])
-        if trace_path:
-            trace.finish(trace_path, torch.distributed.group.WORLD, title)
-        torch.distributed.destroy_process_group()
-    elif trace_path:
-        trace.finish(trace_path, title=title)
-    busy = [s.busy_s / max(timed.seconds, 1e-9) for s in timed.stages]
-    out = {"samples_per_s": timed.samples_per_s, "seconds": timed.seconds, "boundaries": boundaries,
-           "busy_fraction": busy, "peak_rss_mb": rss}
-    if memory:
-        out["memory"] = rows(mem)
-    return out
+            trace.start()
+        torch.manual_seed(cfg.train.seed)
+        layered = build_layered(cfg, **model_shape(model))
+        example = synthetic_batches(1, 8, seed=1, model=model)[0][0]
+        total = warmup + steps
+        if method == "bp":
+            blocks = {0: build_bp_block(cfg, layered, total_steps=total)}
+            boundaries = [0, len(layered.layers)]
+        else:
+            boundaries, blocks = build_blocks(cfg, layered, example, total_steps=total,
+                                              stages=[rank] if method == "processes" else None)
+        ordered = [blocks[k] for k in sorted(blocks)]
+        probes = [StageProbe(b, b.optimizer) for b in ordered] if memory else []
+        for block, probe in zip(ordered, probes, strict=False):
+            # Before the runner exists: its stage loop takes block.train_step once, and each stage thread must run
+            # inside its own meter (saved-tensor hooks are thread-local).
+            block.train_step = probe.after(probe.meter.wrap(block.train_step))
+        if method == "threads":
+            runner = ThreadRunner(ordered, cfg.local.micro_batches, cfg.local.queue_depth)
+            for k, probe in enumerate(probes[1:], start=1):  # the queue into stage k (stage 0's holds the input data)
+                probe.add_buffers(lambda k=k: tensors_in([[m.x, m.y] for m in list(runner._inboxes[k].queue)]))
+        elif method == "processes":
+            runner = ProcessRunner(ordered[0], micro_batches=cfg.local.micro_batches, queue_depth=cfg.local.queue_depth)
+            if probes:
+                watch_links(probes[0], runner.sender, runner.receiver)
+        else:
+            runner = SequentialRunner(ordered, cfg.local.micro_batches)
+        title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
+        first = synthetic_batches(warmup, batch, seed=2, model=model) if rank == 0 else None
+        later = synthetic_batches(steps, batch, seed=3, model=model) if rank == 0 else None
+        runner.train_epoch(first)
+        for probe in probes:
+            probe.reset()
+        timed = runner.train_epoch(later)
+        runner.close()
+        mem = [p.result() for p in probes]
+        if method == "processes" and memory:
+            mem = [m for per_rank in (gather(mem) or []) for m in per_rank]
+        if rank != 0:
+            gather(peak_rss_mb())
+            if trace_path:
+                trace.finish(trace_path, torch.distributed.group.WORLD)
+            return None
+        rss = [peak_rss_mb()]
+        if method == "processes":
+            rss = gather(rss[0])
+            if trace_path:
+                trace.finish(trace_path, torch.distributed.group.WORLD, title)
+        elif trace_path:
+            trace.finish(trace_path, title=title)
+        busy = [s.busy_s / max(timed.seconds, 1e-9) for s in timed.stages]
+        out = {"samples_per_s": timed.samples_per_s, "seconds": timed.seconds, "boundaries": boundaries,
+               "busy_fraction": busy, "peak_rss_mb": rss}
+        if memory:
+            out["memory"] = rows(mem)
+        return out
 
 
 def run_method(model: str, method: str, stages: int, batch: int, warmup: int, steps: int, partition: str,

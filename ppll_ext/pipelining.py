@@ -35,6 +35,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
+from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.runtime.stage import StageWorker
 from ppll_ext.transport import Kind, Msg, open_links
@@ -145,6 +146,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device, per_step=False)
         self._inbox = self._waited(receiver.messages()) if receiver is not None else None
         self._group, self._ranks = group, ranks
+        self._closed = self._streaming = False
 
     def _waited(self, messages: Iterator[Msg]) -> Iterator[Msg]:
         """`messages` with the time spent waiting for each counted and traced as "wait-in", as the runtimes' stage
@@ -216,6 +218,8 @@ class SchedulePPLL(PipelineScheduleSingle):
         `target_mbs=`); returns without waiting for later stages. `losses` is extended with this stage's
         per-micro-batch losses; the last stage returns its merged output (None elsewhere or with
         return_outputs=False). Under torch's `eval()` (no backward) the pass is forward-only."""
+        if self._closed:
+            raise PipelineError(f"stage {self._stage.stage_index}: step() after close(); build a new schedule")
         training = self._has_backward
         if training and not torch.is_grad_enabled():
             raise ConfigError("step() trains and needs gradients: call it outside torch.no_grad(), or use eval()")
@@ -281,6 +285,9 @@ class SchedulePPLL(PipelineScheduleSingle):
         index = self._stage.stage_index
         device = self._worker.device
         kind = Kind.TRAIN if training else Kind.EVAL
+        if not self._streaming:  # from the first step on, the links are ended before the group goes or at exit
+            self._streaming = True
+            shutdown.register(self)
         if self._stage.is_first:
             messages = iter([Msg(kind, x.to(device), t.to(device), len(arg_mbs))
                              for x, t in zip(arg_mbs, target_mbs, strict=True)])
@@ -332,6 +339,26 @@ class SchedulePPLL(PipelineScheduleSingle):
     def flush(self) -> None:
         """Block until everything this stage sent has been received downstream."""
         if self._sender is not None:
+            self._sender.flush()
+
+    def close(self) -> None:
+        """End this stage's streams so every process can exit cleanly, whichever stage finishes first: wait for
+        the previous stage's end marker, pass it on and wait until it is taken, so no send and no posted receive is
+        left. Runs before `torch.distributed.destroy_process_group()` or at exit unless called before; idempotent; a
+        schedule that never stepped has nothing to end.
+        A micro-batch arriving instead of the marker means the ranks made different step() calls: PipelineError."""
+        if self._closed or not self._streaming:
+            return
+        self._closed = True
+        shutdown.forget(self)
+        index = self._stage.stage_index
+        if self._inbox is not None:
+            msg = next(self._inbox)
+            if msg.kind is not Kind.STOP:
+                raise PipelineError(f"stage {index} ended while stage {index - 1} still sends micro-batches: every "
+                                    f"rank must make the same step() / eval() calls")
+        if self._sender is not None:
+            self._sender.send(Msg(Kind.STOP))
             self._sender.flush()
 
     def _key_map(self, names: Callable[[str], str] | None) -> dict[str, str]:

@@ -196,3 +196,15 @@ def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: i
         assert got.keys() == ref[k].keys() and any(n.startswith("aux.") for n in got) == (k < stages - 1)
         for name, t in ref[k].items():
             assert torch.equal(got[name], t), (stages, micro, soft, k, name)
+
+
+@pytest.mark.parametrize("end", ["return", "destroy"])
+def test_a_script_ending_right_after_its_last_step_exits_0_on_every_rank(end: str) -> None:
+    """A fast first stage ends its script while the slow last stage is steps behind: it just returns, or calls
+    destroy_process_group(). SchedulePPLL closes its links first (end marker down the pipeline), so every rank
+    trains every step and exits 0, with no abort at exit."""
+    res = torchrun(3, DIST / "pipelining_exit.py", "--steps", "6", "--end", end)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(line for line in res.stdout.splitlines() if "trained" in line) == [
+        f"rank {r} trained 6 steps" for r in range(3)]
+    assert "terminate called" not in res.stderr

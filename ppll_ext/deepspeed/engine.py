@@ -8,12 +8,10 @@ data-parallel replicas and the optimizer step (its bf16 optimizer, LR schedule a
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -26,6 +24,7 @@ from ppll_ext.core import LocalBlock
 from ppll_ext.deepspeed import _ds
 from ppll_ext.deepspeed.module import LocalPipelineModule
 from ppll_ext.errors import ConfigError, PipelineError
+from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.base import EvalCounts
 from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.transport import Kind, Msg, open_links
@@ -89,17 +88,6 @@ class DeepSpeedUpdater:
         engine.global_samples += engine.train_batch_size()
 
 
-def _close_at_exit(ref: weakref.ref) -> None:
-    """atexit: close a still-open engine's links (a failure is logged: the process is ending anyway)."""
-    engine = ref()
-    if engine is None:
-        return
-    try:
-        engine.close()
-    except PipelineError as exc:
-        log.warning("stage %d: could not end its links cleanly at exit: %s", engine.stage_id, exc)
-
-
 class LocalPipelineEngine(_ds.PipelineEngine):
     """PipelineEngine running LocalTrainSchedule over the stage's LocalBlock: per-stage losses, steps, clipping."""
 
@@ -116,7 +104,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         self._inbox = receiver.messages() if receiver is not None else None
         self._peeked: Msg | None = None
         self._closed = False
-        atexit.register(_close_at_exit, weakref.ref(self))
+        shutdown.register(self)  # closed before destroy_process_group() or at exit, if the script does not
         self._loss_sum, self._losses = 0.0, 0
         self._micro = self.micro_batches
         self.grad_weight = 1.0
@@ -241,11 +229,13 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     def close(self) -> None:
         """End this stage's streams so the process can exit cleanly, whichever stage finishes first: wait for the
         previous stage's end marker, pass it on and wait until it is taken, so no send and no posted receive is
-        left behind. Runs at exit unless called before (scripts need not call it); idempotent. A batch arriving
-        instead of the marker means the stages made different train_batch calls: PipelineError."""
+        left behind. Runs before `torch.distributed.destroy_process_group()` or at exit unless called before
+        (scripts need not call it); idempotent. A batch arriving instead of the marker means the stages made
+        different train_batch calls: PipelineError."""
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
+        shutdown.forget(self)
         if self._inbox is not None:
             msg = self._next_message()
             if msg.kind is not Kind.STOP:
