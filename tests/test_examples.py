@@ -91,7 +91,9 @@ def megatron(script: Path, *extra: str, iters: int = 12) -> dict[int, list[float
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             f.unlink()  # DeepSpeed's CPU comm op leaves them; a stock script has nobody to remove them
     losses: dict[int, list[float]] = {0: [], 1: []}
-    for stage, value in re.findall(r"^ iteration +\d+/ *\d+ \| stage (\d) \| lm loss: (\S+) \|$", out, re.M):
+    # Not anchored to line starts: the ranks share the launcher's stdout, unbuffered, so one rank's line may follow
+    # another's before its newline.
+    for stage, value in re.findall(r"iteration +\d+/ *\d+ \| stage (\d) \| lm loss: (\S+) \|", out):
         losses[int(stage)].append(float(value))
     assert re.search(r"validation loss at the end of training \| stage 1 \| lm loss: \S+", out), out[-2000:]
     return losses

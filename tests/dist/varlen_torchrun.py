@@ -7,7 +7,8 @@ step, one stage per rank, over the processes runtime or SchedulePPLL.
 runtime: ProcessRunner trains on varlen_cases.batches() (lengths 32, 48, 17, ...) and evaluates on batches of
 other lengths (rank 0 writes the result to OUT/eval.json). schedule: SchedulePPLL (2 micro-batches) trains on the
 same whole batches (`step(x, target=y)`), then on steps given as micro-batches of different lengths
-(`step(arg_mbs=..., target_mbs=...)`, the last stage passing target_mbs too). Each rank writes its block's trained
+(`step(arg_mbs=..., target_mbs=...)`, the last stage passing target_mbs too and checking the outputs it gets
+back: merged, or one per micro-batch where their lengths differ). Each rank writes its block's trained
 tensors to OUT/stage<k>.safetensors.
 """
 
@@ -49,14 +50,20 @@ def run_schedule(block: torch.nn.Module, rank: int, world: int) -> None:
         if rank == 0:
             schedule.step(x, target=y)
         elif rank == world - 1:
-            schedule.step(target=y)
+            out = schedule.step(target=y)
+            assert out.shape[:2] == y.shape, (out.shape, y.shape)  # the micro-batch outputs merged
         else:
             schedule.step()
     for micro in micro_steps():
         if rank == 0:
             schedule.step(arg_mbs=[(x,) for x, _ in micro], target_mbs=[y for _, y in micro])
         elif rank == world - 1:
-            schedule.step(target_mbs=[y for _, y in micro])
+            out = schedule.step(target_mbs=[y for _, y in micro])
+            want = [y.shape for _, y in micro]
+            if len(set(want)) > 1:  # lengths differ: one output per micro-batch
+                assert [o.shape[:2] for o in out] == want, ([o.shape for o in out], want)
+            else:
+                assert out.shape[:2] == (sum(s[0] for s in want), want[0][1]), (out.shape, want)
         else:
             schedule.step()
     schedule.flush()
