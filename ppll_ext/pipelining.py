@@ -213,10 +213,11 @@ class SchedulePPLL(PipelineScheduleSingle):
 
     def step(self, *args: Any, target: Any = None, losses: list | None = None, return_outputs: bool = True,
              loss_kwargs: dict[str, Any] | None = None, arg_mbs: Any = None, kwarg_mbs: Any = None,
-             target_mbs: Any = None, **kwargs: Any) -> torch.Tensor | None:
+             target_mbs: Any = None, **kwargs: Any) -> torch.Tensor | list[torch.Tensor] | None:
         """Train this stage on one mini-batch (first stage: `step(x, target=y)`, or pre-split `arg_mbs=`/
         `target_mbs=`); returns without waiting for later stages. `losses` is extended with this stage's
-        per-micro-batch losses; the last stage returns its merged output (None elsewhere or with
+        per-micro-batch losses; the last stage returns its merged output (the list of micro-batch outputs when
+        their shapes differ beyond the batch dimension, e.g. in sequence length; None elsewhere or with
         return_outputs=False). Under torch's `eval()` (no backward) the pass is forward-only."""
         if self._closed:
             raise PipelineError(f"stage {self._stage.stage_index}: step() after close(); build a new schedule")
@@ -230,6 +231,8 @@ class SchedulePPLL(PipelineScheduleSingle):
         outputs = self._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs,
                                           training=training)
         if self._stage.is_last and return_outputs and outputs:
+            if len({tuple(out.shape[1:]) for out in outputs}) > 1:  # e.g. micro-batches of different lengths
+                return outputs
             return torch.cat(outputs)
         return None
 
@@ -297,9 +300,12 @@ class SchedulePPLL(PipelineScheduleSingle):
             # streaming into the bounded queue instead of waiting for room.
             first = next(self._inbox)
             messages, count = itertools.chain([first], self._inbox), first.n_micro
-        given = None
+        given, given_mbs = None, None
         if target_mbs is not None and not self._stage.is_first:
-            given = target_mbs[0] if len(target_mbs) == 1 else torch.cat(list(target_mbs))
+            if len({tuple(t.shape[1:]) for t in target_mbs}) > 1:  # e.g. sequence lengths differ: match one by one
+                given_mbs = list(target_mbs)
+            else:
+                given = target_mbs[0] if len(target_mbs) == 1 else torch.cat(list(target_mbs))
         outputs: list[torch.Tensor] = []
         seen = 0
         for i in range(count):
@@ -311,6 +317,11 @@ class SchedulePPLL(PipelineScheduleSingle):
             if given is not None:
                 self._check_target(given, msg.y, seen, last=i == count - 1)
                 seen += len(msg.y)
+            elif given_mbs is not None:
+                if len(given_mbs) != count:
+                    raise PipelineError(f"stage {index}: target_mbs has {len(given_mbs)} entries but stage 0 sent "
+                                        f"{count} micro-batches; feed every rank the same data")
+                self._check_target(given_mbs[i], msg.y, 0, last=True)
             self._body.extra = kwarg_mbs[i] if kwarg_mbs else {}
             try:
                 self._worker.handle(msg)

@@ -1,0 +1,132 @@
+"""The example pairs under examples/: each stock script and its PPLL twin differ exactly by the lines the README's
+"For DeepSpeed users" / "For torchtitan users" diff shows, and each runs under its own launcher (deepspeed,
+torchrun) with falling losses."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+MEGATRON = EXAMPLES / "megatron_gpt"
+TITAN = EXAMPLES / "torchtitan_llama"
+sys.path.insert(0, str(REPO / "tests"))
+from procs import communicate  # noqa: E402
+
+PAIRS = {"For DeepSpeed users": (MEGATRON / "pretrain_gpt_stock.py", MEGATRON / "pretrain_gpt_ppll.py"),
+         "For torchtitan users": (TITAN / "train_stock.py", TITAN / "train_ppll.py")}
+
+
+def readme_diff(section: str) -> tuple[list[str], list[str]]:
+    """(removed, added) lines of the ```diff block in the README section `section` (stripped, blank lines left out)."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.M | re.S)
+    assert match, f"README has no section '## {section}'"
+    blocks = re.findall(r"```diff\n(.*?)```", match.group(1), re.S)
+    assert len(blocks) == 1, f"README section {section!r} needs exactly one diff block, has {len(blocks)}"
+    lines = blocks[0].splitlines()
+    return ([line[1:].strip() for line in lines if line.startswith("-") and line[1:].strip()],
+            [line[1:].strip() for line in lines if line.startswith("+") and line[1:].strip()])
+
+
+def file_diff(stock: Path, ppll: Path) -> tuple[list[str], list[str]]:
+    """(removed, added) lines of the unified diff of the two scripts below their module docstrings (stripped, blank
+    lines left out)."""
+    old, new = (p.read_text().split('"""', 2)[2].splitlines() for p in (stock, ppll))
+    diff = [line for line in difflib.unified_diff(old, new, lineterm="", n=0)
+            if not line.startswith(("---", "+++", "@@"))]
+    return ([line[1:].strip() for line in diff if line.startswith("-") and line[1:].strip()],
+            [line[1:].strip() for line in diff if line.startswith("+") and line[1:].strip()])
+
+
+@pytest.mark.parametrize("section", sorted(PAIRS))
+def test_pair_differs_only_where_the_readme_says(section: str) -> None:
+    """The README's diff is the whole difference (docstrings aside), line for line and in order."""
+    stock, ppll = PAIRS[section]
+    removed, added = file_diff(stock, ppll)
+    want_removed, want_added = readme_diff(section)
+    assert removed == want_removed, f"{ppll.name} removes other lines than the README's {section!r} diff shows"
+    assert added == want_added, f"{ppll.name} adds other lines than the README's {section!r} diff shows"
+    assert removed and added
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str], what: str) -> str:
+    """Run a launcher in its own session (killed whole on timeout); its stdout, after checking it exited 0."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                            start_new_session=True)
+    res = communicate(proc, 240, what)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res.stdout
+
+
+def _falls(losses: list[float], steps: int) -> None:
+    assert len(losses) == steps, losses
+    head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert tail < head - 0.5, losses
+
+
+def megatron(script: Path, *extra: str, iters: int = 12) -> dict[int, list[float]]:
+    """Run a Megatron-style script under `deepspeed --num_gpus 2` (K = 2 stages); each stage's printed losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), "--pipeline-model-parallel-size", "2", "--train-iters",
+           str(iters), "--deepspeed", "--deepspeed_config", str(MEGATRON / "ds_config_zero1_bf16.json"), *extra]
+    try:
+        out = _run(cmd, script.name)
+    finally:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink()  # DeepSpeed's CPU comm op leaves them; a stock script has nobody to remove them
+    losses: dict[int, list[float]] = {0: [], 1: []}
+    # Not anchored to line starts: the ranks share the launcher's stdout, unbuffered, so one rank's line may follow
+    # another's before its newline.
+    for stage, value in re.findall(r"iteration +\d+/ *\d+ \| stage (\d) \| lm loss: (\S+) \|", out):
+        losses[int(stage)].append(float(value))
+    assert re.search(r"validation loss at the end of training \| stage 1 \| lm loss: \S+", out), out[-2000:]
+    return losses
+
+
+@pytest.mark.usefixtures("deepspeed_cpu_ops")
+def test_megatron_stock_pair_runs_under_deepspeed_and_its_loss_falls() -> None:
+    """Stock DeepSpeed 1F1B with ZeRO-1 and bf16 (the ds_config as it is): the model's loss falls."""
+    losses = megatron(MEGATRON / "pretrain_gpt_stock.py")
+    _falls(losses[1], 12)
+
+
+@pytest.mark.usefixtures("deepspeed_cpu_ops")
+def test_megatron_ppll_pair_runs_under_deepspeed_and_its_losses_fall() -> None:
+    """The PPLL twin, bf16 with ZeRO stage 0 for now: the model's loss (stage 1) and stage 0's aux-head loss fall."""
+    losses = megatron(MEGATRON / "pretrain_gpt_ppll.py", "--zero-stage", "0")
+    _falls(losses[1], 12)
+    _falls(losses[0], 12)
+
+
+def torchtitan(script: Path, steps: int = 12) -> list[float]:
+    """Run a torchtitan-style trainer under `torchrun --nproc_per_node 2`; the last stage's printed losses."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--training.steps", str(steps)]
+    out = _run(cmd, script.name)
+    return [float(v) for v in re.findall(r"^step: +\d+  loss: +(\S+)$", out, re.M)]
+
+
+def test_torchtitan_stock_pair_runs_under_torchrun_and_its_loss_falls() -> None:
+    """Schedule1F1B chosen by name ("1F1B"): the model's loss falls."""
+    _falls(torchtitan(TITAN / "train_stock.py"), 12)
+
+
+def test_torchtitan_ppll_pair_runs_under_torchrun_and_its_loss_falls() -> None:
+    """SchedulePPLL chosen by name ("PPLL"), the first stage given the targets: the model's loss falls."""
+    _falls(torchtitan(TITAN / "train_ppll.py"), 12)
