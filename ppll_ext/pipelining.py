@@ -38,7 +38,7 @@ from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.runtime.stage import StageWorker
-from ppll_ext.transport import Kind, Msg, open_links
+from ppll_ext.transport import Kind, Msg, end_stream, open_links
 
 __all__ = ["SchedulePPLL", "get_schedule_class"]
 
@@ -363,14 +363,10 @@ class SchedulePPLL(PipelineScheduleSingle):
         self._closed = True
         shutdown.forget(self)
         index = self._stage.stage_index
-        if self._inbox is not None:
-            msg = next(self._inbox)
-            if msg.kind is not Kind.STOP:
-                raise PipelineError(f"stage {index} ended while stage {index - 1} still sends micro-batches: every "
-                                    f"rank must make the same step() / eval() calls")
-        if self._sender is not None:
-            self._sender.send(Msg(Kind.STOP))
-            self._sender.flush()
+        inbox = self._inbox
+        end_stream(None if inbox is None else lambda: next(inbox), self._sender,
+                   f"stage {index} ended while stage {index - 1} still sends micro-batches: every rank must make the "
+                   f"same step() / eval() calls")
 
     def _key_map(self, names: Callable[[str], str] | None) -> dict[str, str]:
         """Checkpoint name of each tensor of the block's body (`submod.<key>`): `names(key)`, default `key`."""

@@ -27,7 +27,7 @@ from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.base import EvalCounts
 from ppll_ext.runtime.guard import watch_launchers
-from ppll_ext.transport import Kind, Msg, open_links
+from ppll_ext.transport import Kind, Msg, end_stream, open_links
 
 log = logging.getLogger(__name__)
 schedule = _ds.schedule
@@ -236,14 +236,9 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             return
         self._closed = True
         shutdown.forget(self)
-        if self._inbox is not None:
-            msg = self._next_message()
-            if msg.kind is not Kind.STOP:
-                raise PipelineError(f"stage {self.stage_id} ended while stage {self.stage_id - 1} still sends "
-                                    f"batches: every rank must make the same train_batch / eval_batch calls")
-        if self._sender is not None:
-            self._sender.send(Msg(Kind.STOP))
-            self._sender.flush()
+        end_stream(None if self._inbox is None else self._next_message, self._sender,
+                   f"stage {self.stage_id} ended while stage {self.stage_id - 1} still sends batches: every rank "
+                   f"must make the same train_batch / eval_batch calls")
 
     def clip_fp32_gradients(self) -> None:
         """Clip by this stage's own gradient norm (stock code all-reduces the norm over all stages)."""

@@ -1,7 +1,7 @@
 """How stages talk: the wire format and the links between neighbouring stage processes."""
 
-from ppll_ext.transport.links import LinkReceiver, LinkSender, link_error, open_links
+from ppll_ext.transport.links import LinkReceiver, LinkSender, end_stream, link_error, open_links
 from ppll_ext.transport.wire import HEADER_LEN, Kind, Msg, decode_header, encode_header, payload_shape
 
 __all__ = ["HEADER_LEN", "Kind", "LinkReceiver", "LinkSender", "Msg", "decode_header", "encode_header",
-           "link_error", "open_links", "payload_shape"]
+           "end_stream", "link_error", "open_links", "payload_shape"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import datetime
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -161,6 +161,17 @@ class LinkReceiver:
             except RuntimeError as exc:
                 raise link_error(self.me, self.source, False, self.timeout_s, exc) from exc
             yield msg
+
+
+def end_stream(next_msg: Callable[[], Msg] | None, sender: LinkSender | None, mismatch: str) -> None:
+    """End a stage's streams: take the previous stage's end marker (`next_msg`, None on the first stage), pass it
+    on and wait until it is taken, so no send and no posted receive is left. Anything but the marker arriving
+    first is PipelineError(`mismatch`): the ranks made different calls."""
+    if next_msg is not None and next_msg().kind is not Kind.STOP:
+        raise PipelineError(mismatch)
+    if sender is not None:
+        sender.send(Msg(Kind.STOP))
+        sender.flush()
 
 
 def open_links(ranks: list[int], index: int, depth: int, timeout_s: float, device: torch.device,
