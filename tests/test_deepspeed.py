@@ -61,12 +61,20 @@ def assert_no_shm_left(port: int) -> None:
     assert not left, f"shared-memory buffers left behind: {[f.name for f in left]}"
 
 
-def train(nproc: int, out: Path, *args: str) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
+Runs = dict[int, tuple[dict, dict[str, torch.Tensor]]]
+
+
+def train(nproc: int, out: Path, *args: str) -> Runs:
     """Run deepspeed_train.py; per rank: (its JSON info, its final tensors)."""
+    return train_logged(nproc, out, *args)[0]
+
+
+def train_logged(nproc: int, out: Path, *args: str) -> tuple[Runs, subprocess.CompletedProcess]:
+    """Run deepspeed_train.py; per rank (its JSON info, its final tensors), and the launcher's output."""
     res = launch(nproc, DIST / "deepspeed_train.py", "--out", str(out), *args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(str(out / f"rank{r}.safetensors")))
-            for r in range(nproc)}
+            for r in range(nproc)}, res
 
 
 def reference(parts: list[int], micro: int, size: int, steps: int, replicas: int = 1,
@@ -455,3 +463,115 @@ def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_clea
             assert got.keys() == want.keys()
             for k, v in want.items():
                 assert torch.allclose(got[k], v, atol=1e-5, rtol=0), (run, s, k, (got[k] - v).abs().max())
+
+
+ZERO_RUN = ("--stages", "2", "--micro", "2", "--aux", "conv", "--clip", "1.0")
+"""K = 2 stages x D = 2 replicas (4 processes), 2 micro-batches, per-stage clipping (ZeRO-1 computes the norm from
+its shards)."""
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Runs]:
+    """deepspeed_train.py with ZeRO-1 for 6 steps, DeepSpeed's checkpoint written after 3."""
+    out = tmp_path_factory.mktemp("zero")
+    return out, train(4, out / "run", *ZERO_RUN, "--steps", "6", "--zero", "1", "--save-ckpt", str(out / "ckpt"),
+                      "--save-at", "3")
+
+
+def test_zero1_shards_optimizer_states_within_each_stage(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:
+    """ZeRO-1 over each stage's 2 replicas trains the same weights as the same run without ZeRO, its optimizer states
+    gathered from the shards equal the unsharded ones, and each process holds half the optimizer-state bytes."""
+    _, zero = zero_run
+    plain = train(4, tmp_path, *ZERO_RUN, "--steps", "6")
+    for r in range(4):
+        (zi, zt), (pi, pt) = zero[r], plain[r]
+        assert (zi["stage"], zi["replica"]) == (pi["stage"], pi["replica"]) == divmod(r, 2)
+        assert zi["global_steps"] == 6 and zi["finite"] and zi["skipped_steps"] == 0
+        assert zt.keys() == pt.keys() and any(k.startswith("opt.") for k in zt)
+        for k, v in pt.items():
+            assert torch.allclose(zt[k], v, atol=1e-5, rtol=1e-4), (r, k, (zt[k] - v).abs().max())
+        ratio = zi["optimizer_bytes"] / pi["optimizer_bytes"]
+        assert 0.45 < ratio < 0.55, (r, zi["optimizer_bytes"], pi["optimizer_bytes"])
+    for stage in (0, 1):
+        a, b = zero[2 * stage][1], zero[2 * stage + 1][1]
+        assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+
+
+def test_zero1_deepspeed_checkpoint_resumes_exactly(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:
+    """DeepSpeed's own save_checkpoint / load_checkpoint under ZeRO-1: one optimizer shard file per process, and a run
+    resumed at step 3 ends with exactly the weights, optimizer states and losses of the uninterrupted run."""
+    out, first = zero_run
+    shards = sorted(p.name for p in (out / "ckpt" / "step3").glob("*optim_states.pt"))
+    assert len(shards) == 4, shards
+    second = train(4, tmp_path, *ZERO_RUN, "--steps", "3", "--start", "3", "--zero", "1", "--load-ckpt",
+                   str(out / "ckpt"))
+    for r, (info, tensors) in second.items():
+        assert info["loaded_steps"] == 3
+        at_save = load_file(str(out / "run" / f"ckpt_rank{r}.safetensors"))
+        loaded = load_file(str(tmp_path / f"loaded_rank{r}.safetensors"))
+        assert loaded.keys() == at_save.keys() and all(torch.equal(loaded[k], at_save[k]) for k in at_save), r
+        assert info["losses"] == first[r][0]["losses"][3:]
+        assert all(torch.equal(tensors[k], v) for k, v in first[r][1].items()), ("resumed run differs", r)
+
+
+def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:
+    """DeepSpeed's fp16 optimizer with dynamic loss scaling, K = 2 (on this CPU with torch's fp16 kernels, see
+    deepspeed_train.allow_fp16_on_cpu): infinite gradients on stage 1 at train_batch 2 skip stage 1's update only and
+    halve its loss scale, with one warning; stage 0 keeps its scale and ends with exactly the weights of the run
+    without the overflow (stock DeepSpeed reduces the overflow flag over all stages). Without an overflow the fp16
+    weights follow fp32 sequential local learning with the same clipping (the loss is scaled and unscaled once)."""
+    args = ("--stages", "2", "--micro", "2", "--size", "8", "--steps", "5", "--aux", "list", "--clip", "0.5", "--fp16")
+    clean = train(2, tmp_path / "clean", *args)
+    faulty, res = train_logged(2, tmp_path / "faulty", *args, "--overflow", "1:2")
+    (c0, t0), (f0, g0), (c1, t1), (f1, g1) = clean[0], faulty[0], clean[1], faulty[1]
+    assert c0["loss_scale"] == c1["loss_scale"] == f0["loss_scale"] == 256.0 and f1["loss_scale"] == 128.0
+    assert [c0["skipped_steps"], c1["skipped_steps"], f0["skipped_steps"], f1["skipped_steps"]] == [0, 0, 0, 1]
+    assert c1["lr"] == f1["lr"] and f1["global_steps"] == 5  # the schedule advances over the skipped step
+    assert t0.keys() == g0.keys() and all(torch.equal(t0[k], g0[k]) for k in t0)
+    assert any(not torch.equal(t1[k], g1[k]) for k in t1)
+    warnings = [line for line in res.stderr.splitlines() if "overflowed" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "stage 1: gradients overflowed at step 2; this stage skips the step's update (loss scale now 128)"), warnings
+    ref = reference(c0["parts"], micro=2, size=8, steps=5, clip=0.5)
+    for r, (_, tensors) in clean.items():
+        for k, v in params_only(ref[r]).items():
+            assert torch.allclose(tensors[k], v, atol=2e-3, rtol=0), (r, k, (tensors[k] - v).abs().max())
+
+
+def test_ppll_train_zero1_checkpoints_gather_states_and_resume_exactly(tmp_path: Path) -> None:
+    """`ppll train --engine deepspeed` with ZeRO-1 (K = 2 stages x D = 2 replicas, 4 processes): its checkpoints hold
+    each stage's optimizer states gathered whole from the shards (ppll_ext's layout, as without ZeRO: the same files
+    up to rounding), and a run resumed from one with ZeRO ends with exactly the uninterrupted run's checkpoint."""
+    zero = tmp_path / "zero1.json"
+    zero.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    sets = ["model.name=vit", "model.hidden_dim=16", "model.mlp_dim=32", "model.depth=2", "model.heads=2",
+            "data.train_subset=192", "data.test_subset=32", "train.batch_size=16", "train.epochs=1",
+            "train.progress=false", "local.stages=2", "local.data_parallel=2", "local.micro_batches=2",
+            "optim.name=adamw", "optim.lr=0.003", "optim.grad_clip=1.0"]
+    common = ["--module", "ppll_ext.train", "--engine", "deepspeed", "--keep", "5",
+              *[a for s in sets for a in ("--set", s)]]
+    with_zero = ["--set", f"local.deepspeed_config={zero}"]
+    runs = {
+        "zero": [*with_zero, "--save-every", "3"],
+        "resumed": [*with_zero, "--resume", str(tmp_path / "zero" / "step-000003")],
+        "plain": ["--set", "train.stop_at_step=3"],
+    }
+    for name, args in runs.items():
+        res = launch_script(4, *common, "--save-dir", str(tmp_path / name), *args)
+        assert res.returncode == 0, (name, res.stdout[-2000:], res.stderr[-3000:])
+
+    def compare(a: Path, b: Path, exact: bool) -> None:
+        files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
+        assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+        assert "training_state/stage-1.safetensors" in files
+        for name in files:
+            x, y = load_file(str(a / name)), load_file(str(b / name))
+            assert x.keys() == y.keys(), name
+            for k in x.keys() - {"rng.cpu"}:
+                same = torch.equal(x[k], y[k]) if exact else torch.allclose(x[k], y[k], atol=1e-6, rtol=1e-4)
+                assert same, (name, k, (x[k] - y[k]).abs().max())
+
+    compare(tmp_path / "zero" / "step-000003", tmp_path / "plain" / "step-000003", exact=False)
+    assert any(k.endswith("exp_avg_sq") for k in load_file(str(tmp_path / "zero" / "step-000003" / "training_state"
+                                                                / "stage-0.safetensors")))
+    compare(tmp_path / "zero" / "step-000006", tmp_path / "resumed" / "step-000006", exact=True)
