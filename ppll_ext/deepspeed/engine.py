@@ -391,8 +391,9 @@ def _autocast_of(engine: LocalPipelineEngine) -> str:
     dtype = engine.torch_autocast_dtype()
     if dtype is torch.bfloat16:
         return "bf16"
-    raise ConfigError(f"torch_autocast with {dtype} is not supported by the PPLL adapter (its loss scaler is shared "
-                      f"across stages); use dtype bfloat16", key="torch_autocast")
+    raise ConfigError(f"torch_autocast with {dtype} is not supported by the PPLL adapter (the steps its GradScaler "
+                      f"skips would go unnoticed); use dtype bfloat16, or the ds_config fp16 section (a dynamic loss "
+                      f"scale per stage)", key="torch_autocast")
 
 
 def initialize(
