@@ -351,13 +351,14 @@ def load_zero_state(optimizer: DeepSpeedZeroOptimizer, full: dict) -> None:
     if not state:
         return
     for i, flat in enumerate(optimizer.single_partition_of_fp32_groups):
-        first = state[groups[i]["params"][0]]
-        base.state[flat] = {key: (torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0 else
-                                  (v.clone() if torch.is_tensor(v) else v)) for key, v in first.items()}
+        present = [state[pid] for pid in groups[i]["params"] if pid in state]
+        if present:  # a parameter without state (never had a gradient) keeps zeros in its slice
+            base.state[flat] = {key: (torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0 else
+                                      (v.clone() if torch.is_tensor(v) else v)) for key, v in present[0].items()}
     optimizer._hp_optimizer_states_linked = False
     optimizer._lazy_init_hp_params_optimizer_state()
     for pid, p in enumerate(params):
-        for key, value in state[pid].items():
+        for key, value in state.get(pid, {}).items():
             if torch.is_tensor(value) and value.dim() > 0:
                 safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
 
