@@ -148,7 +148,7 @@ def test_schedule_never_moves_gradients_and_steps_once() -> None:
 
 def test_configs_are_consistent() -> None:
     cfg = {name: json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
-           for name in ("ppll", "ppll_bf16", "stock_1f1b")}
+           for name in ("ppll", "ppll_bf16", "ppll_zero1_bf16", "stock_1f1b")}
     for c in cfg.values():
         assert c["optimizer"]["params"]["torch_adam"] is True
         assert "train_batch_size" not in c  # derived from micro-batch x accumulation x data-parallel size
@@ -157,6 +157,8 @@ def test_configs_are_consistent() -> None:
     assert cfg["ppll_bf16"]["data_types"]["buffer_dtype"] == "bf16"
     strip = {k: v for k, v in cfg["ppll_bf16"].items() if k not in ("bf16", "data_types")}
     assert strip == cfg["ppll"] == cfg["stock_1f1b"]  # same hyper-parameters: only the engine or precision differs
+    assert cfg["ppll_zero1_bf16"]["zero_optimization"] == {"stage": 1}  # ZeRO-1 + bf16, otherwise ppll_bf16's
+    assert {**cfg["ppll_zero1_bf16"], "zero_optimization": {"stage": 0}} == cfg["ppll_bf16"]
 
 
 def test_two_stages_equal_sequential_and_checkpoint_resumes(tmp_path: Path) -> None:
@@ -298,7 +300,10 @@ def test_bad_arguments_raise_config_error() -> None:
     res = launch(2, DIST / "deepspeed_errors.py", timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
-    assert len(lines) == 18 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
+    assert len(lines) == 19 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
+    for stage in (2, 3):  # ZeRO-1 is accepted; 2 and 3 are refused with the reason and the fix
+        assert any(line.startswith(f"ok ZeRO-{stage}: zero_optimization.stage={stage}: use stage 1") and
+                   "DeepSpeed refuses for pipelines too" in line for line in lines), lines
     # on_nan="error" (the default): every stage stops at the NaN batch, naming itself and the step
     assert {line for line in lines if line.startswith("ok nan loss")} == {
         f"ok nan loss: stage {k}: loss is nan at step 2; lower the learning rate or clip gradients, or skip such "
@@ -519,7 +524,8 @@ def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:
     deepspeed_train.allow_fp16_on_cpu): infinite gradients on stage 1 at train_batch 2 skip stage 1's update only and
     halve its loss scale, with one warning; stage 0 keeps its scale and ends with exactly the weights of the run
     without the overflow (stock DeepSpeed reduces the overflow flag over all stages). Without an overflow the fp16
-    weights follow fp32 sequential local learning with the same clipping (the loss is scaled and unscaled once)."""
+    weights follow fp32 sequential local learning with the same clipping, up to fp16 rounding (measured: within 8-18%
+    of each tensor's fp32 displacement after 5 steps)."""
     args = ("--stages", "2", "--micro", "2", "--size", "8", "--steps", "5", "--aux", "list", "--clip", "0.5", "--fp16")
     clean = train(2, tmp_path / "clean", *args)
     faulty, res = train_logged(2, tmp_path / "faulty", *args, "--overflow", "1:2")
@@ -533,9 +539,11 @@ def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:
     assert len(warnings) == 1 and warnings[0].endswith(
         "stage 1: gradients overflowed at step 2; this stage skips the step's update (loss scale now 128)"), warnings
     ref = reference(c0["parts"], micro=2, size=8, steps=5, clip=0.5)
+    init = reference(c0["parts"], micro=2, size=8, steps=0)
     for r, (_, tensors) in clean.items():
-        for k, v in params_only(ref[r]).items():
-            assert torch.allclose(tensors[k], v, atol=2e-3, rtol=0), (r, k, (tensors[k] - v).abs().max())
+        for k, v in params_only(ref[r]).items():  # fp16 rounding: within 30% of how far fp32 moved each tensor
+            err, moved = (tensors[k] - v).norm(), (v - init[r][k]).norm()
+            assert moved > 0 and err < 0.3 * moved, (r, k, float(err), float(moved))
 
 
 def test_ppll_train_zero1_checkpoints_gather_states_and_resume_exactly(tmp_path: Path) -> None:

@@ -74,14 +74,23 @@ def adam_steps(block: LocalBlock) -> set[int]:
     return {int(s["step"]) for s in block.optimizer.state.values()}
 
 
+def overflow_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The overflow warnings logged since the last call (which clears the captured records)."""
+    found = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
+    caplog.clear()
+    return found
+
+
 def test_fp16_overflow_skips_only_that_stages_update(caplog: pytest.LogCaptureFixture) -> None:
     """fp16 autocast, K = 3: infinite gradients on stage 1 at step 2 make stage 1 (only) skip that update and halve its
     own loss scale, with one warning naming stage and step; stage 0 (upstream) ends with exactly the weights of a run
     without the overflow, stage 2 trains on (on stage 1's outputs); the threads runtime does the same bit for bit."""
     clean = train(SequentialRunner)
-    with caplog.at_level(logging.WARNING, logger="ppll_ext"):
-        faulty = train(SequentialRunner, fault="1:2")
+    caplog.set_level(logging.WARNING, logger="ppll_ext")
+    faulty = train(SequentialRunner, fault="1:2")
+    warned = [overflow_warnings(caplog)]
     threaded = train(ThreadRunner, fault="1:2")
+    warned.append(overflow_warnings(caplog))
     scale = clean[1].updater.loss_scale
     assert scale is not None and all(b.updater.loss_scale == scale for b in clean)
     assert len({id(b.updater.scaler) for b in faulty}) == 3  # one GradScaler per stage
@@ -89,9 +98,9 @@ def test_fp16_overflow_skips_only_that_stages_update(caplog: pytest.LogCaptureFi
     assert [b.updater.loss_scale for b in faulty] == [scale, scale / 2, scale]
     assert [adam_steps(b) for b in faulty] == [{STEPS}, {STEPS - 1}, {STEPS}]
     assert [b.steps for b in faulty] == [STEPS] * 3  # the step count (and LR schedule) advances all the same
-    warnings = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
-    assert warnings == [f"stage 1: gradients overflowed at step 2; this stage skips the step's update (loss scale "
-                        f"now {scale / 2:g})"], warnings
+    want = [f"stage 1: gradients overflowed at step 2; this stage skips the step's update (loss scale now "
+            f"{scale / 2:g})"]
+    assert warned == [want, want], warned  # one warning per run, sequential and threads
     want, got = clean[0].state_dict(), faulty[0].state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
     for k in (1, 2):

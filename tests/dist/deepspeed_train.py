@@ -93,6 +93,8 @@ def ds_config(micro: int, size: int, clip: float, bf16: bool, reentrant: bool = 
         "gradient_clipping": clip,
         "steps_per_print": 1000,
         "bf16": {"enabled": bf16},
+        # DeepSpeed keeps buffers in fp32 unless told otherwise: BatchNorm then fails on fp16/bf16 parameters
+        **({"data_types": {"buffer_dtype": "fp16" if fp16 else "bf16"}} if fp16 or bf16 else {}),
     }
 
 
