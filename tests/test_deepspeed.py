@@ -504,7 +504,8 @@ def test_zero1_shards_optimizer_states_within_each_stage(tmp_path: Path, zero_ru
 
 def test_zero1_deepspeed_checkpoint_resumes_exactly(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:
     """DeepSpeed's own save_checkpoint / load_checkpoint under ZeRO-1: one optimizer shard file per process, and a run
-    resumed at step 3 ends with exactly the weights, optimizer states and losses of the uninterrupted run."""
+    resumed at step 3 ends with exactly the weights, optimizer states and losses of the uninterrupted run. (DeepSpeed
+    saves a stage's module once, from replica 0: every replica resumes with replica 0's BatchNorm statistics.)"""
     out, first = zero_run
     shards = sorted(p.name for p in (out / "ckpt" / "step3").glob("*optim_states.pt"))
     assert len(shards) == 4, shards
@@ -513,10 +514,13 @@ def test_zero1_deepspeed_checkpoint_resumes_exactly(tmp_path: Path, zero_run: tu
     for r, (info, tensors) in second.items():
         assert info["loaded_steps"] == 3
         at_save = load_file(str(out / "run" / f"ckpt_rank{r}.safetensors"))
+        want = {**load_file(str(out / "run" / f"ckpt_rank{r - r % 2}.safetensors")), **params_only(at_save)}
         loaded = load_file(str(tmp_path / f"loaded_rank{r}.safetensors"))
-        assert loaded.keys() == at_save.keys() and all(torch.equal(loaded[k], at_save[k]) for k in at_save), r
+        assert loaded.keys() == want.keys() and any(k.startswith("opt.") for k in want)
+        assert all(torch.equal(loaded[k], v) for k, v in want.items()), r
         assert info["losses"] == first[r][0]["losses"][3:]
-        assert all(torch.equal(tensors[k], v) for k, v in first[r][1].items()), ("resumed run differs", r)
+        final = first[r][1] if r % 2 == 0 else params_only(first[r][1])
+        assert all(torch.equal(tensors[k], v) for k, v in final.items()), ("resumed run differs", r)
 
 
 def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:

@@ -309,12 +309,21 @@ def _zero_params(optimizer: DeepSpeedZeroOptimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.bit16_groups for p in group]
 
 
+def _link_zero_state(optimizer: DeepSpeedZeroOptimizer) -> None:
+    """Point every parameter's view of its optimizer-state fragment at the current state tensors. ZeRO links them at
+    its first step only; after `load_checkpoint` (before a step) or `load_zero_state` they are missing or stale."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def gather_zero_state(optimizer: DeepSpeedZeroOptimizer) -> dict:
     """A ZeRO-1 optimizer's state as the plain torch optimizer's `state_dict()` would hold it unsharded: per
     parameter its full fp32 state, gathered from the stage's replicas (collective over them), param groups numbered
     as torch numbers them. Empty state before the first step."""
     base = optimizer.optimizer
     flat_states = [base.state.get(flat, {}) for flat in optimizer.single_partition_of_fp32_groups]
+    if any(flat_states):
+        _link_zero_state(optimizer)
     state: dict[int, dict] = {}
     groups: list[dict] = []
     index = 0
@@ -355,8 +364,7 @@ def load_zero_state(optimizer: DeepSpeedZeroOptimizer, full: dict) -> None:
         if present:  # a parameter without state (never had a gradient) keeps zeros in its slice
             base.state[flat] = {key: (torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0 else
                                       (v.clone() if torch.is_tensor(v) else v)) for key, v in present[0].items()}
-    optimizer._hp_optimizer_states_linked = False
-    optimizer._lazy_init_hp_params_optimizer_state()
+    _link_zero_state(optimizer)
     for pid, p in enumerate(params):
         for key, value in state.get(pid, {}).items():
             if torch.is_tensor(value) and value.dim() > 0:
