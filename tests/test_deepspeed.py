@@ -550,40 +550,58 @@ def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:
             assert moved > 0 and err < 0.3 * moved, (r, k, float(err), float(moved))
 
 
-def test_ppll_train_zero1_checkpoints_gather_states_and_resume_exactly(tmp_path: Path) -> None:
-    """`ppll train --engine deepspeed` with ZeRO-1 (K = 2 stages x D = 2 replicas, 4 processes): its checkpoints hold
-    each stage's optimizer states gathered whole from the shards (ppll_ext's layout, as without ZeRO: the same files
-    up to rounding), and a run resumed from one with ZeRO ends with exactly the uninterrupted run's checkpoint."""
-    zero = tmp_path / "zero1.json"
+PPLL_ZERO_SETS = ["model.name=resnet8", "model.width=8", "data.train_subset=128", "data.test_subset=16",
+                  "train.batch_size=16", "train.epochs=1", "train.progress=false", "local.stages=2",
+                  "local.data_parallel=2", "local.micro_batches=2", "optim.name=adamw", "optim.lr=0.003",
+                  "optim.grad_clip=1.0"]
+"""`ppll train --engine deepspeed`, K = 2 stages x D = 2 replicas (4 processes), 4 steps of 2 x 16 digits."""
+
+
+def ppll_train_ds(out: Path, *args: str) -> None:
+    """`launch/deepspeed.sh 4 ppll train --engine deepspeed` with PPLL_ZERO_SETS and `args`, saving to `out`."""
+    res = launch_script(4, "--module", "ppll_ext.train", "--engine", "deepspeed", "--keep", "5", "--save-dir", str(out),
+                        *[a for s in PPLL_ZERO_SETS for a in ("--set", s)], *args)
+    assert res.returncode == 0, (out.name, res.stdout[-2000:], res.stderr[-3000:])
+
+
+def assert_same_checkpoint(a: Path, b: Path, exact: bool) -> None:
+    """The same safetensors files with the same keys; every tensor equal (or close) but the RNG state."""
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+    assert "training_state/stage-1.safetensors" in files
+    for name in files:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        for k in x.keys() - {"rng.cpu"}:
+            same = torch.equal(x[k], y[k]) if exact else torch.allclose(x[k], y[k], atol=1e-6, rtol=1e-4)
+            assert same, (name, k, (x[k] - y[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def ppll_zero_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """`ppll train --engine deepspeed` with ZeRO-1 in local.deepspeed_config, a checkpoint every 2 steps; returns the
+    save folder and the --set arguments that turn ZeRO-1 on."""
+    out = tmp_path_factory.mktemp("ppll_zero")
+    zero = out / "zero1.json"
     zero.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    sets = ["model.name=vit", "model.hidden_dim=16", "model.mlp_dim=32", "model.depth=2", "model.heads=2",
-            "data.train_subset=192", "data.test_subset=32", "train.batch_size=16", "train.epochs=1",
-            "train.progress=false", "local.stages=2", "local.data_parallel=2", "local.micro_batches=2",
-            "optim.name=adamw", "optim.lr=0.003", "optim.grad_clip=1.0"]
-    common = ["--module", "ppll_ext.train", "--engine", "deepspeed", "--keep", "5",
-              *[a for s in sets for a in ("--set", s)]]
     with_zero = ["--set", f"local.deepspeed_config={zero}"]
-    runs = {
-        "zero": [*with_zero, "--save-every", "3"],
-        "resumed": [*with_zero, "--resume", str(tmp_path / "zero" / "step-000003")],
-        "plain": ["--set", "train.stop_at_step=3"],
-    }
-    for name, args in runs.items():
-        res = launch_script(4, *common, "--save-dir", str(tmp_path / name), *args)
-        assert res.returncode == 0, (name, res.stdout[-2000:], res.stderr[-3000:])
+    ppll_train_ds(out / "zero", *with_zero, "--save-every", "2")
+    return out / "zero", with_zero
 
-    def compare(a: Path, b: Path, exact: bool) -> None:
-        files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
-        assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
-        assert "training_state/stage-1.safetensors" in files
-        for name in files:
-            x, y = load_file(str(a / name)), load_file(str(b / name))
-            assert x.keys() == y.keys(), name
-            for k in x.keys() - {"rng.cpu"}:
-                same = torch.equal(x[k], y[k]) if exact else torch.allclose(x[k], y[k], atol=1e-6, rtol=1e-4)
-                assert same, (name, k, (x[k] - y[k]).abs().max())
 
-    compare(tmp_path / "zero" / "step-000003", tmp_path / "plain" / "step-000003", exact=False)
-    assert any(k.endswith("exp_avg_sq") for k in load_file(str(tmp_path / "zero" / "step-000003" / "training_state"
-                                                                / "stage-0.safetensors")))
-    compare(tmp_path / "zero" / "step-000006", tmp_path / "resumed" / "step-000006", exact=True)
+def test_ppll_train_zero1_checkpoint_gathers_the_states(tmp_path: Path, ppll_zero_run: tuple[Path, list[str]]) -> None:
+    """With ZeRO-1 the checkpoint holds each stage's optimizer states gathered whole from its replicas' shards, in
+    ppll_ext's layout: the same files and tensors (up to rounding) as the same run without ZeRO."""
+    zero, _ = ppll_zero_run
+    ppll_train_ds(tmp_path / "plain", "--set", "train.stop_at_step=2")
+    assert_same_checkpoint(zero / "step-000002", tmp_path / "plain" / "step-000002", exact=False)
+    state = load_file(str(zero / "step-000002" / "training_state" / "stage-0.safetensors"))
+    assert any(k.endswith("exp_avg_sq") for k in state) and any(k.endswith("exp_avg") for k in state)
+
+
+def test_ppll_train_zero1_resumes_exactly(tmp_path: Path, ppll_zero_run: tuple[Path, list[str]]) -> None:
+    """A ZeRO-1 run resumed from its step-2 checkpoint (the gathered states re-sharded over the replicas) ends with
+    exactly the uninterrupted run's checkpoint."""
+    zero, with_zero = ppll_zero_run
+    ppll_train_ds(tmp_path / "resumed", *with_zero, "--resume", str(zero / "step-000002"))
+    assert_same_checkpoint(zero / "step-000004", tmp_path / "resumed" / "step-000004", exact=True)
