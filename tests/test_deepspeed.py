@@ -497,9 +497,14 @@ def test_zero1_shards_optimizer_states_within_each_stage(tmp_path: Path, zero_ru
             assert torch.allclose(zt[k], v, atol=1e-5, rtol=1e-4), (r, k, (zt[k] - v).abs().max())
         ratio = zi["optimizer_bytes"] / pi["optimizer_bytes"]
         assert 0.45 < ratio < 0.55, (r, zi["optimizer_bytes"], pi["optimizer_bytes"])
+        # the norm ZeRO-1 clips by is the stage's own, summed from its replicas' shards (not over both stages)
+        assert len(zi["grad_norms"]) == 6 and all(n > 0 for n in zi["grad_norms"]), zi["grad_norms"]
+        assert torch.allclose(torch.tensor(zi["grad_norms"]), torch.tensor(pi["grad_norms"]), rtol=1e-4), (
+            r, zi["grad_norms"], pi["grad_norms"])
     for stage in (0, 1):
         a, b = zero[2 * stage][1], zero[2 * stage + 1][1]
         assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+        assert zero[2 * stage][0]["grad_norms"] == zero[2 * stage + 1][0]["grad_norms"]
 
 
 def test_zero1_deepspeed_checkpoint_resumes_exactly(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:

@@ -4,7 +4,8 @@ The adapter relies on these names of DeepSpeed 0.19 (tested: 0.19.8; pyproject.t
 `PipelineModule._partition_layers` / `_build` / `_set_bounds` / `_num_layers` / `parts` / `_layer_specs` /
 `_local_start` / `_local_stop` / `forward_funcs` / `tied_modules` / `tied_comms` / `_grid`, `PipelineEngine.
 _INSTRUCTION_MAP` / `_exec_schedule` / `_exec_reduce_grads` / `_exec_optimizer_step` / `_next_batch` /
-`pipe_buffers` / `tput_timer` / `_reentrant_activation_checkpointing` / `_configure_python_gc`,
+`pipe_buffers` / `tput_timer` / `_reentrant_activation_checkpointing` / `_configure_python_gc` /
+`_global_grad_norm`,
 `BF16_Optimizer.mpu`, `DeepSpeedZeroOptimizer.model_parallel_group` / `model_parallel_world_size` /
 `averaged_gradients` / `all_grad_tensors` / `single_partition_of_fp32_groups` / `bit16_groups` /
 `_lazy_init_hp_params_optimizer_state` / `_hp_optimizer_states_linked`, `FP16_Optimizer` / `FP16_UnfusedOptimizer.mpu` /
@@ -241,6 +242,12 @@ def confine_to_stage(engine: PipelineEngine) -> None:
     elif isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
         optimizer.mpu = None  # gradients are already reduced over the replicas: the local norm is the stage's
         optimizer.overflow_checker.mpu = _StageGroups(engine.grid.get_data_parallel_group())
+
+
+def set_grad_norm(engine: PipelineEngine, norm: torch.Tensor) -> None:
+    """Record the gradient norm `engine.get_global_grad_norm()` reports (DeepSpeed records it for its own
+    optimizers only)."""
+    engine._global_grad_norm = norm
 
 
 def fp16_supported() -> bool:

@@ -289,8 +289,9 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             self.optimizer.load_state_dict(state)
 
     def clip_fp32_gradients(self) -> None:
-        """Clip by this stage's own gradient norm (stock code all-reduces the norm over all stages)."""
-        nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping())
+        """Clip by this stage's own gradient norm (stock code all-reduces the norm over all stages); the norm is what
+        `get_global_grad_norm()` then reports, as with DeepSpeed's other optimizers."""
+        _ds.set_grad_norm(self, nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping()).detach())
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         began = time.perf_counter()

@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 tests/dist/deepspeed_train.py --stages 2 --steps 12 --out OUT_DIR
 
 Writes per rank `rank{R}.safetensors` (the stage's module tensors, aux head included, and the optimizer state)
-and `rank{R}.json` (stage, replica, partition, losses, step counters, optimizer-state bytes held, fp16 loss scale)
+and `rank{R}.json` (stage, replica, partition, losses, gradient norms, step counters, optimizer-state bytes held,
+fp16 loss scale)
 for the tests to compare. `--zero 1` shards each stage's optimizer states over its replicas (4 processes, 2 stages:
 2 replicas per stage); `--fp16` trains with DeepSpeed's fp16 optimizer and dynamic loss scaling, and
 `--overflow S:T` makes stage S's gradients infinite at train_batch T (a hook on one of its parameters).
@@ -203,7 +204,7 @@ def main() -> None:
     stage, replica, replicas = engine.stage_id, engine.grid.data_parallel_id, engine.grid.data_parallel_size
     micro, size = engine.micro_batches, engine.micro_batch_size
     info: dict = {"rank": rank, "stage": stage, "replica": replica, "parts": [int(p) for p in engine.module.parts],
-                  "losses": []}
+                  "losses": [], "grad_norms": []}
 
     if args.load_ckpt:
         engine.load_checkpoint(args.load_ckpt)
@@ -216,6 +217,8 @@ def main() -> None:
         hook = overflow_hook(engine) if (stage, step) == (overflow_stage, overflow_step) else None
         # PPLL: only the first stage reads data, labels travel with the activations; stock also feeds the last.
         info["losses"].append(float(engine.train_batch(data if stage == 0 or args.engine == "stock" else None)))
+        norm = engine.get_global_grad_norm()
+        info["grad_norms"].append(None if norm is None else float(norm))
         if hook is not None:
             hook.remove()
         if args.save_ckpt and step + 1 - args.start == args.save_at:
