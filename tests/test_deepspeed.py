@@ -507,6 +507,23 @@ def test_zero1_shards_optimizer_states_within_each_stage(tmp_path: Path, zero_ru
         assert zero[2 * stage][0]["grad_norms"] == zero[2 * stage + 1][0]["grad_norms"]
 
 
+def test_zero1_bf16_config_shards_optimizer_states_within_each_stage(tmp_path: Path) -> None:
+    """configs/deepspeed/ppll_zero1_bf16.json (K = 2 x D = 2): DeepSpeed picks its ZeRO-1 optimizer, which shards the
+    fp32 optimizer states over the stage's replicas (each holds half of exp_avg + exp_avg_sq); replicas stay
+    identical, the losses are finite and each stage clips by its own gradient norm (the same on both replicas)."""
+    runs = train(4, tmp_path, "--stages", "2", "--steps", "2", "--aux", "conv", "--config",
+                 str(REPO / "configs" / "deepspeed" / "ppll_zero1_bf16.json"))
+    for r, (info, _) in runs.items():
+        assert info["finite"] and info["global_steps"] == 2 and info["optimizer"] == "DeepSpeedZeroOptimizer", info
+        ratio = info["optimizer_bytes"] / (2 * 4 * info["trainable_numel"])  # exp_avg, exp_avg_sq: fp32
+        assert 0.45 < ratio < 0.55, (r, info["optimizer_bytes"], info["trainable_numel"])
+    for stage in (0, 1):
+        (a_info, a), (b_info, b) = runs[2 * stage], runs[2 * stage + 1]
+        assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+        assert a_info["grad_norms"] == b_info["grad_norms"] and all(n > 0 for n in a_info["grad_norms"])
+    assert runs[0][0]["grad_norms"] != runs[2][0]["grad_norms"]
+
+
 def test_zero1_deepspeed_checkpoint_resumes_exactly(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:
     """DeepSpeed's own save_checkpoint / load_checkpoint under ZeRO-1: one optimizer shard file per process, and a run
     resumed at step 3 ends with exactly the weights, optimizer states and losses of the uninterrupted run. (DeepSpeed

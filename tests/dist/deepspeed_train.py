@@ -235,6 +235,8 @@ def main() -> None:
         info["skipped_steps"] = engine.block.skipped_steps
         info["loss_scale"] = engine.block.updater.loss_scale
     info["optimizer_bytes"] = optimizer_bytes(engine)
+    info["optimizer"] = type(engine.optimizer).__name__
+    info["trainable_numel"] = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     save_file(state(engine), str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
