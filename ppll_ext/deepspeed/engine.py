@@ -272,10 +272,11 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         return _ds.is_zero(self.optimizer)
 
     def optimizer_state_dict(self) -> dict:
-        """This stage's optimizer state in plain torch form (`torch.optim.Optimizer.state_dict()`: per parameter, in
-        param-group order). Under ZeRO-1 each state tensor is gathered whole from the stage's replicas, so every
+        """This stage's optimizer state. Under ZeRO-1 in plain torch form (`torch.optim.Optimizer.state_dict()`: per
+        parameter, in param-group order), each state tensor gathered whole from the stage's replicas, so every
         replica must call this (a collective over the stage's data-parallel group); the result equals the state of
-        the same training without ZeRO, and ppll_ext checkpoints stay independent of the replica count."""
+        the same training without ZeRO, and ppll_ext checkpoints stay independent of the replica count. Otherwise
+        the optimizer's own `state_dict()` (torch's, or DeepSpeed's fp16/bf16 wrapper's)."""
         if self.zero_sharded:
             return _ds.gather_zero_state(self.optimizer)
         return self.optimizer.state_dict()
