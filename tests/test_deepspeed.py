@@ -572,6 +572,26 @@ def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:
             assert moved > 0 and err < 0.3 * moved, (r, k, float(err), float(moved))
 
 
+def test_zero1_fp16_overflow_on_one_replica_and_nan_skip_stay_within_the_stage(tmp_path: Path) -> None:
+    """ZeRO-1 with fp16 (K = 2 x D = 2): infinite gradients on replica 1 of stage 1 at train_batch 2 make both replicas
+    of stage 1 (the overflow flag is reduced over the stage's replicas) and no replica of stage 0 skip that update
+    and halve their loss scale; a NaN loss on every stage at train_batch 3 (on_nan="skip") drops ZeRO's reduced
+    gradients on every rank. Replicas stay identical; the schedule advances over every skipped step."""
+    runs = train(4, tmp_path, "--stages", "2", "--micro", "2", "--size", "8", "--steps", "5", "--aux", "conv",
+                 "--clip", "0.5", "--zero", "1", "--fp16", "--overflow", "1:2:1", "--nan-step", "3", "--on-nan", "skip")
+    for r, (info, tensors) in runs.items():
+        stage = r // 2
+        assert info["optimizer"] == "DeepSpeedZeroOptimizer" and info["global_steps"] == 5, info
+        assert (info["skipped_steps"], info["loss_scale"]) == ((1, 256.0) if stage == 0 else (2, 128.0)), (r, info)
+        assert [math.isnan(v) for v in info["losses"]] == [False, False, False, True, False], (r, info["losses"])
+        assert math.isinf(info["grad_norms"][2]) == (stage == 1), (r, info["grad_norms"])
+        assert all(torch.isfinite(v).all() for v in tensors.values()), r
+    assert runs[0][0]["lr"] == runs[2][0]["lr"]
+    for stage in (0, 1):
+        a, b = runs[2 * stage][1], runs[2 * stage + 1][1]
+        assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+
+
 PPLL_ZERO_SETS = ["model.name=resnet8", "model.width=8", "data.train_subset=128", "data.test_subset=16",
                   "train.batch_size=16", "train.epochs=1", "train.progress=false", "local.stages=2",
                   "local.data_parallel=2", "local.micro_batches=2", "optim.name=adamw", "optim.lr=0.003",

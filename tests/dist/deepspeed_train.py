@@ -7,7 +7,8 @@ and `rank{R}.json` (stage, replica, partition, losses, gradient norms, step coun
 fp16 loss scale)
 for the tests to compare. `--zero 1` shards each stage's optimizer states over its replicas (4 processes, 2 stages:
 2 replicas per stage); `--fp16` trains with DeepSpeed's fp16 optimizer and dynamic loss scaling, and
-`--overflow S:T` makes stage S's gradients infinite at train_batch T (a hook on one of its parameters).
+`--overflow S:T[:R]` makes stage S's gradients infinite at train_batch T (a hook on one of its parameters; on
+replica R only if given).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def ds_config(micro: int, size: int, clip: float, bf16: bool, reentrant: bool = 
     """The ds_config of the tests: torch AdamW, gradient_accumulation_steps = micro-batches per train_batch."""
     return {
         "zero_optimization": {"stage": zero},
-        "fp16": {"enabled": fp16, "initial_scale_power": 8},
+        # hysteresis 1: ZeRO's loss scaler halves the scale at the first overflow, as FP16_Optimizer does
+        "fp16": {"enabled": fp16, "initial_scale_power": 8, "hysteresis": 1},
         "pipeline": {"use_reentrant": reentrant},
         "train_micro_batch_size_per_gpu": size,
         "gradient_accumulation_steps": micro,
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--on-nan", default="error", choices=["error", "skip"])
     parser.add_argument("--zero", type=int, default=0, help="zero_optimization.stage")
     parser.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with dynamic loss scaling")
-    parser.add_argument("--overflow", help="S:T: stage S's gradients are infinite at train_batch T")
+    parser.add_argument("--overflow", help="S:T[:R]: stage S's (replica R's) gradients are infinite at train_batch T")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -210,11 +212,13 @@ def main() -> None:
         engine.load_checkpoint(args.load_ckpt)
         save_file(state(engine), str(out / f"loaded_rank{rank}.safetensors"))
         info["loaded_steps"], info["loaded_samples"] = engine.global_steps, engine.global_samples
-    overflow_stage, overflow_step = (int(v) for v in args.overflow.split(":")) if args.overflow else (-1, -1)
+    overflow = [int(v) for v in args.overflow.split(":")] if args.overflow else [-1, -1]
+    overflow_replicas = overflow[2:] or range(replicas)
     start = time.perf_counter()
     for step in range(args.start, args.start + args.steps):
         data = iter(micro_batches(step, replica, replicas, micro, size, args.nan_step))
-        hook = overflow_hook(engine) if (stage, step) == (overflow_stage, overflow_step) else None
+        due = [stage, step] == overflow[:2] and replica in overflow_replicas
+        hook = overflow_hook(engine) if due else None
         # PPLL: only the first stage reads data, labels travel with the activations; stock also feeds the last.
         info["losses"].append(float(engine.train_batch(data if stage == 0 or args.engine == "stock" else None)))
         norm = engine.get_global_grad_norm()
