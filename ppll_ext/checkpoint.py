@@ -151,15 +151,20 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[str, str]) -> StageManifest:
-    """Write stage `block.index`'s shard (original names) and training state into `folder`; returns its manifest."""
+def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[str, str],
+                optimizer_state: dict | None = None) -> StageManifest:
+    """Write stage `block.index`'s shard (original names) and training state into `folder`; returns its manifest.
+
+    `optimizer_state` replaces `block.optimizer.state_dict()` (the DeepSpeed engine passes ZeRO-1's gathered one)."""
     folder.mkdir(parents=True, exist_ok=True)
     k = block.index
     body = {key_map[n]: t for n, t in block.body.state_dict().items()}
     shard = shard_name(k, num_stages)
     _atomic_save(body, folder / shard)
     hooks.shard_written(folder, k)
-    opt_tensors, opt_meta = _flatten_optimizer(block.optimizer.state_dict()) if block.optimizer else ({}, None)
+    if optimizer_state is None and block.optimizer is not None:
+        optimizer_state = block.optimizer.state_dict()
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state) if optimizer_state is not None else ({}, None)
     (folder / STATE_DIR).mkdir(exist_ok=True)
     _atomic_save({**opt_tensors, "rng.cpu": torch.get_rng_state()}, folder / STATE_DIR / f"stage-{k}.safetensors")
     scalars = {"steps": block.steps, "optimizer": opt_meta,

@@ -61,12 +61,20 @@ def assert_no_shm_left(port: int) -> None:
     assert not left, f"shared-memory buffers left behind: {[f.name for f in left]}"
 
 
-def train(nproc: int, out: Path, *args: str) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
+Runs = dict[int, tuple[dict, dict[str, torch.Tensor]]]
+
+
+def train(nproc: int, out: Path, *args: str) -> Runs:
     """Run deepspeed_train.py; per rank: (its JSON info, its final tensors)."""
+    return train_logged(nproc, out, *args)[0]
+
+
+def train_logged(nproc: int, out: Path, *args: str) -> tuple[Runs, subprocess.CompletedProcess]:
+    """Run deepspeed_train.py; per rank (its JSON info, its final tensors), and the launcher's output."""
     res = launch(nproc, DIST / "deepspeed_train.py", "--out", str(out), *args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(str(out / f"rank{r}.safetensors")))
-            for r in range(nproc)}
+            for r in range(nproc)}, res
 
 
 def reference(parts: list[int], micro: int, size: int, steps: int, replicas: int = 1,
@@ -140,7 +148,7 @@ def test_schedule_never_moves_gradients_and_steps_once() -> None:
 
 def test_configs_are_consistent() -> None:
     cfg = {name: json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
-           for name in ("ppll", "ppll_bf16", "stock_1f1b")}
+           for name in ("ppll", "ppll_bf16", "ppll_zero1_bf16", "stock_1f1b")}
     for c in cfg.values():
         assert c["optimizer"]["params"]["torch_adam"] is True
         assert "train_batch_size" not in c  # derived from micro-batch x accumulation x data-parallel size
@@ -149,6 +157,8 @@ def test_configs_are_consistent() -> None:
     assert cfg["ppll_bf16"]["data_types"]["buffer_dtype"] == "bf16"
     strip = {k: v for k, v in cfg["ppll_bf16"].items() if k not in ("bf16", "data_types")}
     assert strip == cfg["ppll"] == cfg["stock_1f1b"]  # same hyper-parameters: only the engine or precision differs
+    assert cfg["ppll_zero1_bf16"]["zero_optimization"] == {"stage": 1}  # ZeRO-1 + bf16, otherwise ppll_bf16's
+    assert {**cfg["ppll_zero1_bf16"], "zero_optimization": {"stage": 0}} == cfg["ppll_bf16"]
 
 
 def test_two_stages_equal_sequential_and_checkpoint_resumes(tmp_path: Path) -> None:
@@ -290,7 +300,10 @@ def test_bad_arguments_raise_config_error() -> None:
     res = launch(2, DIST / "deepspeed_errors.py", timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
-    assert len(lines) == 18 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
+    assert len(lines) == 19 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
+    for stage in (2, 3):  # ZeRO-1 is accepted; 2 and 3 are refused with the reason and the fix
+        assert any(line.startswith(f"ok ZeRO-{stage}: zero_optimization.stage={stage}: use stage 1") and
+                   "DeepSpeed refuses for pipelines too" in line for line in lines), lines
     # on_nan="error" (the default): every stage stops at the NaN batch, naming itself and the step
     assert {line for line in lines if line.startswith("ok nan loss")} == {
         f"ok nan loss: stage {k}: loss is nan at step 2; lower the learning rate or clip gradients, or skip such "
@@ -455,3 +468,182 @@ def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_clea
             assert got.keys() == want.keys()
             for k, v in want.items():
                 assert torch.allclose(got[k], v, atol=1e-5, rtol=0), (run, s, k, (got[k] - v).abs().max())
+
+
+ZERO_RUN = ("--stages", "2", "--micro", "2", "--aux", "conv", "--clip", "1.0")
+"""K = 2 stages x D = 2 replicas (4 processes), 2 micro-batches, per-stage clipping (ZeRO-1 computes the norm from
+its shards)."""
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Runs]:
+    """deepspeed_train.py with ZeRO-1 for 6 steps, DeepSpeed's checkpoint written after 3."""
+    out = tmp_path_factory.mktemp("zero")
+    return out, train(4, out / "run", *ZERO_RUN, "--steps", "6", "--zero", "1", "--save-ckpt", str(out / "ckpt"),
+                      "--save-at", "3")
+
+
+def test_zero1_shards_optimizer_states_within_each_stage(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:
+    """ZeRO-1 over each stage's 2 replicas trains the same weights as the same run without ZeRO, its optimizer states
+    gathered from the shards equal the unsharded ones, and each process holds half the optimizer-state bytes."""
+    _, zero = zero_run
+    plain = train(4, tmp_path, *ZERO_RUN, "--steps", "6")
+    for r in range(4):
+        (zi, zt), (pi, pt) = zero[r], plain[r]
+        assert (zi["stage"], zi["replica"]) == (pi["stage"], pi["replica"]) == divmod(r, 2)
+        assert zi["global_steps"] == 6 and zi["finite"] and zi["skipped_steps"] == 0
+        assert zt.keys() == pt.keys() and any(k.startswith("opt.") for k in zt)
+        for k, v in pt.items():
+            assert torch.allclose(zt[k], v, atol=1e-5, rtol=1e-4), (r, k, (zt[k] - v).abs().max())
+        ratio = zi["optimizer_bytes"] / pi["optimizer_bytes"]
+        assert 0.45 < ratio < 0.55, (r, zi["optimizer_bytes"], pi["optimizer_bytes"])
+        # the norm ZeRO-1 clips by is the stage's own, summed from its replicas' shards (not over both stages)
+        assert len(zi["grad_norms"]) == 6 and all(n > 0 for n in zi["grad_norms"]), zi["grad_norms"]
+        assert torch.allclose(torch.tensor(zi["grad_norms"]), torch.tensor(pi["grad_norms"]), rtol=1e-4), (
+            r, zi["grad_norms"], pi["grad_norms"])
+    for stage in (0, 1):
+        a, b = zero[2 * stage][1], zero[2 * stage + 1][1]
+        assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+        assert zero[2 * stage][0]["grad_norms"] == zero[2 * stage + 1][0]["grad_norms"]
+
+
+def test_zero1_bf16_config_shards_optimizer_states_within_each_stage(tmp_path: Path) -> None:
+    """configs/deepspeed/ppll_zero1_bf16.json (K = 2 x D = 2): DeepSpeed picks its ZeRO-1 optimizer, which shards the
+    fp32 optimizer states over the stage's replicas (each holds half of exp_avg + exp_avg_sq); replicas stay
+    identical, the losses are finite and each stage clips by its own gradient norm (the same on both replicas)."""
+    runs = train(4, tmp_path, "--stages", "2", "--steps", "2", "--aux", "conv", "--config",
+                 str(REPO / "configs" / "deepspeed" / "ppll_zero1_bf16.json"))
+    for r, (info, _) in runs.items():
+        assert info["finite"] and info["global_steps"] == 2 and info["optimizer"] == "DeepSpeedZeroOptimizer", info
+        ratio = info["optimizer_bytes"] / (2 * 4 * info["trainable_numel"])  # exp_avg, exp_avg_sq: fp32
+        assert 0.45 < ratio < 0.55, (r, info["optimizer_bytes"], info["trainable_numel"])
+    for stage in (0, 1):
+        (a_info, a), (b_info, b) = runs[2 * stage], runs[2 * stage + 1]
+        assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+        assert a_info["grad_norms"] == b_info["grad_norms"] and all(n > 0 for n in a_info["grad_norms"])
+    assert runs[0][0]["grad_norms"] != runs[2][0]["grad_norms"]
+
+
+def test_zero1_deepspeed_checkpoint_resumes_exactly(tmp_path: Path, zero_run: tuple[Path, Runs]) -> None:
+    """DeepSpeed's own save_checkpoint / load_checkpoint under ZeRO-1: one optimizer shard file per process, and a run
+    resumed at step 3 ends with exactly the weights, optimizer states and losses of the uninterrupted run. (DeepSpeed
+    saves a stage's module once, from replica 0: every replica resumes with replica 0's BatchNorm statistics.)"""
+    out, first = zero_run
+    shards = sorted(p.name for p in (out / "ckpt" / "step3").glob("*optim_states.pt"))
+    assert len(shards) == 4, shards
+    second = train(4, tmp_path, *ZERO_RUN, "--steps", "3", "--start", "3", "--zero", "1", "--load-ckpt",
+                   str(out / "ckpt"))
+    for r, (info, tensors) in second.items():
+        assert info["loaded_steps"] == 3
+        at_save = load_file(str(out / "run" / f"ckpt_rank{r}.safetensors"))
+        want = {**load_file(str(out / "run" / f"ckpt_rank{r - r % 2}.safetensors")), **params_only(at_save)}
+        loaded = load_file(str(tmp_path / f"loaded_rank{r}.safetensors"))
+        assert loaded.keys() == want.keys() and any(k.startswith("opt.") for k in want)
+        assert all(torch.equal(loaded[k], v) for k, v in want.items()), r
+        assert info["losses"] == first[r][0]["losses"][3:]
+        final = first[r][1] if r % 2 == 0 else params_only(first[r][1])
+        assert all(torch.equal(tensors[k], v) for k, v in final.items()), ("resumed run differs", r)
+
+
+def test_fp16_loss_scale_is_per_stage(tmp_path: Path) -> None:
+    """DeepSpeed's fp16 optimizer with dynamic loss scaling, K = 2 (on this CPU with torch's fp16 kernels, see
+    deepspeed_train.allow_fp16_on_cpu): infinite gradients on stage 1 at train_batch 2 skip stage 1's update only and
+    halve its loss scale, with one warning; stage 0 keeps its scale and ends with exactly the weights of the run
+    without the overflow (stock DeepSpeed reduces the overflow flag over all stages). Without an overflow the fp16
+    weights follow fp32 sequential local learning with the same clipping, up to fp16 rounding (measured: within 8-18%
+    of each tensor's fp32 displacement after 5 steps)."""
+    args = ("--stages", "2", "--micro", "2", "--size", "8", "--steps", "5", "--aux", "list", "--clip", "0.5", "--fp16")
+    clean = train(2, tmp_path / "clean", *args)
+    faulty, res = train_logged(2, tmp_path / "faulty", *args, "--overflow", "1:2")
+    (c0, t0), (f0, g0), (c1, t1), (f1, g1) = clean[0], faulty[0], clean[1], faulty[1]
+    assert c0["loss_scale"] == c1["loss_scale"] == f0["loss_scale"] == 256.0 and f1["loss_scale"] == 128.0
+    assert [c0["skipped_steps"], c1["skipped_steps"], f0["skipped_steps"], f1["skipped_steps"]] == [0, 0, 0, 1]
+    assert c1["lr"] == f1["lr"] and f1["global_steps"] == 5  # the schedule advances over the skipped step
+    assert t0.keys() == g0.keys() and all(torch.equal(t0[k], g0[k]) for k in t0)
+    assert any(not torch.equal(t1[k], g1[k]) for k in t1)
+    warnings = [line for line in res.stderr.splitlines() if "overflowed" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "stage 1: gradients overflowed at step 2; this stage skips the step's update (loss scale now 128)"), warnings
+    ref = reference(c0["parts"], micro=2, size=8, steps=5, clip=0.5)
+    init = reference(c0["parts"], micro=2, size=8, steps=0)
+    for r, (_, tensors) in clean.items():
+        for k, v in params_only(ref[r]).items():  # fp16 rounding: within 30% of how far fp32 moved each tensor
+            err, moved = (tensors[k] - v).norm(), (v - init[r][k]).norm()
+            assert moved > 0 and err < 0.3 * moved, (r, k, float(err), float(moved))
+
+
+def test_zero1_fp16_overflow_on_one_replica_and_nan_skip_stay_within_the_stage(tmp_path: Path) -> None:
+    """ZeRO-1 with fp16 (K = 2 x D = 2): infinite gradients on replica 1 of stage 1 at train_batch 2 make both replicas
+    of stage 1 (the overflow flag is reduced over the stage's replicas) and no replica of stage 0 skip that update
+    and halve their loss scale; a NaN loss on every stage at train_batch 3 (on_nan="skip") drops ZeRO's reduced
+    gradients on every rank. Replicas stay identical; the schedule advances over every skipped step."""
+    runs = train(4, tmp_path, "--stages", "2", "--micro", "2", "--size", "8", "--steps", "5", "--aux", "conv",
+                 "--clip", "0.5", "--zero", "1", "--fp16", "--overflow", "1:2:1", "--nan-step", "3", "--on-nan", "skip")
+    for r, (info, tensors) in runs.items():
+        stage = r // 2
+        assert info["optimizer"] == "DeepSpeedZeroOptimizer" and info["global_steps"] == 5, info
+        assert (info["skipped_steps"], info["loss_scale"]) == ((1, 256.0) if stage == 0 else (2, 128.0)), (r, info)
+        assert [math.isnan(v) for v in info["losses"]] == [False, False, False, True, False], (r, info["losses"])
+        assert math.isinf(info["grad_norms"][2]) == (stage == 1), (r, info["grad_norms"])
+        assert all(torch.isfinite(v).all() for v in tensors.values()), r
+    assert runs[0][0]["lr"] == runs[2][0]["lr"]
+    for stage in (0, 1):
+        a, b = runs[2 * stage][1], runs[2 * stage + 1][1]
+        assert all(torch.equal(a[k], b[k]) for k in params_only(a)), ("replicas differ", stage)
+
+
+PPLL_ZERO_SETS = ["model.name=resnet8", "model.width=8", "data.train_subset=128", "data.test_subset=16",
+                  "train.batch_size=16", "train.epochs=1", "train.progress=false", "local.stages=2",
+                  "local.data_parallel=2", "local.micro_batches=2", "optim.name=adamw", "optim.lr=0.003",
+                  "optim.grad_clip=1.0"]
+"""`ppll train --engine deepspeed`, K = 2 stages x D = 2 replicas (4 processes), 4 steps of 2 x 16 digits."""
+
+
+def ppll_train_ds(out: Path, *args: str) -> None:
+    """`launch/deepspeed.sh 4 ppll train --engine deepspeed` with PPLL_ZERO_SETS and `args`, saving to `out`."""
+    res = launch_script(4, "--module", "ppll_ext.train", "--engine", "deepspeed", "--keep", "5", "--save-dir", str(out),
+                        *[a for s in PPLL_ZERO_SETS for a in ("--set", s)], *args)
+    assert res.returncode == 0, (out.name, res.stdout[-2000:], res.stderr[-3000:])
+
+
+def assert_same_checkpoint(a: Path, b: Path, exact: bool) -> None:
+    """The same safetensors files with the same keys; every tensor equal (or close) but the RNG state."""
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+    assert "training_state/stage-1.safetensors" in files
+    for name in files:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        for k in x.keys() - {"rng.cpu"}:
+            same = torch.equal(x[k], y[k]) if exact else torch.allclose(x[k], y[k], atol=1e-6, rtol=1e-4)
+            assert same, (name, k, (x[k] - y[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def ppll_zero_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """`ppll train --engine deepspeed` with ZeRO-1 in local.deepspeed_config, a checkpoint every 2 steps; returns the
+    save folder and the --set arguments that turn ZeRO-1 on."""
+    out = tmp_path_factory.mktemp("ppll_zero")
+    zero = out / "zero1.json"
+    zero.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with_zero = ["--set", f"local.deepspeed_config={zero}"]
+    ppll_train_ds(out / "zero", *with_zero, "--save-every", "2")
+    return out / "zero", with_zero
+
+
+def test_ppll_train_zero1_checkpoint_gathers_the_states(tmp_path: Path, ppll_zero_run: tuple[Path, list[str]]) -> None:
+    """With ZeRO-1 the checkpoint holds each stage's optimizer states gathered whole from its replicas' shards, in
+    ppll_ext's layout: the same files and tensors (up to rounding) as the same run without ZeRO."""
+    zero, _ = ppll_zero_run
+    ppll_train_ds(tmp_path / "plain", "--set", "train.stop_at_step=2")
+    assert_same_checkpoint(zero / "step-000002", tmp_path / "plain" / "step-000002", exact=False)
+    state = load_file(str(zero / "step-000002" / "training_state" / "stage-0.safetensors"))
+    assert any(k.endswith("exp_avg_sq") for k in state) and any(k.endswith("exp_avg") for k in state)
+
+
+def test_ppll_train_zero1_resumes_exactly(tmp_path: Path, ppll_zero_run: tuple[Path, list[str]]) -> None:
+    """A ZeRO-1 run resumed from its step-2 checkpoint (the gathered states re-sharded over the replicas) ends with
+    exactly the uninterrupted run's checkpoint."""
+    zero, with_zero = ppll_zero_run
+    ppll_train_ds(tmp_path / "resumed", *with_zero, "--resume", str(zero / "step-000002"))
+    assert_same_checkpoint(zero / "step-000004", tmp_path / "resumed" / "step-000004", exact=True)

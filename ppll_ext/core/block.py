@@ -56,15 +56,24 @@ class Updater(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate an already scaled loss."""
 
-    def apply(self) -> None:
-        """Apply the accumulated gradients, clear them, advance the LR schedule."""
+    def apply(self) -> bool:
+        """Apply the accumulated gradients, clear them, advance the LR schedule. False when the gradients overflowed
+        (inf/NaN under fp16 loss scaling) and the update was skipped instead."""
 
     def skip(self) -> None:
         """Drop the accumulated gradients without an update, advance the LR schedule."""
 
+    @property
+    def loss_scale(self) -> float | None:
+        """The block's current fp16 loss scale (None without loss scaling)."""
+
 
 class TorchUpdater:
-    """The default updater: per-block clipping, fp16 loss scaling, the block's optimizer and schedule."""
+    """The default updater: per-block clipping, fp16 loss scaling, the block's optimizer and schedule.
+
+    Under fp16 each block owns its GradScaler (dynamic loss scale), so an overflow lowers that block's scale and
+    skips that block's update only; nothing is shared between stages.
+    """
 
     def __init__(self, block: LocalBlock) -> None:
         self.block = block
@@ -78,19 +87,30 @@ class TorchUpdater:
             loss = self.scaler.scale(loss)
         loss.backward()
 
-    def apply(self) -> None:
-        """Unscale (fp16), clip this block only, step, clear the gradients, advance the schedule."""
+    def apply(self) -> bool:
+        """Unscale (fp16), clip this block only, step, clear the gradients, advance the schedule. False when the
+        fp16 gradients overflowed: GradScaler skipped the step and halved the scale (one host read, as its step
+        makes one already)."""
         block, optimizer = self.block, self._optimizer()
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if block.grad_clip is not None:
             nn.utils.clip_grad_norm_(block.parameters(), block.grad_clip)
+        applied = True
         if self.scaler is not None:
+            before = self.scaler.get_scale()
             self.scaler.step(optimizer)
             self.scaler.update()
+            applied = self.scaler.get_scale() >= before  # the scale only shrinks after an overflow
         else:
             optimizer.step()
         self._advance()
+        return applied
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The GradScaler's current scale (None before the first fp16 backward or without fp16)."""
+        return None if self.scaler is None else self.scaler.get_scale()
 
     def skip(self) -> None:
         """Drop the gradients without an update; the schedule advances all the same."""
@@ -289,7 +309,8 @@ class LocalBlock(nn.Module):
     def step(self) -> None:
         """Apply (or, after a non-finite loss with on_nan="skip", drop) the pending update; count the step.
 
-        The LR schedule and `steps` advance either way.
+        An update whose fp16 gradients overflowed is skipped too (whatever on_nan says: dynamic loss scaling expects
+        it), with a warning like on_nan="skip"'s. The LR schedule and `steps` advance either way.
         """
         self._pending = 0
         if self.on_nan == "error" and self._check_due():
@@ -298,6 +319,9 @@ class LocalBlock(nn.Module):
             self._skip = False
             self.skipped_steps += 1
             self.updater.skip()
-        else:
-            self.updater.apply()
+        elif not self.updater.apply():
+            self.skipped_steps += 1
+            scale = self.updater.loss_scale
+            log.warning("stage %d: gradients overflowed at step %d; this stage skips the step's update%s", self.index,
+                        self.steps, "" if scale is None else f" (loss scale now {scale:g})")
         self.steps += 1

@@ -68,24 +68,35 @@ class DeepSpeedUpdater:
         self.engine = engine
 
     def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed's backward; the block already divided the loss by its micro-batch count."""
-        _ds.DeepSpeedEngine.backward(self.engine, loss * self.engine.grad_weight, scale_wrt_gas=False)
+        """DeepSpeed's backward (scaled by this stage's fp16 loss scale); the block already divided the loss by its
+        micro-batch count."""
+        _ds.backward(self.engine, loss * self.engine.grad_weight)
 
-    def apply(self) -> None:
-        """DeepSpeed's OptimizerStep: clip (this stage only), step, zero grads, LR schedule, step counters."""
-        _ds.stock_optimizer_step(self.engine)
+    def apply(self) -> bool:
+        """DeepSpeed's OptimizerStep: clip (this stage only), step, zero grads, step counters. False when the
+        gradients overflowed (fp16 loss scaling, or an inf/NaN norm): DeepSpeed skipped the update and lowered this
+        stage's loss scale; the LR schedule advances all the same, as after any skipped step."""
+        engine = self.engine
+        _ds.stock_optimizer_step(engine)
+        if not _ds.overflowed(engine):
+            return True
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()  # DeepSpeed holds the schedule on overflow; PPLL stages count every step
+        return False
 
     def skip(self) -> None:
         """Drop the gradients; the LR schedule and DeepSpeed's step counters advance as after an update."""
         engine = self.engine
-        if engine.bfloat16_enabled() and hasattr(engine.optimizer, "zero_grad"):
-            engine.optimizer.zero_grad()
-        else:
-            engine.zero_grad()
+        _ds.drop_gradients(engine)
         if engine.lr_scheduler is not None:
             engine.lr_scheduler.step()
         engine.global_steps += 1
         engine.global_samples += engine.train_batch_size()
+
+    @property
+    def loss_scale(self) -> float | None:
+        """This stage's current fp16 loss scale (None without fp16)."""
+        return _ds.loss_scale(self.engine)
 
 
 class LocalPipelineEngine(_ds.PipelineEngine):
@@ -96,7 +107,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         watch_launchers()  # this rank ends with its launcher (deepspeed), never lives on as an orphan
         if not isinstance(self.module, LocalPipelineModule):
             raise ConfigError("LocalPipelineEngine needs a LocalPipelineModule", key="model")
-        _ds.stage_norm_only(self.optimizer)
+        _ds.confine_to_stage(self)
         world = dist.get_world_size()
         group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s))
         ranks = [self.grid.stage_to_global(s) for s in range(self.num_stages)]
@@ -240,9 +251,33 @@ class LocalPipelineEngine(_ds.PipelineEngine):
                    f"stage {self.stage_id} ended while stage {self.stage_id - 1} still sends batches: every rank "
                    f"must make the same train_batch / eval_batch calls")
 
+    @property
+    def zero_sharded(self) -> bool:
+        """True when the optimizer states are sharded over the stage's data-parallel replicas (ZeRO-1)."""
+        return _ds.is_zero(self.optimizer)
+
+    def optimizer_state_dict(self) -> dict:
+        """This stage's optimizer state. Under ZeRO-1 in plain torch form (`torch.optim.Optimizer.state_dict()`: per
+        parameter, in param-group order), each state tensor gathered whole from the stage's replicas, so every
+        replica must call this (a collective over the stage's data-parallel group); the result equals the state of
+        the same training without ZeRO, and ppll_ext checkpoints stay independent of the replica count. Otherwise
+        the optimizer's own `state_dict()` (torch's, or DeepSpeed's fp16/bf16 wrapper's)."""
+        if self.zero_sharded:
+            return _ds.gather_zero_state(self.optimizer)
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        """Load a plain torch optimizer state (as `optimizer_state_dict` returns it); under ZeRO-1 each replica keeps
+        its own shard of it."""
+        if self.zero_sharded:
+            _ds.load_zero_state(self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
+
     def clip_fp32_gradients(self) -> None:
-        """Clip by this stage's own gradient norm (stock code all-reduces the norm over all stages)."""
-        nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping())
+        """Clip by this stage's own gradient norm (stock code all-reduces the norm over all stages); the norm is what
+        `get_global_grad_norm()` then reports, as with DeepSpeed's other optimizers."""
+        _ds.set_grad_norm(self, nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping()).detach())
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         began = time.perf_counter()
@@ -257,8 +292,8 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
             raise PipelineError("the data iterator must yield (inputs, labels) pairs of tensors")
         x, y = batch[0].to(self.device), batch[1].to(self.device)
-        if self.bfloat16_enabled() and x.is_floating_point():
-            x = x.to(torch.bfloat16)
+        if x.is_floating_point() and (self.bfloat16_enabled() or self.fp16_enabled()):
+            x = x.to(torch.bfloat16 if self.bfloat16_enabled() else torch.float16)
         return x, y
 
     def _receive(self, kind: Kind, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,12 +346,15 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         _ds.set_buffer(self, "labels", buffer_id, None)
 
     def _local_reduce(self) -> None:
-        """All replicas of a stage skip together (one saw a non-finite loss), then reduce as DeepSpeed does."""
+        """All replicas of a stage skip together (one saw a non-finite loss), then reduce as DeepSpeed does (ZeRO-1:
+        reduce-scatter to the replica owning each shard; a replica without data contributes zeros)."""
         if self.is_data_parallel and self.block.on_nan == "skip":
             flag = torch.tensor(float(self.block.will_skip), device=self.device)  # on_nan="skip": a read per step
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.grid.get_data_parallel_group())
             if flag.item() and not self.block.will_skip:
                 self.block.mark_skip()
+        if self._micro == 0 and _ds.is_zero(self.optimizer):
+            _ds.fill_missing_gradients(self)
         _ds.stock_reduce_grads(self)
 
     def _local_step(self) -> None:
@@ -340,8 +378,9 @@ def _autocast_of(engine: LocalPipelineEngine) -> str:
     dtype = engine.torch_autocast_dtype()
     if dtype is torch.bfloat16:
         return "bf16"
-    raise ConfigError(f"torch_autocast with {dtype} is not supported by the PPLL adapter (its loss scaler is shared "
-                      f"across stages); use dtype bfloat16", key="torch_autocast")
+    raise ConfigError(f"torch_autocast with {dtype} is not supported by the PPLL adapter (the steps its GradScaler "
+                      f"skips would go unnoticed); use dtype bfloat16, or the ds_config fp16 section (a dynamic loss "
+                      f"scale per stage)", key="torch_autocast")
 
 
 def initialize(
@@ -376,13 +415,16 @@ def initialize(
                               key="config")
         config = _ds.load_ds_config(config)
     conf = _ds.config_class(config, model)
-    if conf.zero_optimization_stage > 0:
-        raise ConfigError(f"zero_optimization.stage={int(conf.zero_optimization_stage)}: use stage 0 "
-                          f"(ZeRO-1's gradient norm spans all stages; ZeRO-2/3 do not support pipelines)",
+    stage = int(conf.zero_optimization_stage)
+    if stage > 1:
+        raise ConfigError(f"zero_optimization.stage={stage}: use stage 1 (optimizer states sharded over each stage's "
+                          f"data-parallel replicas) or 0; ZeRO-2/3 partition gradients or parameters across the "
+                          f"micro-batches of a pipeline, which DeepSpeed refuses for pipelines too",
                           key="zero_optimization")
-    if conf.float16_config.enabled:
-        raise ConfigError("fp16 syncs loss-scale overflows across stages; use bf16 (configs/deepspeed/ppll_bf16.json)",
-                          key="fp16")
+    if conf.float16_config.enabled and not _ds.fp16_supported():
+        raise ConfigError(f"fp16: DeepSpeed's {_ds.accelerator_name()} accelerator here does not support fp16 (a CPU "
+                          f"needs oneDNN fp16 kernels: AVX512-FP16 or AMX-FP16); use bf16 "
+                          f"(configs/deepspeed/ppll_bf16.json) or run on GPUs", key="fp16")
     engine = _ds.build_engine(LocalPipelineEngine, config, conf, model, args=args, optimizer=optimizer,
                               model_parameters=model_parameters, training_data=training_data,
                               lr_scheduler=lr_scheduler, collate_fn=collate_fn, queue_depth=queue_depth,

@@ -6,7 +6,9 @@ replica j trains batch step * D + j of the epoch; in an epoch's last step replic
 gradient all-reduce, and the others' losses are weighted so the average is over the replicas with data. Only
 first-stage ranks read data; labels travel downstream with the activations. Ranks meet only at the loop's
 segment ends (stats, evaluation, checkpoints). Checkpoints use ppll_ext's safetensors layout, so a run may be
-resumed with either engine.
+resumed with either engine; with ZeRO-1 (`zero_optimization.stage: 1` in local.deepspeed_config) each stage's
+optimizer states are sharded over its D replicas, gathered whole for a checkpoint and re-sharded on resume, so the
+checkpoint equals one written without ZeRO and resumes with any D or engine.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from ppll_ext.train.loop import OnBatch, steps_per_epoch
 
 
 def ds_config(cfg: Config) -> dict[str, Any]:
-    """The ds_config of a run: local.deepspeed_config (if any) with batch sizes, accumulation, clipping and bf16
-    set from the ppll config, ZeRO stage 0 unless the file says otherwise (the adapter rejects other stages)."""
+    """The ds_config of a run: local.deepspeed_config (if any) with batch sizes, accumulation, clipping and bf16 or
+    fp16 (train.autocast) set from the ppll config, ZeRO stage 0 unless the file says otherwise (1 shards each
+    stage's optimizer states over its replicas; the adapter refuses 2 and 3)."""
     conf: dict[str, Any] = {}
     path = cfg.local.deepspeed_config
     if path is not None:
@@ -50,9 +53,6 @@ def ds_config(cfg: Config) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"local.deepspeed_config={path!r} is not valid JSON (line {exc.lineno})",
                               key="local.deepspeed_config") from None
-    if cfg.train.autocast == "fp16":
-        raise ConfigError("train.autocast=fp16 with local.engine=deepspeed: DeepSpeed's fp16 syncs loss-scale "
-                          "overflows across stages; use train.autocast=bf16", key="train.autocast")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         conf.pop(key, None)
     conf.update({
@@ -62,8 +62,8 @@ def ds_config(cfg: Config) -> dict[str, Any]:
     })
     conf.setdefault("zero_optimization", {"stage": 0})
     conf.setdefault("steps_per_print", 10**9)
-    if cfg.train.autocast == "bf16":
-        conf["bf16"] = {"enabled": True}
+    if cfg.train.autocast in ("bf16", "fp16"):
+        conf[cfg.train.autocast] = {"enabled": True}
     return conf
 
 
@@ -130,12 +130,14 @@ class DeepSpeedLoopEngine:
         return eval_result(gathered) if self.is_driver else None
 
     def checkpoint(self, step: int) -> list[ckpt.StageManifest] | None:
-        """Replica 0 of every stage writes its shard and state; the manifests reach rank 0."""
+        """Replica 0 of every stage writes its shard and state (ZeRO-1: the optimizer states gathered from all the
+        stage's replicas); the manifests reach rank 0."""
         manifest = None
+        opt_state = self.engine.optimizer_state_dict() if self.engine.zero_sharded else None  # every replica
         if self.replica == 0:
             self.block.steps = self.engine.global_steps
             manifest = ckpt.write_stage(ckpt.step_folder(self.cfg.train.save_dir, step), self.block,
-                                        self.cfg.local.stages, self.key_map)
+                                        self.cfg.local.stages, self.key_map, optimizer_state=opt_state)
         gathered: list[ckpt.StageManifest | None] = [None] * dist.get_world_size()
         dist.gather_object(manifest, gathered if self.is_driver else None, dst=0)
         return [g for g in gathered if g is not None] if self.is_driver else None
@@ -161,9 +163,11 @@ def setup_deepspeed(cfg: Config) -> Setup:
     check_same_config(cfg.to_dict())
     torch.set_num_threads(cfg.train.threads or 1)
     conf = ds_config(cfg)
-    if cfg.train.save_dir and conf.get("bf16", {}).get("enabled"):
-        raise ConfigError("checkpoints of local.engine=deepspeed with bf16 are not supported (DeepSpeed keeps the fp32 "
-                          "master weights in its optimizer); drop train.save_dir or bf16", key="train.save_dir")
+    low = [k for k in ("bf16", "fp16") if conf.get(k, {}).get("enabled")]
+    if cfg.train.save_dir and low:
+        raise ConfigError(f"checkpoints of local.engine=deepspeed with {low[0]} are not supported (DeepSpeed keeps the "
+                          f"fp32 master weights in its optimizer); drop train.save_dir or {low[0]}",
+                          key="train.save_dir")
     stage = rank // d
     job = prepare(cfg)
     total_steps = cfg.train.epochs * steps_per_epoch(len(job.train_loader), d)
@@ -173,8 +177,13 @@ def setup_deepspeed(cfg: Config) -> Setup:
     dist.broadcast_object_list(shared, src=0)
     boundaries, blocks = build_blocks(cfg, job.layered, job.example, total_steps=total_steps, boundaries=shared[0])
     block = blocks[stage]
+    saved_optimizer = None
     if folder is not None:
         restore_checkpoint(folder, info, job.layered, {stage: block}, boundaries)
+        if conf["zero_optimization"].get("stage", 0) and "optimizer" not in conf:
+            # ZeRO-1 re-flattens the optimizer's parameters: its states are re-sharded once it exists
+            saved_optimizer = block.optimizer.state_dict()
+            block.optimizer.state.clear()
     def checkpoint_layer(fn: Any, *args: torch.Tensor) -> Any:
         """local.checkpoint_activations: DeepSpeed's per-layer checkpoint, non-reentrant as in the native engine."""
         return checkpointed(fn, *args, modules=net)
@@ -191,6 +200,8 @@ def setup_deepspeed(cfg: Config) -> Setup:
         lr_scheduler=None if "scheduler" in conf else block.lr_scheduler,
         queue_depth=cfg.local.queue_depth, timeout_s=cfg.local.timeout_s)
     block.optimizer, block.lr_scheduler = optimizer, scheduler
+    if saved_optimizer is not None:
+        engine.load_optimizer_state_dict(saved_optimizer)
     engine.global_steps = engine.block.steps = start.step
     engine.global_samples = start.step * cfg.train.batch_size * d
     loop_engine = DeepSpeedLoopEngine(engine, block, cfg, job.layered.key_map(block.body))

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch import nn
-
+from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import TiedLayerSpec
+from torch import nn
 
 from ppll_ext.deepspeed import LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError, PipelineError
@@ -24,6 +24,16 @@ from ppll_ext.errors import ConfigError, PipelineError
 def tied() -> list:
     """A layer used twice through TiedLayerSpec (positions 0 and 2), then a classifier."""
     return [TiedLayerSpec("t", nn.Linear, 4, 4), nn.ReLU(), TiedLayerSpec("t", nn.Linear, 4, 4), nn.Linear(4, 3)]
+
+
+def without_fp16(fn: Callable[[], object]) -> object:
+    """Run `fn` with DeepSpeed's accelerator saying it has no fp16 (as a CPU without oneDNN fp16 kernels says)."""
+    accelerator = get_accelerator()
+    accelerator.is_fp16_supported = lambda: False
+    try:
+        return fn()
+    finally:
+        del accelerator.is_fp16_supported
 
 
 def main() -> None:
@@ -55,8 +65,10 @@ def main() -> None:
         "unknown partition": module(partition_method="fastest"),
         "not a LocalPipelineModule": lambda: initialize(model=nn.Linear(2, 2), config={}),
         "missing config file": lambda: initialize(model=module()(), config="no/such/ds_config.json"),
-        "ZeRO": lambda: initialize(model=module()(), config={**config, "zero_optimization": {"stage": 1}}),
-        "fp16": lambda: initialize(model=module()(), config={**config, "fp16": {"enabled": True}}),
+        "ZeRO-2": lambda: initialize(model=module()(), config={**config, "zero_optimization": {"stage": 2}}),
+        "ZeRO-3": lambda: initialize(model=module()(), config={**config, "zero_optimization": {"stage": 3}}),
+        "fp16 without device support": lambda: without_fp16(
+            lambda: initialize(model=module()(), config={**config, "fp16": {"enabled": True}})),
         "tied across stages": module(layers=tied(), partition_method="0,2"),
     }
     def tied_within_a_stage() -> None:
@@ -87,10 +99,12 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(line, flush=True)
     for name, fn in [*cases.items(), ("nan loss", nan_loss)]:
+        expected = PipelineError if name == "nan loss" else ConfigError
         try:
             fn()
-        except (PipelineError if name == "nan loss" else ConfigError) as exc:
-            line = f"ok {name}: {exc}"
+        except (ConfigError, PipelineError) as exc:
+            line = f"ok {name}: {exc}" if isinstance(exc, expected) else f"FAIL {name}: {exc}"
+            failed = failed or not isinstance(exc, expected)
         else:
             line, failed = f"FAIL {name}", True
         if dist.get_rank() == 0 or name == "nan loss":

@@ -3,7 +3,12 @@
     deepspeed --num_gpus 2 tests/dist/deepspeed_train.py --stages 2 --steps 12 --out OUT_DIR
 
 Writes per rank `rank{R}.safetensors` (the stage's module tensors, aux head included, and the optimizer state)
-and `rank{R}.json` (stage, replica, partition, losses, step counters) for the tests to compare.
+and `rank{R}.json` (stage, replica, partition, losses, gradient norms, step counters, optimizer-state bytes held,
+fp16 loss scale)
+for the tests to compare. `--zero 1` shards each stage's optimizer states over its replicas (4 processes, 2 stages:
+2 replicas per stage); `--fp16` trains with DeepSpeed's fp16 optimizer and dynamic loss scaling, and
+`--overflow S:T[:R]` makes stage S's gradients infinite at train_batch T (a hook on one of its parameters; on
+replica R only if given).
 """
 
 from __future__ import annotations
@@ -17,12 +22,19 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch import nn
 
 from ppll_ext.config import ModelConfig
-from ppll_ext.deepspeed import LocalPipelineModule, build_stage_aux_head, initialize, release_shm_buffer
+from ppll_ext.deepspeed import (
+    LocalPipelineEngine,
+    LocalPipelineModule,
+    build_stage_aux_head,
+    initialize,
+    release_shm_buffer,
+)
 from ppll_ext.models import build_model
 
 LR, BETAS, EPS, WEIGHT_DECAY, WARMUP = 3e-3, (0.9, 0.999), 1e-8, 0.01, 8
@@ -69,9 +81,13 @@ def lr_factor(step: int) -> float:
     return min(1.0, (step + 1) / WARMUP)
 
 
-def ds_config(micro: int, size: int, clip: float, bf16: bool, reentrant: bool = True) -> dict:
+def ds_config(micro: int, size: int, clip: float, bf16: bool, reentrant: bool = True, zero: int = 0,
+              fp16: bool = False) -> dict:
     """The ds_config of the tests: torch AdamW, gradient_accumulation_steps = micro-batches per train_batch."""
     return {
+        "zero_optimization": {"stage": zero},
+        # hysteresis 1: ZeRO's loss scaler halves the scale at the first overflow, as FP16_Optimizer does
+        "fp16": {"enabled": fp16, "initial_scale_power": 8, "hysteresis": 1},
         "pipeline": {"use_reentrant": reentrant},
         "train_micro_batch_size_per_gpu": size,
         "gradient_accumulation_steps": micro,
@@ -80,16 +96,47 @@ def ds_config(micro: int, size: int, clip: float, bf16: bool, reentrant: bool = 
         "gradient_clipping": clip,
         "steps_per_print": 1000,
         "bf16": {"enabled": bf16},
+        # DeepSpeed keeps buffers in fp32 unless told otherwise: BatchNorm then fails on fp16/bf16 parameters
+        **({"data_types": {"buffer_dtype": "fp16" if fp16 else "bf16"}} if fp16 or bf16 else {}),
     }
 
 
 def state(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    """The stage's module tensors (aux head included) and, for torch's AdamW, the optimizer state."""
+    """The stage's module tensors (aux head included) and, for torch's AdamW (under ZeRO-1 gathered from the stage's
+    replicas: every rank calls this at the same points), the optimizer state."""
     out = {k: v.detach().float().contiguous().clone() for k, v in engine.module.state_dict().items()}
-    if isinstance(engine.optimizer, torch.optim.AdamW):
-        for i, s in engine.optimizer.state_dict()["state"].items():
-            out.update({f"opt.{i}.{k}": torch.as_tensor(v).float().reshape(-1).clone() for k, v in s.items()})
+    opt = None
+    if isinstance(engine, LocalPipelineEngine) and (engine.zero_sharded or isinstance(engine.optimizer,
+                                                                                        torch.optim.AdamW)):
+        opt = engine.optimizer_state_dict()
+    elif isinstance(engine.optimizer, torch.optim.AdamW):
+        opt = engine.optimizer.state_dict()
+    for i, s in (opt or {"state": {}})["state"].items():
+        out.update({f"opt.{i}.{k}": torch.as_tensor(v).float().reshape(-1).clone() for k, v in s.items()})
     return out
+
+
+def optimizer_bytes(engine: deepspeed.DeepSpeedEngine) -> int:
+    """Bytes of optimizer-state tensors this process holds (exp_avg, exp_avg_sq: a 1/D shard under ZeRO-1)."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's wrappers keep torch's inside
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator declares fp16 unsupported unless oneDNN has fp16 kernels (AVX512-FP16/AMX-FP16),
+    and its engine then refuses fp16; torch's own CPU kernels compute fp16 correctly (slowly), so the test lets
+    DeepSpeed's fp16 optimizer and loss scaler run on them."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        accelerator.is_fp16_supported = lambda: True
+        accelerator.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+
+
+def overflow_hook(engine: LocalPipelineEngine) -> torch.utils.hooks.RemovableHandle:
+    """Make the gradient of the stage's first parameter infinite in the coming backward passes."""
+    param = next(p for p in engine.module.parameters() if p.requires_grad)
+    return param.register_hook(lambda g: torch.full_like(g, float("inf")))
 
 
 def main() -> None:
@@ -113,10 +160,15 @@ def main() -> None:
     parser.add_argument("--non-reentrant", action="store_true", help="ds_config pipeline.use_reentrant=false")
     parser.add_argument("--nan-step", type=int, help="a train_batch whose labels make every stage's loss NaN")
     parser.add_argument("--on-nan", default="error", choices=["error", "skip"])
+    parser.add_argument("--zero", type=int, default=0, help="zero_optimization.stage")
+    parser.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with dynamic loss scaling")
+    parser.add_argument("--overflow", help="S:T[:R]: stage S's (replica R's) gradients are infinite at train_batch T")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fp16:
+        allow_fp16_on_cpu()
     deepspeed.init_distributed()
     release_shm_buffer()
     rank = dist.get_rank()
@@ -146,24 +198,33 @@ def main() -> None:
                                   example_input=example, aux_hidden=AUX_HIDDEN, partition_method=partition,
                                   on_nan=args.on_nan, activation_checkpoint_interval=args.checkpoint_interval)
         warmup = None if args.config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor))
-        conf = ds_config(args.micro, args.size, args.clip, args.bf16, reentrant=not args.non_reentrant)
+        conf = ds_config(args.micro, args.size, args.clip, args.bf16, reentrant=not args.non_reentrant,
+                         zero=args.zero, fp16=args.fp16)
         engine, *_ = initialize(model=net, config=args.config or conf,
                                 model_parameters=[p for p in net.parameters() if p.requires_grad],
                                 lr_scheduler=warmup)
     stage, replica, replicas = engine.stage_id, engine.grid.data_parallel_id, engine.grid.data_parallel_size
     micro, size = engine.micro_batches, engine.micro_batch_size
     info: dict = {"rank": rank, "stage": stage, "replica": replica, "parts": [int(p) for p in engine.module.parts],
-                  "losses": []}
+                  "losses": [], "grad_norms": []}
 
     if args.load_ckpt:
         engine.load_checkpoint(args.load_ckpt)
         save_file(state(engine), str(out / f"loaded_rank{rank}.safetensors"))
         info["loaded_steps"], info["loaded_samples"] = engine.global_steps, engine.global_samples
+    overflow = [int(v) for v in args.overflow.split(":")] if args.overflow else [-1, -1]
+    overflow_replicas = overflow[2:] or range(replicas)
     start = time.perf_counter()
     for step in range(args.start, args.start + args.steps):
         data = iter(micro_batches(step, replica, replicas, micro, size, args.nan_step))
+        due = [stage, step] == overflow[:2] and replica in overflow_replicas
+        hook = overflow_hook(engine) if due else None
         # PPLL: only the first stage reads data, labels travel with the activations; stock also feeds the last.
         info["losses"].append(float(engine.train_batch(data if stage == 0 or args.engine == "stock" else None)))
+        norm = engine.get_global_grad_norm()
+        info["grad_norms"].append(None if norm is None else float(norm))
+        if hook is not None:
+            hook.remove()
         if args.save_ckpt and step + 1 - args.start == args.save_at:
             engine.save_checkpoint(args.save_ckpt, tag=f"step{step + 1}")
             save_file(state(engine), str(out / f"ckpt_rank{rank}.safetensors"))
@@ -176,6 +237,10 @@ def main() -> None:
     info["finite"] = all(math.isfinite(v) for v in info["losses"])
     if args.engine == "ppll":
         info["skipped_steps"] = engine.block.skipped_steps
+        info["loss_scale"] = engine.block.updater.loss_scale
+    info["optimizer_bytes"] = optimizer_bytes(engine)
+    info["optimizer"] = type(engine.optimizer).__name__
+    info["trainable_numel"] = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     save_file(state(engine), str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
