@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,9 +40,15 @@ from safetensors.torch import save_file
 
 from ppll_ext import hooks
 from ppll_ext.core import LocalBlock
+from ppll_ext.data.text import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from ppll_ext.errors import CheckpointError, ConfigError
+from ppll_ext.folders import member, outside
 from ppll_ext.models import LayeredModel
+from ppll_ext.models.hf import config_from_values
 from ppll_ext.paths import unwritable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +184,15 @@ def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[
 
 
 def commit(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
-           config: dict, keep: int, extra: Callable[[Path], object] | None = None) -> Path:
+           config: dict, keep: int, extra: Callable[[Path], object] | None = None,
+           fingerprints: dict[str, str] | None = None) -> Path:
     """Complete the checkpoint the stages wrote into `folder` (`step-N.tmp`): drop what an earlier, interrupted save
     of that step left there, then aux heads, trainer state, `extra` files (a language model's config.json and
     tokenizer), the checksums, the index (last), the rename to `step-N`; move checkpoints after it aside (an
-    earlier run's) and prune to the `keep` newest, never this one. The one place a checkpoint becomes visible,
-    called once (on the first rank) by every engine and by SchedulePPLL.save_checkpoint."""
+    earlier run's) and prune to the `keep` newest, never this one. `fingerprints` ({setting: digest of what it
+    names}, e.g. the tokenizer's content) are recorded so a resume can tell when a path now names other content.
+    The one place a checkpoint becomes visible, called once (on the first rank) by every engine and by
+    SchedulePPLL.save_checkpoint."""
     manifests = sorted(manifests, key=lambda m: m.index)
     sums = {name: digest for m in manifests for name, digest in m.checksums.items()}
     _drop_stale(folder, set(sums))
@@ -190,7 +200,8 @@ def commit(folder: Path, manifests: Iterable[StageManifest], position: Position,
         extra(folder)
     _atomic_save({k: v for m in manifests for k, v in m.aux.items()}, folder / AUX)
     _atomic_json({"position": asdict(position), "num_stages": len(manifests), "boundaries": boundaries,
-                  "config": config}, folder / TRAINER_STATE)
+                  "config": config, **({"fingerprints": fingerprints} if fingerprints else {})},
+                 folder / TRAINER_STATE)
     weight_map: dict[str, str] = {}
     for m in manifests:
         for name in m.sizes:
@@ -271,12 +282,17 @@ def step_folder(root: str | Path, step: int) -> Path:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or the newest complete `step-N` inside a run directory."""
     p = Path(path)
+    if _TMP_DIR.match(p.name) and p.is_dir():
+        final = p.with_name(p.name.removesuffix(".tmp"))
+        raise CheckpointError(f"{str(p)!r} is a save that was interrupted before it was renamed to {final.name}: it "
+                              f"is never loaded as it is; if `ppll verify {p}` says every file is ok, rename it to "
+                              f"{str(final)!r} and resume from that, else resume from an earlier step")
     if (p / INDEX).is_file() or (p / SINGLE).is_file():
         return p
     if p.is_dir():
         steps = [c for _, c in _steps(p) if (c / INDEX).is_file()]
         if steps:
-            return steps[-1]
+            return member(p, steps[-1].name, f"run directory {str(p)!r}", CheckpointError)
         raise CheckpointError(f"{str(p)!r} has no {INDEX} and no complete step-N checkpoint inside; "
                               f"an interrupted save leaves only step-N.tmp, which is never loaded")
     if p.exists():
@@ -293,7 +309,15 @@ def checkpoints(path: str | Path) -> list[Path]:
     return [c for _, c in _steps(Path(path)) if (c / INDEX).is_file()]
 
 
-def _open(path: Path) -> dict[str, torch.Tensor]:
+def _file(folder: Path, name: object, entry: str | None = None) -> Path:
+    """The file `name` of checkpoint `folder`, refused (CheckpointError naming `entry`, where the name was read) unless
+    it lies inside the folder, symlinks included: nothing read from a checkpoint may point outside it."""
+    return member(folder, name, entry or f"checkpoint file {name!r}", CheckpointError)
+
+
+def _open(folder: Path, name: object, entry: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of safetensors file `name` of checkpoint `folder` (inside it, see _file)."""
+    path = _file(folder, name, entry)
     if not path.is_file():
         raise CheckpointError(f"{path.name} is missing from {str(path.parent)!r}; the checkpoint is incomplete")
     try:
@@ -305,9 +329,11 @@ def _open(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file of the checkpoint, with a CheckpointError naming it when missing or corrupt."""
+    """A JSON file of the checkpoint (inside its folder, see _file), with a CheckpointError naming it when missing or
+    corrupt."""
+    _file(path.parent, path.name)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path.name} is missing from {str(path.parent)!r}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -318,22 +344,34 @@ def _checksums(folder: Path) -> dict[str, str] | None:
     """The recorded sha256 of each file of checkpoint `folder`; None for a folder saved without them (an export,
     or a checkpoint of an older ppll_ext)."""
     path = folder / CHECKSUMS
-    if not path.is_file():
+    if not (path.is_file() or path.is_symlink()):
         return None
-    sums = read_json(path)
+    sums = read_json(_file(folder, CHECKSUMS))
     _need(isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values()), path, "top level",
           "a JSON object of file paths to sha256 digests")
+    for name in sums:
+        member(folder, name, f"{str(path)!r} entry", CheckpointError, follow_symlinks=False)
     return sums
+
+
+def warn_unverified(folder: Path) -> None:
+    """The warning every reader of a checkpoint gives when it has no checksums to verify its files against."""
+    if not (folder / CHECKSUMS).is_file():
+        log.warning("checkpoint %s has no %s (saved by an older ppll_ext): its files cannot be verified", folder,
+                    CHECKSUMS)
 
 
 def _verify_file(folder: Path, name: str, sums: dict[str, str] | None) -> None:
     """CheckpointError unless file `name` of checkpoint `folder` has the sha256 recorded for it (when recorded)."""
+    path = _file(folder, name)
     if sums is None:
         return
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} is missing from {str(path.parent)!r}; the checkpoint is incomplete")
     if name not in sums:
         raise CheckpointError(f"{str(folder / name)!r} is not listed in {CHECKSUMS}: it was put there after the "
                               f"checkpoint was saved; remove it or resume from another checkpoint")
-    if _sha256(folder / name) != sums[name]:
+    if _sha256(path) != sums[name]:
         raise CheckpointError(f"{str(folder / name)!r} does not match its sha256 in {CHECKSUMS}: it changed after "
                               f"it was saved (corrupt or edited); restore it or resume from another checkpoint "
                               f"(`ppll verify {folder}` lists every bad file)")
@@ -341,16 +379,18 @@ def _verify_file(folder: Path, name: str, sums: dict[str, str] | None) -> None:
 
 def verify(folder: str | Path) -> dict[str, str] | None:
     """Every file of checkpoint `folder` against its recorded sha256, by path relative to it: "ok", "bad" (other
-    content), "missing" or "unlisted" (not written by the save); None when it records no checksums (saved by an
-    older ppll_ext)."""
+    content), "missing", "unlisted" (not written by the save) or "outside" (a link leading out of the checkpoint,
+    never read); None when it records no checksums (saved by an older ppll_ext)."""
     folder = Path(folder)
     sums = _checksums(folder)
     if sums is None:
         return None
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {CHECKSUMS}
-    status = {name: "missing" if name not in present else "ok" if _sha256(folder / name) == digest else "bad"
-              for name, digest in sums.items()}
-    status.update({name: "unlisted" for name in present - set(sums)})
+    files = [p for p in folder.rglob("*") if p.is_file() or p.is_symlink()]
+    away = {p.relative_to(folder).as_posix() for p in files if outside(folder, p)}
+    present = {p.relative_to(folder).as_posix() for p in files if p.is_file()} - {CHECKSUMS}
+    status = {name: "outside" if name in away else "missing" if name not in present
+              else "ok" if _sha256(folder / name) == digest else "bad" for name, digest in sums.items()}
+    status.update({name: "outside" if name in away else "unlisted" for name in (present | away) - set(sums)})
     return dict(sorted(status.items()))
 
 
@@ -368,7 +408,7 @@ def _count(value: object) -> bool:
 
 def read_trainer_state(folder: Path) -> dict:
     """trainer_state.json of checkpoint `folder`, each field checked and the file verified against its sha256."""
-    path = folder / TRAINER_STATE
+    path = _file(folder, TRAINER_STATE)
     state = read_json(path)
     _need(isinstance(state, dict), path, "top level", "a JSON object")
     pos = state.get("position")
@@ -381,6 +421,9 @@ def read_trainer_state(folder: Path) -> dict:
                           and cut[0] == 0 and all(a < b for a, b in zip(cut, cut[1:]))),
           path, "boundaries", f"null or {k + 1} increasing layer indices from 0 (num_stages + 1)")
     _need(isinstance(state.get("config"), dict), path, "config", "a JSON object")
+    prints = state.get("fingerprints", {})
+    _need(isinstance(prints, dict) and all(isinstance(v, str) for v in prints.values()), path, "fingerprints",
+          "a JSON object of setting names to digests")
     _verify_file(folder, TRAINER_STATE, _checksums(folder))
     return state
 
@@ -394,11 +437,23 @@ def check_cut(folder: Path, state: dict, layers: int) -> None:
                               f"from a checkpoint of this model")
 
 
-def check_resume_settings(folder: Path, state: dict, config: dict, same_stages: bool) -> None:
+def check_resume_settings(folder: Path, state: dict, config: dict, same_stages: bool,
+                          fingerprints: dict[str, str] | None = None) -> None:
     """CheckpointError when a resumed run changes a setting its checkpoint depends on: RESUME_SETTINGS always,
-    OPTIMIZER_SETTINGS when the optimizer states are restored (same number of stages). Settings the checkpoint does
-    not record (SchedulePPLL's checkpoints record none) are not compared."""
+    OPTIMIZER_SETTINGS when the optimizer states are restored (same number of stages), and the content of what a
+    fingerprinted setting names (`fingerprints`, e.g. data.tokenizer: another tokenizer at the same path, or of the
+    same vocabulary size, would feed the embeddings other ids). Settings the checkpoint does not record
+    (SchedulePPLL's checkpoints record none) are not compared."""
     saved = state["config"]
+    for key, digest in (fingerprints or {}).items():
+        old = state.get("fingerprints", {}).get(key)
+        if old is not None and old != digest:
+            section, name = key.split(".")
+            then = saved.get(section, {}).get(name) if isinstance(saved.get(section), dict) else None
+            raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: this run's {key}={config[section][name]!r} is "
+                                  f"not the {key} the checkpoint was trained with ({then!r} then; the content "
+                                  f"differs): its ids would mean other tokens; resume with that {key}, or start a "
+                                  f"new run without train.resume", key=key)
     for key in RESUME_SETTINGS + (OPTIMIZER_SETTINGS if same_stages else ()):
         section, name = key.split(".")
         if not isinstance(saved.get(section), dict) or name not in saved[section]:
@@ -412,27 +467,68 @@ def check_resume_settings(folder: Path, state: dict, config: dict, same_stages: 
                                   f"train.resume", key=key)
 
 
-def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the unsplit model from all shards, checked against the index and the recorded checksums."""
+def load_model_state(path: str | Path, warn: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the unsplit model from all shards, checked against the index and the recorded checksums
+    (each file verified before it is read; `warn`: say so when there are none). Every reader of a checkpoint's
+    weights (resume, export, generate, SchedulePPLL.load_checkpoint) goes through here."""
     folder = resolve(path)
     sums = _checksums(folder)
+    if warn:
+        warn_unverified(folder)
     if not (folder / INDEX).is_file():
-        state = _open(folder / SINGLE)
         _verify_file(folder, SINGLE, sums)
-        return state
+        return _open(folder, SINGLE)
+    _verify_file(folder, INDEX, sums)
     index = read_json(folder / INDEX)
-    if not isinstance(index.get("weight_map"), dict):
-        raise CheckpointError(f"{str(folder / INDEX)!r} has no weight_map; it is not a sharded safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise CheckpointError(f"{str(folder / INDEX)!r} has no weight_map of tensor names to shard files; it is not "
+                              f"a sharded safetensors index (edited or corrupt): restore it from a copy")
     merged: dict[str, torch.Tensor] = {}
-    shards = sorted(set(index["weight_map"].values()))
+    for shard in set(weight_map.values()):
+        _file(folder, shard, f"{str(folder / INDEX)!r} weight_map entry")
+    shards = sorted(set(weight_map.values()))
     for shard in shards:
-        merged.update(_open(folder / shard))
-    missing = sorted(set(index["weight_map"]) - set(merged))
+        _verify_file(folder, shard, sums)
+        merged.update(_open(folder, shard))
+    missing = sorted(set(weight_map) - set(merged))
     if missing:
         raise CheckpointError(f"tensor {missing[0]!r} listed in the index is in no shard ({len(missing)} missing)")
-    for name in [*shards, INDEX]:
-        _verify_file(folder, name, sums)
     return merged
+
+
+def load_language_model(folder: Path, warn: bool = True) -> PreTrainedModel:
+    """The GPT-2 / Llama model of checkpoint (or export) `folder`, in eval mode: its config.json verified and checked
+    (no auto_map, a gpt2 or llama model_type), the model built from it by transformers without reading any file or
+    running any code, and the weights of load_model_state checked tensor by tensor against it (`warn`: say so when
+    there are no checksums)."""
+    from transformers import AutoModelForCausalLM
+
+    if warn:
+        warn_unverified(folder)
+    path = _file(folder, "config.json")
+    if not path.is_file():
+        raise CheckpointError(f"{str(folder)!r} has no config.json: it is not a language-model checkpoint (a run of "
+                              f"model.name=gpt2 or llama, or its ppll export)")
+    _verify_file(folder, "config.json", _checksums(folder))
+    config = config_from_values(read_json(path), f"checkpoint {str(folder)!r}", None, CheckpointError)
+    weights = load_model_state(folder, warn=False)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    check_against(weights, model.state_dict(), f"checkpoint {str(folder)!r}")
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def load_saved_tokenizer(folder: Path) -> Tokenizer | None:
+    """The tokenizer a language-model checkpoint holds (its files verified and confined to the folder), None when it
+    holds none (byte-level runs need no file)."""
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.json").is_symlink()):
+        return None
+    sums = _checksums(folder)
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            _verify_file(folder, name, sums)
+    return load_tokenizer(str(folder), confined=True)
 
 
 def check_against(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str) -> None:
@@ -451,9 +547,8 @@ def check_against(state: dict[str, torch.Tensor], reference: dict[str, torch.Ten
 
 def load_aux(folder: Path) -> dict[str, torch.Tensor]:
     """Every aux head's tensors of a checkpoint, keyed `stage<k>.<name>`."""
-    aux = _open(folder / AUX)
     _verify_file(folder, AUX, _checksums(folder))
-    return aux
+    return _open(folder, AUX)
 
 
 def _check_stage(folder: Path, k: int, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
@@ -482,12 +577,12 @@ def load_stage(folder: Path, block: LocalBlock, same_cut: bool) -> None:
         check_against(aux, block.aux.state_dict(), f"checkpoint {str(folder)!r}: {AUX} (stage {k})")
         block.aux.load_state_dict(aux)
     tensor_name, json_name = f"{STATE_DIR}/stage-{k}.safetensors", f"{STATE_DIR}/stage-{k}.json"
-    tensors = _open(folder / tensor_name)
-    scalars = read_json(folder / json_name)
-    _check_stage(folder, k, tensors, scalars)
     sums = _checksums(folder)
     _verify_file(folder, tensor_name, sums)
     _verify_file(folder, json_name, sums)
+    tensors = _open(folder, tensor_name)
+    scalars = read_json(folder / json_name)
+    _check_stage(folder, k, tensors, scalars)
     torch.set_rng_state(tensors.pop("rng.cpu"))
     if block.optimizer is not None and scalars["optimizer"] is not None:
         try:
@@ -515,7 +610,7 @@ def _write_model(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
     copied = []
     sums = _checksums(source) if source is not None else None
     for name in HF_FILES if source is not None else ():
-        if (source / name).is_file():
+        if (source / name).is_file() or (source / name).is_symlink():
             _verify_file(source, name, sums)
             shutil.copyfile(source / name, folder / name)
             copied.append(name)
@@ -680,13 +775,30 @@ def lock_run(save_dir: str | Path) -> RunLock:
     else:
         raise CheckpointError(f"{str(path)!r} was taken by other runs starting at the same time; choose another "
                               f"train.save_dir", key="train.save_dir")
-    leftovers = sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir())
-    for p in leftovers:
-        shutil.rmtree(p)
-    if leftovers:
-        log.info("removed %s from %s: folders of interrupted saves, never loaded", ", ".join(p.name for p in leftovers),
-                 root)
+    _finish_interrupted(root)
     return RunLock(path, mine, created)
+
+
+def _finish_interrupted(root: Path) -> None:
+    """Settle the step-N.tmp folders of interrupted saves in run directory `root` (no live run writes them): one
+    that is complete (its index written, every file verified) and has no step-N beside it was killed between the
+    index and the rename, so the rename is done now and nothing saved is lost; the others are removed."""
+    removed = []
+    for tmp in sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir() and not p.is_symlink()):
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        try:
+            status = verify(tmp) if (tmp / INDEX).is_file() and not final.exists() else None
+        except CheckpointError:
+            status = None
+        if status and set(status.values()) == {"ok"}:
+            os.replace(tmp, final)
+            log.warning("%s: completed the save of %s that was interrupted before its rename (every file verified)",
+                        root, final.name)
+            continue
+        shutil.rmtree(tmp)
+        removed.append(tmp.name)
+    if removed:
+        log.info("removed %s from %s: folders of interrupted saves, never loaded", ", ".join(removed), root)
 
 
 def _take_over(path: Path, holder: dict) -> None:
@@ -724,7 +836,8 @@ def deepspeed_folder(path: str | Path) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"DeepSpeed checkpoint {str(p)!r} does not exist; pass the save_checkpoint directory")
     if (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
+        p = member(p, (p / "latest").read_text(encoding="utf-8", errors="replace").strip(),
+                   f"{str(p / 'latest')!r}", CheckpointError)
     if not p.is_dir() or not any(_DS_LAYER.match(f.name) for f in p.iterdir()):
         raise CheckpointError(f"{str(p)!r} has no layer_XX-model_states.pt files: it is not a DeepSpeed pipeline "
                               f"checkpoint (pass the directory given to engine.save_checkpoint, or its tag folder)")
@@ -742,6 +855,8 @@ def import_deepspeed(path: str | Path, layered: LayeredModel) -> tuple[dict[str,
         if (m := _DS_LAYER.match(f.name) or _DS_AUX.match(f.name)) and m.group(2):
             raise CheckpointError(f"{f.name} is one tensor-parallel slice of a layer; only pipeline (and data) "
                                   f"parallel checkpoints can be imported")
+        if _DS_LAYER.match(f.name) or _DS_AUX.match(f.name):
+            member(folder, f.name, f"DeepSpeed checkpoint file {f.name!r}", CheckpointError)
         if m := _DS_LAYER.match(f.name):
             layers[int(m.group(1))] = f
         elif m := _DS_AUX.match(f.name):

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     gen.add_argument("--top-k", type=int, default=40, help="sample among the K likeliest tokens (default 40)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: among the likeliest tokens whose "
+                     "probabilities sum to P (default 1 = off)")
     gen.add_argument("--exit-stage", type=int, help="decode through stage K's aux head (early exit) instead of the "
                      "whole model")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -114,8 +116,6 @@ def _export(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """One line per file of the checkpoint(s) (ok, bad, missing, unlisted); a CheckpointError naming every file that
     is not ok."""
-    import logging
-
     from ppll_ext import checkpoint as ckpt
     from ppll_ext.errors import CheckpointError
 
@@ -123,8 +123,7 @@ def _verify(args: argparse.Namespace) -> int:
     for folder in ckpt.checkpoints(args.checkpoint):
         status = ckpt.verify(folder)
         if status is None:
-            logging.getLogger(__name__).warning("%s has no %s (saved by an older ppll_ext): its files cannot be "
-                                                "verified", folder, ckpt.CHECKSUMS)
+            ckpt.warn_unverified(folder)
             continue
         for name, state in status.items():
             print(f"{state:<9} {folder / name}")
@@ -139,7 +138,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ppll_ext.generate import generate
 
     result = generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, exit_stage=args.exit_stage, seed=args.seed)
+                      top_k=args.top_k, top_p=args.top_p, exit_stage=args.exit_stage, seed=args.seed)
     print(result.text)
     print(f"generated {result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_s:.1f} tokens/s) "
           f"through {result.route}", file=sys.stderr)

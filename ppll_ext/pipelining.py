@@ -395,7 +395,7 @@ class SchedulePPLL(PipelineScheduleSingle):
         """Restore this stage's weights, aux head, optimizer, LR schedule and step count from a checkpoint written
         by `save_checkpoint` with the same stages (`path`: the checkpoint or its run directory, newest step)."""
         folder = ckpt.resolve(path)
-        state = ckpt.read_json(folder / ckpt.TRAINER_STATE)
+        state = ckpt.read_trainer_state(folder)
         if state["num_stages"] != self._stage.num_stages:
             raise ConfigError(f"{str(folder)!r} was saved by {state['num_stages']} stages, this pipeline has "
                               f"{self._stage.num_stages}; resume with the same stages")

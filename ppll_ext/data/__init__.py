@@ -11,7 +11,7 @@ from ppll_ext.data.datasets import (
     shape_of,
 )
 from ppll_ext.data.loader import BatchLoader
-from ppll_ext.data.text import TEXT_SOURCES, TokenDataset, Tokenizer, load_tokenizer
+from ppll_ext.data.text import TEXT_SOURCES, TokenDataset, Tokenizer, load_tokenizer, tokenizer_digest
 
 __all__ = ["DATASET_NAMES", "TEXT_SOURCES", "ArrayDataset", "BatchLoader", "DataConfig", "DatasetName", "TokenDataset",
-           "Tokenizer", "dataset_shape", "load_dataset", "load_tokenizer", "shape_of"]
+           "Tokenizer", "dataset_shape", "load_dataset", "load_tokenizer", "shape_of", "tokenizer_digest"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from ppll_ext.errors import DataError
+from ppll_ext.folders import member, refuse_code
 
 TEXT_SOURCES: tuple[str, ...] = ("pydoc", "text", "tokens", "hf_disk")
 TEXT_SPLITS: tuple[str, ...] = ("train", "test")
@@ -69,15 +72,18 @@ class ByteTokenizer:
 class HFTokenizer:
     """A transformers fast tokenizer from a local folder holding tokenizer.json (or that file); never downloads."""
 
-    def __init__(self, path: str | Path) -> None:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    def __init__(self, path: str | Path, confined: bool = False) -> None:
+        """`confined`: the folder came with a checkpoint, so none of its files may be a link leading out of it."""
         path = Path(path).expanduser()
         folder = path.parent if path.is_file() else path
         tokenizer_file = path if path.is_file() else path / "tokenizer.json"
+        check_tokenizer_folder(folder, confined)
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
         try:
             if tokenizer_file.name == "tokenizer.json" and (folder / "tokenizer_config.json").is_file():
-                self._tok: Any = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                self._tok: Any = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                               trust_remote_code=False)
             else:
                 self._tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
         except Exception as err:
@@ -102,9 +108,43 @@ class HFTokenizer:
         return [Path(f) for f in self._tok.save_pretrained(str(folder)) if Path(f).is_file()]
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+"""The files of a tokenizer folder transformers may read."""
+
+
+def check_tokenizer_folder(folder: Path, confined: bool = False) -> None:
+    """DataError (one line) when the tokenizer folder asks transformers to run code of its own (auto_map in
+    tokenizer_config.json or config.json) or names a file outside itself in tokenizer_config.json (`*_file` entries,
+    fast_tokenizer_files); with `confined` (a checkpoint's folder) also when one of its files is a link out of it."""
+    where = f"data.tokenizer={str(folder)!r}"
+    refuse_code(folder, ("tokenizer_config.json", "config.json"), where, DataError, key="data.tokenizer")
+    config = folder / "tokenizer_config.json"
+    values = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    for key, value in values.items():
+        names = value if key == "fast_tokenizer_files" else [value] if key.endswith("_file") else []
+        for name in names if isinstance(names, list) else [names]:
+            if name is not None:
+                member(folder, name, f"{str(config)!r} entry {key!r}", DataError, follow_symlinks=confined)
+    if confined:
+        for name in TOKENIZER_FILES:
+            if (folder / name).exists() or (folder / name).is_symlink():
+                member(folder, name, f"tokenizer file {name!r}", DataError)
+
+
+def tokenizer_digest(spec: str) -> str:
+    """sha256 of the tokenizer.json that defines a tokenizer's ids ("byte" for the byte tokenizer): a resumed run
+    must read its text with the tokenizer its checkpoint was trained with, wherever that tokenizer lies now."""
+    if spec == "byte":
+        return "byte"
+    path = Path(spec).expanduser()
+    return hashlib.sha256((path if path.is_file() else path / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def load_tokenizer(spec: str, confined: bool = False) -> Tokenizer:
     """'byte' -> ByteTokenizer; a local folder with tokenizer.json (or a path to a tokenizer.json file) ->
-    HFTokenizer; anything else DataError(key="data.tokenizer")."""
+    HFTokenizer; anything else DataError(key="data.tokenizer"). `confined`: the folder is a checkpoint's, whose files
+    may not link out of it."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()
@@ -116,7 +156,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise DataError(f"data.tokenizer={spec!r} is neither 'byte' nor a local folder holding tokenizer.json (nor "
                         f"a tokenizer.json file); set data.tokenizer to 'byte' or to such a folder",
                         key="data.tokenizer")
-    return HFTokenizer(path)
+    return HFTokenizer(path, confined)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ppll_ext.errors import ConfigError
+from ppll_ext.errors import ConfigError, PPLLError
+from ppll_ext.folders import refuse_code
 from ppll_ext.models.layered import LayeredModel
 
 if TYPE_CHECKING:
@@ -160,38 +161,59 @@ def hf_config(kind: str, *, vocab_size: int, max_positions: int, depth: int, hid
 
 def read_hf_config(path: str | Path, kind: str) -> PretrainedConfig:
     """The config.json at `path` (a file, or a folder holding one) for model.hf_config; its model_type must be
-    `kind` (model.name)."""
-    from transformers import AutoConfig
-
+    `kind` (model.name), and it may not ask for code of its own (auto_map)."""
     p = Path(path).expanduser()
     file = p / "config.json" if p.is_dir() else p
     if not file.is_file():
         raise ConfigError(f"model.hf_config={str(path)!r}: no config.json there; give a Hugging Face config.json or "
                           f"the folder holding it", key="model.hf_config")
     try:
-        values = json.loads(file.read_text())
+        values = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"model.hf_config={str(path)!r}: {str(file)!r} is not valid JSON",
                           key="model.hf_config") from None
+    return config_from_values(values, f"model.hf_config={str(path)!r}", kind, ConfigError, key="model.hf_config")
+
+
+def config_from_values(values: object, where: str, kind: str | None, error: type[PPLLError],
+                       key: str | None = None) -> PretrainedConfig:
+    """A transformers config of a GPT-2 / Llama model from the values of its config.json (`where` names them in
+    errors): never one that asks for code of its own (auto_map) or of another model type (`kind`, or any of
+    LM_MODELS when None). Built with AutoConfig.for_model, so transformers reads no file and runs no code."""
+    from transformers import AutoConfig
+
+    if not isinstance(values, dict):
+        raise error(f"{where}: config.json is not a JSON object; restore it from a copy", key=key)
+    values = dict(values)
+    if "auto_map" in values:
+        raise error(f"{where}: config.json has 'auto_map', which asks to run Python code shipped with the folder; "
+                    f"ppll_ext never runs such code (trust_remote_code=False): use a gpt2 or llama config", key=key)
     model_type = values.pop("model_type", None)
-    if model_type != kind:
-        raise ConfigError(f"model.hf_config={str(path)!r} is a {model_type!r} config but model.name={kind!r}; set "
-                          f"model.name to its model_type (gpt2 or llama)", key="model.name")
-    for key in ("architectures", "transformers_version", "dtype", "torch_dtype"):
-        values.pop(key, None)
-    config = AutoConfig.for_model(model_type, **values)
+    if model_type not in ((kind,) if kind else LM_MODELS):
+        raise error(f"{where} is a {model_type!r} config but "
+                    + (f"model.name={kind!r}; set model.name to its model_type (gpt2 or llama)" if kind
+                       else "ppll_ext loads only gpt2 or llama models (no custom code is run)"),
+                    key="model.name" if kind else key)
+    for name in ("architectures", "transformers_version", "dtype", "torch_dtype"):
+        values.pop(name, None)
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{where}: config.json does not describe a {model_type} model ({exc})", key=key) from None
     config._attn_implementation = "sdpa"
     return config
 
 
 def check_pretrained(path: str | Path, kind: str) -> None:
-    """ConfigError unless `path` is a local save_pretrained folder of a `kind` model (model.pretrained)."""
+    """ConfigError unless `path` is a local save_pretrained folder of a `kind` model (model.pretrained) that asks
+    for no code of its own."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.pretrained={str(path)!r} has no config.json; give a local folder saved with "
                           f"save_pretrained (nothing is downloaded)", key="model.pretrained")
+    refuse_code(folder, ("config.json",), f"model.pretrained={str(path)!r}", ConfigError, key="model.pretrained")
     try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         model_type = None
     if model_type != kind:
@@ -211,8 +233,10 @@ def hf_layered(config: PretrainedConfig | None = None, pretrained: str | Path | 
 
     if pretrained is not None:
         folder = Path(pretrained).expanduser()
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa",
-                                                     dtype=torch.float32)
+        refuse_code(folder, ("config.json",), f"model.pretrained={str(pretrained)!r}", ConfigError,
+                    allowed_types=LM_MODELS, key="model.pretrained")
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                     attn_implementation="sdpa", dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.float().train()

@@ -171,7 +171,7 @@ def setup_deepspeed(cfg: Config) -> Setup:
     stage = rank // d
     job = prepare(cfg)
     total_steps = cfg.train.epochs * steps_per_epoch(len(job.train_loader), d)
-    start, folder, info = resume_position(cfg, total_steps, len(job.layered.layers))
+    start, folder, info = resume_position(cfg, len(job.train_loader), d, len(job.layered.layers))
     kept = info["boundaries"] if info and info["num_stages"] == k else None
     shared = [kept or stage_boundaries(cfg, job.layered, job.example) if rank == 0 else None]
     dist.broadcast_object_list(shared, src=0)

@@ -19,8 +19,8 @@ from ppll_ext.build import build_layered
 from ppll_ext.config import Config, check_device
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
-from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of
-from ppll_ext.errors import EXIT_ERROR, ConfigError, PPLLError
+from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of, tokenizer_digest
+from ppll_ext.errors import EXIT_ERROR, CheckpointError, ConfigError, PPLLError
 from ppll_ext.models import LayeredModel
 from ppll_ext.paths import unwritable
 from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at, steps_per_epoch
@@ -86,15 +86,34 @@ class Setup:
     title: str = ""
 
 
-def resume_position(cfg: Config, total_steps: int, layers: int) -> tuple[ckpt.Position, Path | None, dict | None]:
-    """Where training starts (train.resume's position or the beginning), checked against the run's end,
-    train.stop_at_step and the model's `layers` before any work."""
+def resume_position(cfg: Config, batches: int, replicas: int, layers: int
+                    ) -> tuple[ckpt.Position, Path | None, dict | None]:
+    """Where training starts (train.resume's position or the beginning), checked against the epoch's `batches`
+    (mini-batches, taken `replicas` per step), the run's end, train.stop_at_step and the model's `layers` before any
+    work."""
     folder, info = resume_state(cfg)
     if info is not None:
         ckpt.check_cut(folder, info, layers)
     start = ckpt.Position(**info["position"]) if info else ckpt.Position(0, 0, 0)
-    check_stop_at(cfg.train.stop_at_step, start, total_steps, repr(str(folder)) if folder else "a new run")
+    per_epoch = steps_per_epoch(batches, replicas)
+    if info is not None:
+        check_position(folder, start, batches, replicas)
+    check_stop_at(cfg.train.stop_at_step, start, cfg.train.epochs * per_epoch,
+                  repr(str(folder)) if folder else "a new run")
     return start, folder, info
+
+
+def check_position(folder: Path, at: ckpt.Position, batches: int, replicas: int) -> None:
+    """CheckpointError unless a saved position is one the loop can have written for this data stream: a batch
+    inside the epoch, at a step boundary, and the step count its epoch and batch imply."""
+    per_epoch = steps_per_epoch(batches, replicas)
+    expected = at.epoch * per_epoch + at.batch // replicas
+    if at.batch >= batches or at.batch % replicas or at.step != expected:
+        raise CheckpointError(
+            f"{str(folder / ckpt.TRAINER_STATE)!r}: position (step {at.step}, epoch {at.epoch}, batch {at.batch}) is "
+            f"not a point of this data stream ({batches} batches per epoch, {replicas} per step: batch below "
+            f"{batches}, step = epoch x {per_epoch} + batch / {replicas}); the file was edited or belongs to another "
+            f"data set: resume from another checkpoint")
 
 
 def preflight(cfg: Config) -> Job:
@@ -102,7 +121,7 @@ def preflight(cfg: Config) -> Job:
     run directory (a writable folder that no live run holds)."""
     job = prepare(cfg)
     replicas = cfg.local.data_parallel if cfg.train.method == "local" and cfg.local.engine == "deepspeed" else 1
-    resume_position(cfg, cfg.train.epochs * steps_per_epoch(len(job.train_loader), replicas), len(job.layered.layers))
+    resume_position(cfg, len(job.train_loader), replicas, len(job.layered.layers))
     if cfg.train.save_dir:
         ckpt.check_run_dir(cfg.train.save_dir)
     reason = unwritable(Path(cfg.train.log_dir).absolute()) if cfg.train.log_dir else None
@@ -118,7 +137,14 @@ def loop_settings(cfg: Config, job: Job) -> LoopSettings:
     lm = cfg.task == "lm"
     return LoopSettings(t.method, cfg.model.name, cfg.data.name, t.epochs, t.save_dir, t.save_every, t.keep,
                         t.stop_at_step, t.progress, cfg.to_dict(), cfg.task, cfg.data.seq_len if lm else 0,
-                        hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None, t.log_dir or t.save_dir)
+                        hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None, t.log_dir or t.save_dir,
+                        fingerprints(cfg))
+
+
+def fingerprints(cfg: Config) -> dict[str, str]:
+    """{setting: digest of the content it names} that a checkpoint records and a resume compares: a language model's
+    data.tokenizer (by its tokenizer.json, wherever it lies)."""
+    return {"data.tokenizer": tokenizer_digest(cfg.data.tokenizer)} if cfg.task == "lm" else {}
 
 
 def hf_files_writer(layered: LayeredModel, tokenizer: str) -> Callable[[Path], object]:
@@ -159,7 +185,8 @@ def resume_state(cfg: Config) -> tuple[Path | None, dict | None]:
     folder = ckpt.resolve(cfg.train.resume)
     state = ckpt.read_trainer_state(folder)
     stages = 1 if cfg.train.method == "bp" else cfg.local.stages
-    ckpt.check_resume_settings(folder, state, cfg.to_dict(), same_stages=state["num_stages"] == stages)
+    ckpt.check_resume_settings(folder, state, cfg.to_dict(), same_stages=state["num_stages"] == stages,
+                               fingerprints=fingerprints(cfg))
     return folder, state
 
 
@@ -167,10 +194,7 @@ def restore_checkpoint(folder: Path, state: dict, layered: LayeredModel, blocks:
                        boundaries: list[int]) -> ckpt.Position:
     """Load the model weights (any cut) and, if the cut is unchanged, every stage's aux head and optimizer; each file
     is verified against its recorded sha256 (a checkpoint without checksums is loaded with a warning)."""
-    if 0 in blocks and not (folder / ckpt.CHECKSUMS).is_file():
-        log.warning("checkpoint %s has no %s (saved by an older ppll_ext): its files cannot be verified", folder,
-                    ckpt.CHECKSUMS)
-    weights = ckpt.load_model_state(folder)
+    weights = ckpt.load_model_state(folder, warn=0 in blocks)
     ckpt.check_against(weights, layered.model.state_dict(), f"checkpoint {str(folder)!r}")
     layered.model.load_state_dict(weights)
     position = ckpt.Position(**state["position"])

@@ -148,6 +148,8 @@ class LoopSettings:
     """Writes what else a checkpoint folder holds (a language model's config.json and tokenizer files)."""
     log_dir: str | None = None
     """Where the driver writes the training curves (metrics.jsonl, TensorBoard events); None = none."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """{setting: digest of the content it names} recorded in every checkpoint (data.tokenizer of language models)."""
 
 
 def check_stop_at(stop_at: int | None, start: ckpt.Position, total_steps: int, where: str) -> None:
@@ -185,7 +187,7 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
         saved = at.step
         if engine.is_driver:
             folder = ckpt.commit(ckpt.step_folder(s.save_dir, at.step), manifests, at, boundaries, s.config, s.keep,
-                                 s.extra_files)
+                                 s.extra_files, s.fingerprints)
             say(f"checkpoint saved: {folder}")
 
     try:

@@ -41,7 +41,7 @@ def setup_native(cfg: Config) -> Setup:
         torch.set_num_threads(threads)
     job = prepare(cfg)
     total_steps = cfg.train.epochs * steps_per_epoch(len(job.train_loader), 1)
-    start, folder, info = resume_position(cfg, total_steps, len(job.layered.layers))
+    start, folder, info = resume_position(cfg, len(job.train_loader), 1, len(job.layered.layers))
     k = 1 if cfg.train.method == "bp" else cfg.local.stages
     kept_cut = info["boundaries"] if info and info["num_stages"] == k else None
     if cfg.train.method == "bp":
@@ -100,6 +100,8 @@ def run_training(cfg: Config, *, out: TextIO | None = None,
 
 def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], None] | None) -> Summary | None:
     # The process that commits the checkpoints (rank 0, or the only one) holds the run directory's lock for the run.
+    if cfg.train.resume:  # refused before the lock settles the run directory's interrupted saves
+        ckpt.resolve(cfg.train.resume)
     lock = ckpt.lock_run(cfg.train.save_dir) if cfg.train.save_dir and os.environ.get("RANK", "0") == "0" else None
     try:
         if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
