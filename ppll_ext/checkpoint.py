@@ -68,7 +68,7 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 """Files besides the weights that make a folder loadable by transformers' from_pretrained (model config, tokenizer);
 written into language-model checkpoints and copied by export."""
 RESUME_SETTINGS = ("data.name", "data.train_subset", "data.val_fraction", "data.seq_len", "data.text_column",
-                   "train.batch_size", "train.seed", "local.data_parallel")
+                   "data.encoding", "train.batch_size", "train.seed", "local.data_parallel")
 """Settings that give a checkpoint's position (epoch, batch, step) its meaning: a resumed run must keep them."""
 OPTIMIZER_SETTINGS = ("optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay")
 """Settings held in the saved optimizer states: a run resumed with the same stages (which restores them) keeps them."""

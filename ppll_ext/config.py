@@ -23,7 +23,7 @@ from ppll_ext.core.block import AUTOCAST, ON_NAN
 from ppll_ext.core.tasks import TASKS
 from ppll_ext.data.datasets import DataConfig
 from ppll_ext.data.text import TEXT_SOURCES
-from ppll_ext.errors import ConfigError
+from ppll_ext.errors import ConfigError, quote
 from ppll_ext.models import ModelConfig
 from ppll_ext.runtime import RUNTIMES
 
@@ -204,12 +204,13 @@ class TrainConfig:
         _at_least(self, "train.", "threads", 0)
         _at_least(self, "train.", "check_every", 0)
         if self.save_every < 0 or self.keep < 1:
-            raise ConfigError(f"train.save_every={self.save_every} must be >= 0 and train.keep={self.keep} >= 1",
+            raise ConfigError(f"train.save_every={quote(self.save_every)} must be >= 0 and train.keep="
+                              f"{quote(self.keep)} >= 1",
                               key="train.save_every" if self.save_every < 0 else "train.keep")
         if self.save_every and not self.save_dir:
             raise ConfigError("train.save_every needs a run directory: set train.save_dir", key="train.save_dir")
         if self.stop_at_step is not None and self.stop_at_step < 0:
-            raise ConfigError(f"train.stop_at_step={self.stop_at_step} must be at least 0 (or null)",
+            raise ConfigError(f"train.stop_at_step={quote(self.stop_at_step)} must be at least 0 (or null)",
                               key="train.stop_at_step")
 
 
@@ -240,8 +241,8 @@ class Config:
         self._check_task()
         if self.train.batch_size % self.local.micro_batches:
             raise ConfigError(
-                f"train.batch_size={self.train.batch_size} is not divisible by local.micro_batches="
-                f"{self.local.micro_batches}; choose a batch size that is a multiple of M",
+                f"train.batch_size={quote(self.train.batch_size)} is not divisible by local.micro_batches="
+                f"{quote(self.local.micro_batches)}; choose a batch size that is a multiple of M",
                 key="train.batch_size",
             )
 
@@ -296,14 +297,14 @@ def _check_fields(section: Any, prefix: str) -> None:
 def _choice(value: Any, allowed: tuple[Any, ...], key: str) -> None:
     """ConfigError naming `key` and the allowed values unless `value` is one of them."""
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(str(a) for a in allowed)}", key=key)
+        raise ConfigError(f"{key}={quote(value)} is not one of {', '.join(str(a) for a in allowed)}", key=key)
 
 
 def _at_least(section: Any, prefix: str, name: str, low: int) -> None:
     """ConfigError naming the key unless the numeric field `name` of `section` is at least `low`."""
     value = getattr(section, name)
     if value < low:
-        raise ConfigError(f"{prefix}{name}={value} must be at least {low}", key=f"{prefix}{name}")
+        raise ConfigError(f"{prefix}{name}={quote(value)} must be at least {low}", key=f"{prefix}{name}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -320,24 +321,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}", key=key)
+        raise ConfigError(f"{key}: expected true or false, got {quote(value)}", key=key)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}", key=key)
+        raise ConfigError(f"{key}: expected an integer, got {quote(value)}", key=key)
     if hint is float:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:  # a string too: YAML 1.1 reads 1e-3 (no dot) as one
                 return float(value)
             except (ValueError, OverflowError):
                 pass
-        raise ConfigError(f"{key}: expected a number such as 0.1 or 1e-3, got {value!r}", key=key)
+        raise ConfigError(f"{key}: expected a number such as 0.1 or 1e-3, got {quote(value)}", key=key)
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, list):
             return ",".join(str(v) for v in value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}", key=key)
+        raise ConfigError(f"{key}: expected a string, got {quote(value)}", key=key)
     return value
 
 
@@ -351,11 +352,11 @@ def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
             close = difflib.get_close_matches(str(key), names, n=1)
             valid = ", ".join(prefix + n for n in names)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {valid}"
-            raise ConfigError(f"unknown config key {full!r}{hint}", key=full)
+            raise ConfigError(f"unknown config key {quote(full)}{hint}", key=full)
         current = getattr(section_obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a mapping of keys, got {value!r}", key=full)
+                raise ConfigError(f"{full}: expected a mapping of keys, got {quote(value)}", key=full)
             _apply(current, value, f"{full}.")
         else:
             setattr(section_obj, key, _coerce(value, hints[key], full))
@@ -364,12 +365,12 @@ def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
 def parse_override(text: str) -> dict[str, Any]:
     """Turn 'a.b=value' into {'a': {'b': value}}, the value parsed as YAML (so 0.1, true, null work)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=1", key=text.strip())
+        raise ConfigError(f"--set {quote(text)}: expected key=value, e.g. --set train.epochs=1", key=text.strip())
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw, f"--set {quote(text)}", key.strip()) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})",
+        raise ConfigError(f"--set {quote(text)}: value is not valid YAML ({exc.__class__.__name__})",
                           key=key.strip()) from None
     out: dict[str, Any] = {}
     node = out
@@ -386,15 +387,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = Config()
     if path is not None:
         p = Path(path)
+        where = f"config file {quote(str(p))}"
         try:
-            data = yaml.safe_load(_read_text(p)) or {}
+            data = _yaml(_read_text(p, where), where, "path") or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax", key="path") from None
+            line = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{where} is not valid YAML{line}; fix the syntax", key="path") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model:, data:, ...)",
-                              key="path")
+            raise ConfigError(f"{where} must hold a mapping of sections (model:, data:, ...)", key="path")
         _apply(cfg, data, "")
     for text in overrides:
         _apply(cfg, parse_override(text), "")
@@ -402,26 +403,85 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def _read_text(p: Path) -> str:
-    """The text of the config file `p`; ConfigError (key "path") if it is missing, a directory or not UTF-8."""
-    if p.is_dir():
+YAML_LIMIT = 1_000_000
+"""Most characters of keys and values (plus one per node) a config's YAML may hold with its aliases expanded: a
+config needs a few kilobytes, while nested aliases (&a [x, x], &b [*a, *a], ...) multiply with every level, so
+400 bytes of them expand to gigabytes."""
+
+
+def _yaml(text: str, where: str, key: str) -> Any:
+    """The YAML document `text` as Python values (YAML's safe tags only). yaml.YAMLError for bad syntax, ConfigError
+    naming `where` for a document that expands past YAML_LIMIT through its aliases, nests too deeply or holds a
+    value Python cannot build (an integer of thousands of digits, a date such as 2020-13-45)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except RecursionError:
+        raise ConfigError(f"{where} nests too deeply for YAML to read; a config nests two levels", key=key) from None
+    if node is None:
+        return None
+    _check_expansion(node, where, key)
+    try:
+        return loader.construct_document(node)
+    except ValueError as exc:  # from int() or datetime() on a value that the YAML grammar accepts
+        raise ConfigError(f"{where} holds a value that cannot be read ({exc}); fix it", key=key) from None
+
+
+def _check_expansion(root: yaml.Node, where: str, key: str) -> None:
+    """ConfigError as soon as the node tree, each alias counted as a copy of what it names, passes YAML_LIMIT, or an
+    alias lies inside the node it names (it would never end). Each node is measured once, so this takes time in
+    proportion to the text, not to the expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ConfigError(f"{where} has a YAML alias inside the node it names (&name ... *name), which never "
+                              f"ends; write the value out", key=key)
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.ScalarNode):
+            total += len(node.value)
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+            for child in children:
+                total += size(child)
+                if total > YAML_LIMIT:
+                    raise ConfigError(f"{where} holds more than {YAML_LIMIT:,} characters once its YAML aliases "
+                                      f"(*name) are expanded; a config needs a few kilobytes: write it without "
+                                      f"nested aliases", key=key)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _read_text(p: Path, where: str) -> str:
+    """The text of the config file `p` (`where` names it); ConfigError (key "path") if it is missing, a directory or
+    not UTF-8."""
+    try:
+        is_dir, is_file = p.is_dir(), p.is_file()
+    except OSError as exc:  # such as a name too long for the file system
+        raise ConfigError(f"{where} cannot be read ({exc.strerror}); pass a readable YAML file", key="path") from None
+    if is_dir:
         found = ", ".join(sorted(x.name for x in p.iterdir() if x.suffix in (".yaml", ".yml") and x.is_file())[:10])
-        holds = f", e.g. one of {found}" if found else f"; {str(p)!r} holds no *.yaml file"
-        raise ConfigError(f"config file {str(p)!r} is a directory; pass a YAML file to --config{holds}", key="path")
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config",
-                          key="path")
+        holds = f", e.g. one of {found}" if found else f"; {quote(str(p))} holds no *.yaml file"
+        raise ConfigError(f"{where} is a directory; pass a YAML file to --config{holds}", key="path")
+    if not is_file:
+        raise ConfigError(f"{where} does not exist; pass an existing YAML file to --config", key="path")
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.strerror}); pass a readable YAML file",
-                          key="path") from None
+        raise ConfigError(f"{where} cannot be read ({exc.strerror}); pass a readable YAML file", key="path") from None
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is fine
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                          f"{exc.start}, line {line}); save it as UTF-8", key="path") from None
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line "
+                          f"{line}); save it as UTF-8", key="path") from None
 
 
 def check_device(cfg: Config) -> None:

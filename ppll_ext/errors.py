@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import reprlib
+
 EXIT_ERROR = 2
 """Exit code of a `ppll` command or stage process that stopped on a PPLLError (bad input or a failed stage)."""
+QUOTE_LIMIT = 200
+"""Most characters of a value that `quote` shows in a message."""
 
 
 class PPLLError(Exception):
@@ -36,3 +40,25 @@ class CheckpointError(PPLLError):
 
 class PipelineError(PPLLError, RuntimeError):
     """A pipeline stage failed, timed out or received data it cannot use."""
+
+
+class _Short(reprlib.Repr):
+    """reprlib with room for one whole setting but few nested items, so a repr costs little whatever the value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = self.maxset = self.maxfrozenset = 8
+        self.maxdeque = 8
+        self.maxstring = self.maxlong = self.maxother = QUOTE_LIMIT
+
+
+_SHORT = _Short()
+
+
+def quote(value: object) -> str:
+    """repr(value) cut to about QUOTE_LIMIT characters, for a message that shows a value someone gave: a huge value
+    (a 100 MB string, a list that nested YAML aliases repeat a billion times) makes neither a huge line nor the work
+    of printing it."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."

@@ -338,6 +338,7 @@ def test_resume_with_changed_settings_or_edited_state_is_one_line(saved: Path, t
     for change, field, old in (("train.batch_size=16", "train.batch_size", "32"),
                                ("data.train_subset=160", "data.train_subset", "320"),
                                ("train.seed=1", "train.seed", "0"),
+                               ("data.encoding=latin-1", "data.encoding", "'utf-8'"),
                                ("optim.name=adamw", "optim.name", "'sgd'")):
         new = change.split("=")[1]
         new = repr(new) if not new.isdigit() else new

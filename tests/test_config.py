@@ -8,6 +8,8 @@ import inspect
 import math
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
@@ -274,6 +276,84 @@ def test_config_file_errors_name_the_path_argument(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(path)
         assert info.value.key == "path"
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML flow list of nested aliases: each level is nine aliases of the one before, so the text grows by a few
+    characters per level and what it expands to ninefold (7 levels: 9**7 scalars from 330 characters)."""
+    names = "abcdefghij"
+    items = ["&a [" + ", ".join(["lol"] * 9) + "]"]
+    items += [f"&{names[i]} [" + ", ".join([f"*{names[i - 1]}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_in_one_short_line(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Nested aliases in a config file or a --set value are refused before they expand (a 330-byte file used to
+    make a 39 MB error line after seconds; nine levels a 3 GB one), as is an alias inside what it names; aliases that
+    stay small still work."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"optim: {{lr: {_alias_bomb(7)}}}\n")
+    assert len(bomb.read_bytes()) < 400
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(bomb)
+    assert time.perf_counter() - start < 0.5
+    assert str(info.value) == (f"config file {str(bomb)!r} holds more than 1,000,000 characters once its YAML "
+                               f"aliases (*name) are expanded; a config needs a few kilobytes: write it without nested "
+                               f"aliases")
+    assert info.value.key == "path"
+
+    start = time.perf_counter()
+    rc, err = _cli(capsys, "--set", f"optim.lr={_alias_bomb(7)}")
+    assert time.perf_counter() - start < 0.5
+    assert rc == 2 and len(err) == 1 and len(err[0]) < 500, (rc, len(err), len(err[0]))
+    assert err[0].startswith("ppll: error: --set 'optim.lr=[&a [lol, lol, lol,") and \
+        err[0].endswith("holds more than 1,000,000 characters once its YAML aliases (*name) are expanded; a config "
+                        "needs a few kilobytes: write it without nested aliases (command line: --set optim.lr=...)")
+
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("train: {save_dir: &a [*a]}\n")
+    with pytest.raises(ConfigError, match=r"loop.yaml' has a YAML alias inside the node it names \(&name ... \*name\), "
+                                          r"which never ends; write the value out$"):
+        load_config(loop)
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("train: {save_dir: &dir runs/a, log_dir: *dir, epochs: &n 3}\nlocal: {stages: *n}\n")
+    cfg = load_config(fine)
+    assert (cfg.train.save_dir, cfg.train.log_dir, cfg.train.epochs, cfg.local.stages) == ("runs/a", "runs/a", 3, 3)
+
+
+LONG = 100_000
+
+
+@pytest.mark.parametrize("make", [
+    lambda: load_config(None, ["train.on_nan=" + "x" * LONG]),  # not one of the choices
+    lambda: load_config(None, ["model.name=" + "x" * LONG]),
+    lambda: load_config(None, ["optim.lr=" + "x" * LONG]),  # not a number
+    lambda: load_config(None, ["train.epochs=" + "x" * LONG]),  # not an integer
+    lambda: load_config(None, ["train.epochs=[" + "1, " * 2000 + "1]"]),
+    lambda: load_config(None, ["train.progress=" + "x" * LONG]),  # not true or false
+    lambda: load_config(None, ["train.save_dir={a: " + "x" * LONG + "}"]),  # not a string
+    lambda: load_config(None, ["optim=" + "x" * LONG]),  # not a mapping
+    lambda: load_config(None, ["train." + "x" * LONG + "=1"]),  # an unknown key
+    lambda: load_config(None, ["x" * LONG]),  # no '='
+    lambda: load_config(None, ["train.save_every=-" + "9" * 4000]),  # a check of the section
+    lambda: load_config(None, ["train.batch_size=" + "9" * 4000, "local.micro_batches=7"]),  # a check across sections
+    lambda: load_config(None, ["train.epochs=" + "9" * 5000]),  # more digits than Python converts
+    lambda: load_config(None, ["train.save_dir=" + "- " * 1000 + "x"]),  # deeper than the YAML reader goes
+    lambda: load_config(Path("x" * LONG)),  # a path the file system refuses
+    lambda: DataConfig(name="x" * LONG).check(),  # sections built in Python
+    lambda: DataConfig(train_subset=-10 ** 3000).check(),
+    lambda: ModelConfig(name="x" * LONG).check(),
+])
+def test_error_messages_quote_at_most_200_characters_of_a_value(make: Callable[[], object]) -> None:
+    """Every message that shows a value someone gave shows at most about 200 characters of it, in one line, and a
+    value YAML or Python cannot read is a ConfigError too (not a ValueError or RecursionError traceback)."""
+    with pytest.raises(ConfigError) as info:
+        make()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 1000, (len(message), message[:300])
+    assert not any(run in message for run in ("x" * 201, "9" * 201, "1, " * 67)), message[:300]
 
 
 FLOAT_KEYS = [k for k in config_keys() if float in (_hint(k), *get_args(_hint(k)))]

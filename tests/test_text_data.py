@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from ppll_ext.cli import main
+from ppll_ext.data import DataConfig, load_dataset
 from ppll_ext.data.text import (
     TEXT_SOURCES,
     ByteTokenizer,
@@ -18,7 +21,7 @@ from ppll_ext.data.text import (
     load_text_split,
     load_tokenizer,
 )
-from ppll_ext.errors import DataError
+from ppll_ext.errors import ConfigError, DataError
 
 BYTE = ByteTokenizer()
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, hello text", "pipelines learn locally"]
@@ -191,6 +194,92 @@ def test_text_errors(tmp_path: Path) -> None:
     _write(tmp_path / "short.txt", "tiny")
     with pytest.raises(DataError, match=r"test split has 2 tokens.*set a smaller data.seq_len or give more text"):
         load_text_split("text", "test", BYTE, 8, root=str(tmp_path / "short.txt"), val_fraction=0.3)
+
+
+def test_latin1_is_refused_with_file_and_offset_and_read_with_data_encoding(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Non-UTF-8 text stops the run naming the file and the byte offset (it used to become U+FFFD, silently);
+    data.encoding=latin-1 reads it as it is."""
+    text = "café crème brûlée, naïve façade " * 4
+    _write(tmp_path / "books" / "a.txt", "plain ascii text " * 8)
+    latin = tmp_path / "books" / "b.txt"
+    latin.write_bytes(text.encode("latin-1"))
+    root = str(tmp_path / "books")
+    with pytest.raises(DataError) as err:
+        load_text_split("text", "train", BYTE, 8, root=root)
+    assert str(err.value) == (f"{str(latin)!r} is not utf-8 text: byte 0xe9 at offset 3 does not decode; set "
+                              f"data.encoding to the file's encoding (such as latin-1, cp1252 or utf-16), or to "
+                              f"utf-8:replace to replace such bytes with U+FFFD")
+    assert err.value.key == "data.encoding"
+    cfg = DataConfig(name="text", root=str(latin), seq_len=8, val_fraction=0.5, encoding="latin-1")
+    cfg.check()
+    train, test = load_dataset(cfg, "train"), load_dataset(cfg, "test")
+    assert train.tokens.tolist() + test.tokens.tolist() == _bytes_of(text)
+
+    rc = main(["train", "--runtime", "sequential", "--set", "model.name=gpt2", "--set", "data.name=text",
+               "--set", f"data.root={root}", "--set", "data.seq_len=8"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"ppll: error: {str(latin)!r} is not utf-8 text: byte 0xe9 at offset 3")
+
+
+def test_binary_files_are_refused_with_file_and_offset(tmp_path: Path) -> None:
+    """NUL bytes or bytes that are not UTF-8 (a binary file named .txt) are refused, whatever the encoding; UTF-16
+    text, NUL bytes and all, reads with data.encoding=utf-16, offsets counting its bytes."""
+    png = tmp_path / "image.txt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(DataError, match=r"image.txt' is not utf-8 text: byte 0x89 at offset 0 does not decode"):
+        load_text_split("text", "train", BYTE, 8, root=str(png))
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"text before the NUL\x00 and after it")
+    for encoding in ("utf-8", "latin-1"):
+        with pytest.raises(DataError) as err:
+            load_text_split("text", "train", BYTE, 8, root=str(nul), encoding=encoding)
+        assert str(err.value).startswith(f"{str(nul)!r} holds a NUL byte at offset 19: binary data, not {encoding} "
+                                         f"text; remove it from data.root")
+        assert err.value.key == "data.root"
+
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes("wide text, two bytes a character ".encode("utf-16"))
+    with pytest.raises(DataError, match="byte 0xff at offset 0 does not decode"):
+        load_text_split("text", "train", BYTE, 8, root=str(wide))
+    tokens = load_text_split("text", "test", BYTE, 8, root=str(wide), encoding="utf-16", val_fraction=0.5).tokens
+    assert bytes(tokens.tolist()).endswith(b"a character \n\n")
+    wide.write_bytes("ab\0c".encode("utf-16"))  # BOM, a, b, then the NUL at byte 6
+    with pytest.raises(DataError, match="holds a NUL byte at offset 6: binary data, not utf-16 text"):
+        load_text_split("text", "train", BYTE, 8, root=str(wide), encoding="utf-16")
+
+
+def test_replacement_is_an_opt_in_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """data.encoding=utf-8:replace turns each stretch of bytes that does not decode, and each NUL, into U+FFFD
+    (as errors="replace" does), and logs how many there were and where the first one is (on each read)."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"ok \xe9t\xe9 \xff\xfe and \x00 \xef\xbf\xbd")  # the last is a U+FFFD of the text itself
+    with caplog.at_level(logging.WARNING, logger="ppll_ext.data.text"):
+        ds = load_text_split("text", "train", BYTE, 4, root=str(path), encoding="utf-8:replace", val_fraction=0.1)
+    repl = "\ufffd"
+    assert ds.tokens.tolist() + load_text_split("text", "test", BYTE, 4, root=str(path), encoding="utf-8:replace",
+                                                val_fraction=0.1).tokens.tolist() == \
+        _bytes_of(f"ok {repl}t{repl} {repl}{repl} and {repl} {repl}")
+    assert [r.getMessage() for r in caplog.records] == 2 * [
+        f"{path} is not all utf-8 text: U+FFFD replaces the bytes that do not decode, and NULs (5 replacements, the "
+        f"first at byte offset 3)"]
+    path.write_bytes(b"no decoding error, but a \x00 NUL")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ppll_ext.data.text"):
+        load_text_split("text", "train", BYTE, 4, root=str(path), encoding="latin-1:replace")
+    assert caplog.records[0].getMessage().endswith(" is not all latin-1 text: U+FFFD replaces the bytes that do not "
+                                                   "decode, and NULs (1 replacements, the first at byte offset 25)")
+
+
+@pytest.mark.parametrize("encoding", ["klingon", "base64", "rot13", "utf-8:ignore", "", "utf\0-8", "x" * 100_000])
+def test_an_unknown_encoding_is_refused_up_front(encoding: str, tmp_path: Path) -> None:
+    for call in (lambda: DataConfig(name="text", encoding=encoding).check(),
+                 lambda: load_text_split("text", "train", BYTE, 8, root=str(tmp_path / "none"), encoding=encoding)):
+        with pytest.raises(ConfigError, match=r"^data.encoding=.* is not a text encoding Python knows; set a codec "
+                                              r"name such as utf-8, latin-1, cp1252 or utf-16, with :replace") as err:
+            call()
+        assert err.value.key == "data.encoding" and len(str(err.value)) < 400
 
 
 def test_bad_arguments_are_rejected_before_loading(tmp_path: Path) -> None:

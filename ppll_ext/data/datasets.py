@@ -17,8 +17,8 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import torch
 
-from ppll_ext.data.text import TEXT_SOURCES, TokenDataset, load_text_split, load_tokenizer
-from ppll_ext.errors import ConfigError, DataError
+from ppll_ext.data.text import TEXT_SOURCES, TokenDataset, load_text_split, load_tokenizer, parse_encoding
+from ppll_ext.errors import ConfigError, DataError, quote
 
 IMAGE_DATASETS: tuple[str, ...] = ("digits", "cifar10", "svhn", "stl10", "imagefolder")
 DATASET_NAMES: tuple[str, ...] = (*IMAGE_DATASETS, *TEXT_SOURCES)
@@ -69,6 +69,10 @@ class DataConfig:
     """Text without its own validation split: the share of documents (or of tokens) held out for validation."""
     text_column: str = "text"
     """hf_disk: the column holding the text."""
+    encoding: str = "utf-8"
+    """text: the encoding of the files (a Python codec name: utf-8, latin-1, cp1252, utf-16, ...). A byte that does
+    not decode, or a NUL (binary data), stops the run naming the file and the byte offset, unless the name ends in
+    :replace (utf-8:replace): then each becomes U+FFFD, counted and logged."""
 
     @property
     def is_text(self) -> bool:
@@ -78,16 +82,17 @@ class DataConfig:
     def check(self) -> None:
         """Reject a data section that cannot work (ConfigError with the data.* key), before anything is loaded."""
         if self.name not in DATASET_NAMES:
-            raise ConfigError(f"data.name={self.name!r} is not one of {', '.join(DATASET_NAMES)}", key="data.name")
+            raise ConfigError(f"data.name={quote(self.name)} is not one of {', '.join(DATASET_NAMES)}", key="data.name")
         for field, value in (("train_subset", self.train_subset), ("test_subset", self.test_subset)):
             if value is not None and value < 1:
-                raise ConfigError(f"data.{field}={value} must be at least 1 (or null for the whole split)",
+                raise ConfigError(f"data.{field}={quote(value)} must be at least 1 (or null for the whole split)",
                                   key=f"data.{field}")
         if self.seq_len < 2:
-            raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2 (a token and the one after it)",
+            raise ConfigError(f"data.seq_len={quote(self.seq_len)} must be at least 2 (a token and the one after it)",
                               key="data.seq_len")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1", key="data.val_fraction")
+        parse_encoding(self.encoding)
 
 
 @dataclass
@@ -170,7 +175,8 @@ def load_dataset(cfg: DataConfig, split: str) -> Dataset:
     subset = cfg.train_subset if split == "train" else cfg.test_subset
     if cfg.is_text:
         return load_text_split(cfg.name, split, load_tokenizer(cfg.tokenizer), cfg.seq_len, root=cfg.root,
-                               val_fraction=cfg.val_fraction, text_column=cfg.text_column, subset=subset)
+                               val_fraction=cfg.val_fraction, text_column=cfg.text_column, subset=subset,
+                               encoding=cfg.encoding)
     loaders: dict[str, Callable[[DataConfig, str], ArrayDataset]] = {
         "digits": _load_digits,
         "cifar10": _load_torchvision,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -15,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ppll_ext.errors import DataError
+from ppll_ext.errors import DataError, quote
 from ppll_ext.folders import member, refuse_code
 
 TEXT_SOURCES: tuple[str, ...] = ("pydoc", "text", "tokens", "hf_disk")
@@ -27,6 +29,8 @@ _TEXT_SUFFIXES = (".txt", ".md", ".rst")
 _VAL_NAMES = ("val", "validation", "test")
 # Tokens read at a time when checking the ids of a .bin file: 32 MiB of uint16.
 _CHECK_CHUNK = 1 << 24
+REPLACE = ":replace"
+"""Suffix of data.encoding that replaces the bytes that do not decode with U+FFFD (counted and logged)."""
 
 
 class Tokenizer(Protocol):
@@ -149,12 +153,12 @@ def load_tokenizer(spec: str, confined: bool = False) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "tokenizer.json").is_file():
-        raise DataError(f"data.tokenizer={spec!r} is a folder without tokenizer.json (only fast tokenizers load); "
+        raise DataError(f"data.tokenizer={quote(spec)} is a folder without tokenizer.json (only fast tokenizers load); "
                         f"set data.tokenizer to a folder written by a fast tokenizer's save_pretrained, or to 'byte'",
                         key="data.tokenizer")
     if not (path.is_dir() or (path.is_file() and path.suffix == ".json")):
-        raise DataError(f"data.tokenizer={spec!r} is neither 'byte' nor a local folder holding tokenizer.json (nor "
-                        f"a tokenizer.json file); set data.tokenizer to 'byte' or to such a folder",
+        raise DataError(f"data.tokenizer={quote(spec)} is neither 'byte' nor a local folder holding tokenizer.json "
+                        f"(nor a tokenizer.json file); set data.tokenizer to 'byte' or to such a folder",
                         key="data.tokenizer")
     return HFTokenizer(path, confined)
 
@@ -194,11 +198,28 @@ class TokenDataset:
         return ids, ids.clone()
 
 
+def parse_encoding(spec: str) -> tuple[str, bool]:
+    """data.encoding as (codec, replace): "latin-1" -> ("latin-1", False), "utf-8:replace" -> ("utf-8", True);
+    DataError naming the key unless the codec is one Python decodes text with."""
+    codec, replace = (spec[:-len(REPLACE)], True) if spec.endswith(REPLACE) else (spec, False)
+    try:
+        # bytes.decode refuses the codecs that do not make text (base64, rot13, ...) by this flag of CPython's.
+        text_codec = getattr(codecs.lookup(codec), "_is_text_encoding", True)
+    except (LookupError, ValueError):  # ValueError: a name holding a NUL
+        text_codec = False
+    if not text_codec:
+        raise DataError(f"data.encoding={quote(spec)} is not a text encoding Python knows; set a codec name such as "
+                        f"utf-8, latin-1, cp1252 or utf-16, with {REPLACE} to replace bytes that do not decode",
+                        key="data.encoding")
+    return codec, replace
+
+
 def load_text_split(source: str, split: str, tokenizer: Tokenizer, seq_len: int, *, root: str | None = None,
-                    val_fraction: float = 0.1, text_column: str = "text", subset: int | None = None) -> TokenDataset:
+                    val_fraction: float = 0.1, text_column: str = "text", subset: int | None = None,
+                    encoding: str = "utf-8") -> TokenDataset:
     """Split "train" or "test" (test = the validation split) of a text source as blocks of seq_len token ids.
 
-    subset: keep only the first N blocks.
+    subset: keep only the first N blocks. encoding: data.encoding, how source "text" decodes its files.
     """
     if source not in TEXT_SOURCES:
         raise DataError(f"data.name={source!r} is not a text source; set data.name to one of {', '.join(TEXT_SOURCES)}",
@@ -213,6 +234,7 @@ def load_text_split(source: str, split: str, tokenizer: Tokenizer, seq_len: int,
     subset_key = f"data.{split}_subset"
     if subset is not None and subset < 1:
         raise DataError(f"{subset_key}={subset} must be at least 1 (or null for the whole split)", key=subset_key)
+    codec = parse_encoding(encoding)
 
     if source == "tokens":
         tokens: torch.Tensor | np.ndarray = _load_bin(_root(source, root), split, tokenizer.vocab_size, seq_len,
@@ -221,7 +243,7 @@ def load_text_split(source: str, split: str, tokenizer: Tokenizer, seq_len: int,
         if source == "pydoc":
             splits = _pydoc_documents()
         elif source == "text":
-            splits = _text_documents(_root(source, root))
+            splits = _text_documents(_root(source, root), codec)
         else:
             splits = _hf_disk_documents(_root(source, root), text_column)
         # The decimal as written (0.29 is exactly 29/100), so that floor(n*f) is not off by one from rounding.
@@ -287,7 +309,7 @@ def _root(source: str, root: str | None) -> Path:
         raise DataError(f"data.name={source!r} needs data.root: set data.root to {expected}", key="data.root")
     path = Path(root).expanduser()
     if not path.exists():
-        raise DataError(f"data.root={str(path)!r} does not exist; set data.root to {expected}", key="data.root")
+        raise DataError(f"data.root={quote(str(path))} does not exist; set data.root to {expected}", key="data.root")
     return path
 
 
@@ -301,8 +323,59 @@ def _pydoc_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+def _read(path: Path, codec: tuple[str, bool]) -> str:
+    """The text of `path` decoded with codec (name, replace). DataError naming the file and the byte offset of the
+    first byte that does not decode or of the first NUL (binary data is not text), unless replace: then each becomes
+    U+FFFD, counted and logged."""
+    name, replace = codec
+    raw = path.read_bytes()
+    _REPLACED.count = 0
+    try:
+        text, first = raw.decode(name), None
+    except UnicodeDecodeError as exc:
+        if not replace:
+            raise DataError(f"{quote(str(path))} is not {name} text: byte 0x{raw[exc.start]:02x} at offset "
+                            f"{exc.start} does not decode; set data.encoding to the file's encoding (such as latin-1, "
+                            f"cp1252 or utf-16), or to {name}{REPLACE} to replace such bytes with U+FFFD",
+                            key="data.encoding") from None
+        text, first = raw.decode(name, errors=_COUNTED_REPLACE), exc.start
+    nul = text.find("\0")
+    if nul >= 0:
+        # Exact when no byte before the NUL was replaced (the text up to it encodes back to its bytes); when one
+        # was, min() below takes that byte's offset.
+        offset = len(text[:nul].encode(name, errors="replace"))
+        if not replace:
+            raise DataError(f"{quote(str(path))} holds a NUL byte at offset {offset}: binary data, not {name} text; "
+                            f"remove it from data.root (set data.encoding=utf-16 if it is UTF-16 text, or "
+                            f"{name}{REPLACE} to replace such bytes with U+FFFD)", key="data.root")
+        first = offset if first is None else min(first, offset)
+    if first is not None:
+        count = _REPLACED.count + text.count("\0")
+        text = text.replace("\0", "\ufffd")
+        logger.warning("%s is not all %s text: U+FFFD replaces the bytes that do not decode, and NULs (%d "
+                       "replacements, the first at byte offset %d)", path, name, count, first)
+    return text
+
+
+class _Replaced(threading.local):
+    """How many times _replace_counted replaced bytes in this thread (since reset to 0)."""
+
+    count = 0
+
+
+_REPLACED = _Replaced()
+_COUNTED_REPLACE = "ppll_ext.counted_replace"
+
+
+def _replace_counted(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler _COUNTED_REPLACE: U+FFFD for the bytes that do not decode, as errors="replace", counted."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    _REPLACED.count += 1
+    return "\ufffd", exc.end
+
+
+codecs.register_error(_COUNTED_REPLACE, _replace_counted)
 
 
 def _text_files(folder: Path) -> list[Path]:
@@ -311,11 +384,11 @@ def _text_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _text_documents(root: Path) -> Documents:
+def _text_documents(root: Path, codec: tuple[str, bool]) -> Documents:
     """A file, a folder with train/ and val/ (or validation/, test/) folders or train.txt and val.txt (...) files,
-    or a folder of text files to split by the document rule."""
+    or a folder of text files to split by the document rule; each file decoded with codec (name, replace)."""
     if root.is_file():
-        return [_read(root)]
+        return [_read(root, codec)]
     val_dir = next((root / n for n in _VAL_NAMES if (root / n).is_dir()), None)
     val_file = next((root / f"{n}.txt" for n in _VAL_NAMES if (root / f"{n}.txt").is_file()), None)
     if (root / "train").is_dir() and val_dir is not None:
@@ -324,14 +397,14 @@ def _text_documents(root: Path) -> Documents:
             if not files:
                 raise DataError(f"no .txt, .md or .rst files under {str(root / name)!r}; put the {name} text there",
                                 key="data.root")
-        return [_read(p) for p in splits["train"]], [_read(p) for p in splits[val_dir.name]]
+        return [_read(p, codec) for p in splits["train"]], [_read(p, codec) for p in splits[val_dir.name]]
     if (root / "train.txt").is_file() and val_file is not None:
-        return [_read(root / "train.txt")], [_read(val_file)]
+        return [_read(root / "train.txt", codec)], [_read(val_file, codec)]
     files = _text_files(root)
     if not files:
         raise DataError(f"no .txt, .md or .rst files under {str(root)!r}; set data.root to a text file or a folder "
                         f"of them", key="data.root")
-    return [_read(p) for p in files]
+    return [_read(p, codec) for p in files]
 
 
 def _load_bin(root: Path, split: str, vocab_size: int, seq_len: int, subset: int | None) -> np.ndarray:

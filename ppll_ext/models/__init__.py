@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ppll_ext.errors import ConfigError
+from ppll_ext.errors import ConfigError, quote
 from ppll_ext.models.hf import LM_MODELS, check_pretrained, hf_config, hf_layered, max_positions, read_hf_config
 from ppll_ext.models.layered import LayeredModel, original_names
 from ppll_ext.models.resnet import CifarResNet, resnet_layered
@@ -53,19 +53,19 @@ class ModelConfig:
     def check(self) -> None:
         """Reject a model section that cannot be built (ConfigError with the model.* key), before any work is done."""
         if self.name not in MODEL_NAMES:
-            raise ConfigError(f"model.name={self.name!r} is not one of {', '.join(MODEL_NAMES)}", key="model.name")
+            raise ConfigError(f"model.name={quote(self.name)} is not one of {', '.join(MODEL_NAMES)}", key="model.name")
         for field, value in (("width", self.width), ("patch_size", self.patch_size), ("depth", self.depth),
                              ("hidden_dim", self.hidden_dim), ("heads", self.heads), ("mlp_dim", self.mlp_dim),
                              ("kv_heads", self.kv_heads or 1), ("max_positions", self.max_positions or 1)):
             if value < 1:
-                raise ConfigError(f"model.{field}={value} must be at least 1", key=f"model.{field}")
+                raise ConfigError(f"model.{field}={quote(value)} must be at least 1", key=f"model.{field}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)", key="model.dropout")
         if self.name not in LM_MODELS:
             for field in ("hf_config", "pretrained"):
                 if getattr(self, field) is not None:
                     raise ConfigError(f"model.{field} is for the Hugging Face language models (gpt2, llama), not "
-                                      f"model.name={self.name!r}; drop it", key=f"model.{field}")
+                                      f"model.name={quote(self.name)}; drop it", key=f"model.{field}")
         if self.hf_config is not None and self.pretrained is not None:
             raise ConfigError("model.hf_config and model.pretrained both say which architecture to build; "
                               "model.pretrained brings its own config.json, so drop model.hf_config",
@@ -111,7 +111,7 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int = 3, ima
                                            kv_heads=cfg.kv_heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout))
         _check_lm_fits(cfg, layered, num_classes, seq_len)
         return layered
-    raise ConfigError(f"model.name={cfg.name!r} is not one of {', '.join(MODEL_NAMES)}", key="model.name")
+    raise ConfigError(f"model.name={quote(cfg.name)} is not one of {', '.join(MODEL_NAMES)}", key="model.name")
 
 
 def _check_lm_fits(cfg: ModelConfig, layered: LayeredModel, vocab_size: int, seq_len: int) -> None:
