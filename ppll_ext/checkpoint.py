@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from ppll_ext import hooks
 from ppll_ext.core import LocalBlock
 from ppll_ext.data.text import TOKENIZER_FILES, Tokenizer, load_tokenizer
-from ppll_ext.errors import CheckpointError, ConfigError
+from ppll_ext.errors import CheckpointError, ConfigError, quote
 from ppll_ext.folders import member, outside
 from ppll_ext.models import LayeredModel
 from ppll_ext.models.hf import config_from_values
@@ -450,8 +450,8 @@ def check_resume_settings(folder: Path, state: dict, config: dict, same_stages: 
         if old is not None and old != digest:
             section, name = key.split(".")
             then = saved.get(section, {}).get(name) if isinstance(saved.get(section), dict) else None
-            raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: this run's {key}={config[section][name]!r} is "
-                                  f"not the {key} the checkpoint was trained with ({then!r} then; the content "
+            raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: this run's {key}={quote(config[section][name])} "
+                                  f"is not the {key} the checkpoint was trained with ({quote(then)} then; the content "
                                   f"differs): its ids would mean other tokens; resume with that {key}, or start a "
                                   f"new run without train.resume", key=key)
     for key in RESUME_SETTINGS + (OPTIMIZER_SETTINGS if same_stages else ()):
@@ -462,9 +462,9 @@ def check_resume_settings(folder: Path, state: dict, config: dict, same_stages: 
         if old != new:
             why = ("the saved position (epoch, batch, step) counts batches of the saved data stream"
                    if key in RESUME_SETTINGS else "the saved optimizer states were made with it")
-            raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: 'config.{key}' is {old!r} but this run has "
-                                  f"{key}={new!r}; {why}: resume with {key}={old!r}, or start a new run without "
-                                  f"train.resume", key=key)
+            raise CheckpointError(f"{str(folder / TRAINER_STATE)!r}: 'config.{key}' is {quote(old)} but this run "
+                                  f"has {key}={quote(new)}; {why}: resume with {key}={quote(old)}, or start a new run "
+                                  f"without train.resume", key=key)
 
 
 def load_model_state(path: str | Path, warn: bool = True) -> dict[str, torch.Tensor]:

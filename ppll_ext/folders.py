@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from ppll_ext.errors import PPLLError
+from ppll_ext.errors import PPLLError, quote
 
 CODE_KEYS = ("auto_map",)
 """Keys of config.json / tokenizer_config.json that make transformers import Python files shipped with the folder."""
@@ -24,12 +24,12 @@ def member(folder: str | Path, name: object, entry: str, error: type[PPLLError],
     """`folder / name` when `name` is a relative path that stays inside `folder`, else `error` naming `entry` (where
     the name was read). With `follow_symlinks` the file's real location must lie inside the folder's too."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise error(f"{entry}: {name!r} is not a file name inside {str(folder)!r}; the metadata was edited or is "
+        raise error(f"{entry}: {quote(name)} is not a file name inside {str(folder)!r}; the metadata was edited or is "
                     f"corrupt: restore the folder from a copy")
     root = Path(folder)
     if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise error(f"{entry} names {name!r}, a path outside {str(root)!r}; only files inside the folder are read: "
-                    f"the metadata was edited or is hostile, restore the folder from a copy")
+        raise error(f"{entry} names {quote(name)}, a path outside {str(root)!r}; only files inside the folder are "
+                    f"read: the metadata was edited or is hostile, restore the folder from a copy")
     path = root / name
     if follow_symlinks:
         real, top = os.path.realpath(path), os.path.realpath(root)
@@ -66,5 +66,5 @@ def refuse_code(folder: str | Path, files: tuple[str, ...], what: str, error: ty
                             f"the folder; ppll_ext never runs such code (trust_remote_code=False): use a folder "
                             f"of a model transformers ships", key=key)
         if name == "config.json" and allowed_types is not None and values.get("model_type") not in allowed_types:
-            raise error(f"{what}: {str(path)!r} has model_type={values.get('model_type')!r}; ppll_ext loads only "
+            raise error(f"{what}: {str(path)!r} has model_type={quote(values.get('model_type'))}; ppll_ext loads only "
                         f"{', '.join(allowed_types)} models (no custom code is run)", key=key)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ppll_ext.errors import ConfigError, PPLLError
+from ppll_ext.errors import ConfigError, PPLLError, quote
 from ppll_ext.folders import refuse_code
 from ppll_ext.models.layered import LayeredModel
 
@@ -190,7 +190,7 @@ def config_from_values(values: object, where: str, kind: str | None, error: type
                     f"ppll_ext never runs such code (trust_remote_code=False): use a gpt2 or llama config", key=key)
     model_type = values.pop("model_type", None)
     if model_type not in ((kind,) if kind else LM_MODELS):
-        raise error(f"{where} is a {model_type!r} config but "
+        raise error(f"{where} is a {quote(model_type)} config but "
                     + (f"model.name={kind!r}; set model.name to its model_type (gpt2 or llama)" if kind
                        else "ppll_ext loads only gpt2 or llama models (no custom code is run)"),
                     key="model.name" if kind else key)
