@@ -38,7 +38,7 @@ from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.runtime.stage import StageWorker
-from ppll_ext.transport import Kind, Msg, end_stream, open_links
+from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, end_stream, open_links
 
 __all__ = ["SchedulePPLL", "get_schedule_class"]
 
@@ -106,7 +106,8 @@ class SchedulePPLL(PipelineScheduleSingle):
 
     Every stage trains on its own loss, so the targets enter at the first stage (`step(x, target=y)`) and travel
     with the activations, keeping their shape and dtype. `aux_head`, `optimizer` and `lr_scheduler` may be given
-    here or set as attributes before the first `step`.
+    here or set as attributes before the first `step`. `queue_depth` (>= 1) bounds the micro-batches in flight to
+    the next stage, `timeout_s` (> 0) every wait for a neighbour stage.
     """
 
     def __init__(
@@ -123,6 +124,8 @@ class SchedulePPLL(PipelineScheduleSingle):
         timeout_s: float = 300.0,
     ) -> None:
         _check_torch_version()
+        n_microbatches = check_count("n_microbatches", n_microbatches, "micro-batches per step(), e.g. 4")
+        check_link_settings(queue_depth, timeout_s)
         if isinstance(stage, (list, tuple)):
             raise ConfigError(f"SchedulePPLL runs one stage per rank, got a list of {len(stage)} stages: start as "
                               f"many ranks as stages and give each rank its own PipelineStage(stage_index=rank); "
@@ -142,11 +145,20 @@ class SchedulePPLL(PipelineScheduleSingle):
         group = stage.group if stage.group is not None else dist.group.WORLD
         ranks = [dist.get_global_rank(group, i) for i in range(stage.num_stages)]
         device = torch.device(stage.device)
-        self._sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
+        self._sender, self._receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
         self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device, per_step=False)
+        receiver = self._receiver
         self._inbox = self._waited(receiver.messages()) if receiver is not None else None
         self._group, self._ranks = group, ranks
         self._closed = self._streaming = False
+
+    def _next_in(self) -> Msg:
+        """The next message from the previous stage. Its end marker here means this rank made more step() / eval()
+        calls than the previous one: the streams are ended (every stage learns it) and PipelineError is raised."""
+        msg = next(self._inbox)
+        if msg.kind is Kind.STOP:
+            self.close()  # raises: the receiver has seen the marker where a micro-batch was due
+        return msg
 
     def _waited(self, messages: Iterator[Msg]) -> Iterator[Msg]:
         """`messages` with the time spent waiting for each counted and traced as "wait-in", as the runtimes' stage
@@ -298,8 +310,8 @@ class SchedulePPLL(PipelineScheduleSingle):
         else:
             # Each micro-batch is handled as soon as it arrives (not after all of them): the previous stage keeps
             # streaming into the bounded queue instead of waiting for room.
-            first = next(self._inbox)
-            messages, count = itertools.chain([first], self._inbox), first.n_micro
+            first = self._next_in()
+            messages, count = itertools.chain([first], iter(self._next_in, None)), first.n_micro
         given, given_mbs = None, None
         if target_mbs is not None and not self._stage.is_first:
             if len({tuple(t.shape[1:]) for t in target_mbs}) > 1:  # e.g. sequence lengths differ: match one by one
@@ -332,7 +344,7 @@ class SchedulePPLL(PipelineScheduleSingle):
             if return_outputs and self._stage.is_last:
                 outputs.append(self._worker.last_output)
         if not training:  # the stage loop's end of evaluation: back to train mode, passed downstream
-            end = Msg(Kind.EVAL_END) if self._stage.is_first else next(self._inbox)
+            end = Msg(Kind.EVAL_END) if self._stage.is_first else self._next_in()
             if end.kind is not Kind.EVAL_END:
                 raise PipelineError(f"stage {index}: expected the end of evaluation from stage {index - 1}")
             self._worker.handle(end)
@@ -352,21 +364,20 @@ class SchedulePPLL(PipelineScheduleSingle):
         if self._sender is not None:
             self._sender.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """End this stage's streams so every process can exit cleanly, whichever stage finishes first: wait for
         the previous stage's end marker, pass it on and wait until it is taken, so no send and no posted receive is
         left. Runs before `torch.distributed.destroy_process_group()` or at exit unless called before; idempotent; a
         schedule that never stepped has nothing to end.
-        A micro-batch arriving instead of the marker means the ranks made different step() calls: PipelineError."""
+        When the ranks made different numbers of step() / eval() calls, every stage raises PipelineError saying
+        where (`transport.end_stream`). `failed=True` (this process stopped on an error) tells the later stages so."""
         if self._closed or not self._streaming:
             return
         self._closed = True
         shutdown.forget(self)
-        index = self._stage.stage_index
         inbox = self._inbox
-        end_stream(None if inbox is None else lambda: next(inbox), self._sender,
-                   f"stage {index} ended while stage {index - 1} still sends micro-batches: every rank must make the "
-                   f"same step() / eval() calls")
+        end_stream(None if inbox is None else lambda: next(inbox), self._receiver, self._sender,
+                   self._stage.stage_index, self._stage.num_stages, "step() / eval()", failed=failed)
 
     def _key_map(self, names: Callable[[str], str] | None) -> dict[str, str]:
         """Checkpoint name of each tensor of the block's body (`submod.<key>`): `names(key)`, default `key`."""

@@ -23,6 +23,7 @@ DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import pipelining_lm_ppll as lm_script  # noqa: E402
 import pipelining_ppll as script  # noqa: E402
+from procs import communicate  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -107,7 +108,9 @@ def test_argument_errors() -> None:
                          timeout=120, env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     assert res.returncode == 0, res.stderr[-3000:]
     oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
-    assert len(oks) == 13, res.stdout
+    assert len(oks) == 17, res.stdout
+    # a bad count or setting is refused when the schedule is built, in one line naming the argument
+    assert "ok no micro-batches: n_microbatches=0 must be an integer >= 1 (micro-batches per step(), e.g. 4)" in oks
 
 
 def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(tmp_path: Path) -> None:
@@ -196,6 +199,33 @@ def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: i
         assert got.keys() == ref[k].keys() and any(n.startswith("aux.") for n in got) == (k < stages - 1)
         for name, t in ref[k].items():
             assert torch.equal(got[name], t), (stages, micro, soft, k, name)
+
+
+def test_ranks_that_make_different_step_counts_fail_on_every_rank() -> None:
+    """Three stages started as plain processes (each one's exit code seen exactly). The last rank makes one step()
+    call fewer, then (on new schedules) one more: every rank's close() raises, then every process ends non-zero
+    with one error line saying which stage made more calls: from step() on the last rank, from
+    destroy_process_group() on the middle one, from the exit hook on the first (which just returns: exit code 2)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(DIST / "pipelining_exit.py"), "--steps", "3", "--end", "uneven"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "3"}) for r in range(3)]
+    res = [communicate(proc, 120, f"rank {r}") for r, proc in enumerate(procs)]
+    fewer = ("stage 2 ended while stage 1 still sent 2 micro-batch(es), which were never trained there: stage 2 made "
+             "fewer step() / eval() calls than stage 1; every rank must make the same step() / eval() calls")
+    more = ("stage 2 expected more micro-batches but stage 1 had ended: stage 2 made more step() / eval() calls than "
+            "stage 1; every rank must make the same step() / eval() calls")
+    for r, out in enumerate(res):
+        prefix = "" if r == 2 else f"stage {r} stops too: "
+        assert out.stdout.splitlines()[0] == f"rank {r} close: {prefix}{fewer}", out.stdout
+        errors = [line for line in out.stderr.splitlines() if more in line]
+        raised = f"[rank{r}]: ppll_ext.errors.PipelineError: {prefix}{more}"  # torch prefixes a traceback's lines
+        assert errors == ([f"{prefix}{more}"] if r == 0 else [raised]), (r, out.stderr[-3000:])
+        assert out.returncode == (2 if r == 0 else 1), (r, out.returncode, out.stderr[-3000:])
+        assert "terminate called" not in out.stderr and (r > 0 or "Traceback" not in out.stderr), out.stderr
 
 
 @pytest.mark.parametrize("end", ["return", "destroy"])

@@ -41,6 +41,7 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSp
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,12 @@ def accelerator_name() -> str:
 def is_zero(optimizer: Any) -> bool:
     """True for DeepSpeed's ZeRO-1/2 optimizer (optimizer states sharded over the data-parallel group)."""
     return isinstance(optimizer, DeepSpeedZeroOptimizer)
+
+
+def zero_tested(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether DeepSpeed's ZeRO takes this client optimizer without "zero_allow_untested_optimizer": true (Adam,
+    AdamW, Adagrad and DeepSpeed's own; not SGD)."""
+    return bool(is_zero_supported_optimizer(optimizer))
 
 
 def backward(engine: PipelineEngine, loss: torch.Tensor) -> None:

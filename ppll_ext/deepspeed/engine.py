@@ -27,7 +27,7 @@ from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.base import EvalCounts
 from ppll_ext.runtime.guard import watch_launchers
-from ppll_ext.transport import Kind, Msg, end_stream, open_links
+from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, end_stream, open_links
 
 log = logging.getLogger(__name__)
 schedule = _ds.schedule
@@ -103,6 +103,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     """PipelineEngine running LocalTrainSchedule over the stage's LocalBlock: per-stage losses, steps, clipping."""
 
     def __init__(self, *args: Any, queue_depth: int = 2, timeout_s: float = 300.0, **kwargs: Any) -> None:
+        check_link_settings(queue_depth, timeout_s)
         super().__init__(*args, **kwargs)
         watch_launchers()  # this rank ends with its launcher (deepspeed), never lives on as an orphan
         if not isinstance(self.module, LocalPipelineModule):
@@ -111,8 +112,8 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         world = dist.get_world_size()
         group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s))
         ranks = [self.grid.stage_to_global(s) for s in range(self.num_stages)]
-        self._sender, receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
-        self._inbox = receiver.messages() if receiver is not None else None
+        self._sender, self._receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
+        self._inbox = self._receiver.messages() if self._receiver is not None else None
         self._peeked: Msg | None = None
         self._closed = False
         shutdown.register(self)  # closed before destroy_process_group() or at exit, if the script does not
@@ -136,19 +137,40 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     def train_batch(self, data_iter: Any = None, num_micro_batches: int | None = None) -> torch.Tensor:
         """Train this stage on one mini-batch of micro-batches and step once (or skip the update, on_nan="skip").
 
-        `num_micro_batches` defaults to gradient_accumulation_steps on the first stage; later stages take the
-        count the first stage sent (so a smaller last batch, cut into fewer micro-batches, needs no special
-        case). 0 means this replica has no data in this step (it still joins the reduce and the step).
+        `num_micro_batches` (>= 1) defaults to gradient_accumulation_steps on the first stage; later stages take the
+        count the first stage sent (so a smaller last batch, cut into fewer micro-batches, needs no special case).
+        A data-parallel replica without data in a step calls `join_step()` instead.
         Returns this stage's mean finite local loss (the model's loss on the last stage, its aux head's elsewhere;
         NaN when every one was NaN/inf), averaged over the stage's data-parallel replicas; unlike stock DeepSpeed
         it is not broadcast from the last stage, which would make every stage wait for the last one.
         """
-        if not torch.is_grad_enabled():
-            raise PipelineError("train_batch() needs gradients enabled; use eval_batch() for evaluation")
+        if num_micro_batches is not None:
+            num_micro_batches = check_count("num_micro_batches", num_micro_batches,
+                                            "micro-batches in this train_batch; a data-parallel replica without "
+                                            "data in a step calls join_step()")
+        self._check_grad_enabled()
         if data_iter is not None:
             self.set_dataiterator(data_iter)
+        return self._train(self._micro_count(num_micro_batches))
+
+    def join_step(self) -> torch.Tensor:
+        """This data-parallel replica has no data in this step (an epoch's last step with fewer batches than
+        replicas): it joins its stage's gradient reduce and optimizer step with no micro-batch, so the replicas stay
+        identical. Returns the stage's mean loss over its replicas that had data (NaN if none)."""
+        if not self.is_data_parallel:
+            raise ConfigError(f"stage {self.stage_id} has no other data-parallel replica to join: join_step() is "
+                              f"for a replica without data in a step; call train_batch with data")
+        self._check_grad_enabled()
+        return self._train(0)
+
+    def _check_grad_enabled(self) -> None:
+        if not torch.is_grad_enabled():
+            raise PipelineError("train_batch() needs gradients enabled; use eval_batch() for evaluation")
+
+    def _train(self, micro: int) -> torch.Tensor:
+        """Run LocalTrainSchedule over `micro` micro-batches (0: only the reduce and the step)."""
         self.module.train()
-        self._micro = self._micro_count(num_micro_batches)
+        self._micro = micro
         self._loss_sum, self._losses = 0.0, 0
         _ds.exec_schedule(self, LocalTrainSchedule(self._micro, self.num_stages, self.stage_id))
         self.agg_train_loss = self._mean_over_replicas(self._loss_sum, self._losses)
@@ -161,13 +183,21 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     def _micro_count(self, requested: int | None) -> int:
         if requested is not None or self.is_first_stage():
             return self.micro_batches if requested is None else requested
-        msg = self._next_message()
+        msg = self._next_in()
         if msg.kind is not Kind.TRAIN:
             raise PipelineError(f"stage {self.stage_id} expected a training micro-batch from stage "
                                 f"{self.stage_id - 1} but got {msg.kind.name}: every rank must make the same "
                                 f"train_batch / eval_batch calls")
         self._peeked = msg
         return msg.n_micro
+
+    def _next_in(self) -> Msg:
+        """The next message during a train or eval call. The previous stage's end marker here means this rank made
+        more train_batch / eval_batch calls: the streams are ended (every stage learns it) and PipelineError raised."""
+        msg = self._next_message()
+        if msg.kind is Kind.STOP:
+            self.close()  # raises: the receiver has seen the marker where a micro-batch was due
+        return msg
 
     def _next_message(self) -> Msg:
         if self._peeked is not None:
@@ -180,9 +210,10 @@ class LocalPipelineEngine(_ds.PipelineEngine):
 
     @torch.no_grad()
     def eval_batch(self, data_iter: Any = None, num_micro_batches: int | None = None) -> torch.Tensor:
-        """Forward only over num_micro_batches (default gradient_accumulation_steps) micro-batches; returns this
-        stage's mean local loss over them, averaged over its data-parallel replicas."""
-        micro = num_micro_batches or self.micro_batches
+        """Forward only over num_micro_batches (>= 1, default gradient_accumulation_steps) micro-batches; returns
+        this stage's mean local loss over them, averaged over its data-parallel replicas."""
+        micro = self.micro_batches if num_micro_batches is None else check_count(
+            "num_micro_batches", num_micro_batches, "micro-batches in this eval_batch")
         train_iter = self.data_iterator
         if data_iter is not None:
             self.set_dataiterator(data_iter)
@@ -237,19 +268,19 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         if self._sender is not None:
             self._sender.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """End this stage's streams so the process can exit cleanly, whichever stage finishes first: wait for the
         previous stage's end marker, pass it on and wait until it is taken, so no send and no posted receive is
         left behind. Runs before `torch.distributed.destroy_process_group()` or at exit unless called before
-        (scripts need not call it); idempotent. A batch arriving instead of the marker means the stages made
-        different train_batch calls: PipelineError."""
+        (scripts need not call it); idempotent. When the ranks made different numbers of train_batch / eval_batch
+        calls, every stage raises PipelineError saying where (`transport.end_stream`); `failed=True` (this process
+        stopped on an error) tells the later stages so."""
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
         shutdown.forget(self)
-        end_stream(None if self._inbox is None else self._next_message, self._sender,
-                   f"stage {self.stage_id} ended while stage {self.stage_id - 1} still sends batches: every rank "
-                   f"must make the same train_batch / eval_batch calls")
+        end_stream(None if self._inbox is None else self._next_message, self._receiver, self._sender,
+                   self.stage_id, self.num_stages, "train_batch / eval_batch", failed=failed)
 
     @property
     def zero_sharded(self) -> bool:
@@ -297,7 +328,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         return x, y
 
     def _receive(self, kind: Kind, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        msg = self._next_message()
+        msg = self._next_in()
         if msg.kind is not kind or msg.n_micro != micro:
             raise PipelineError(
                 f"stage {self.stage_id} expected a {kind.name} micro-batch ({micro} per batch) from stage "
@@ -421,6 +452,11 @@ def initialize(
                           f"data-parallel replicas) or 0; ZeRO-2/3 partition gradients or parameters across the "
                           f"micro-batches of a pipeline, which DeepSpeed refuses for pipelines too",
                           key="zero_optimization")
+    if stage == 1 and isinstance(optimizer, torch.optim.Optimizer) and not conf.zero_allow_untested_optimizer \
+            and not _ds.zero_tested(optimizer):
+        raise ConfigError(f"zero_optimization.stage=1 with the client optimizer {type(optimizer).__name__}, which "
+                          f"DeepSpeed's ZeRO has not tested: add \"zero_allow_untested_optimizer\": true to the "
+                          f"ds_config, or use Adam or AdamW", key="zero_allow_untested_optimizer")
     if conf.float16_config.enabled and not _ds.fp16_supported():
         raise ConfigError(f"fp16: DeepSpeed's {_ds.accelerator_name()} accelerator here does not support fp16 (a CPU "
                           f"needs oneDNN fp16 kernels: AVX512-FP16 or AMX-FP16); use bf16 "

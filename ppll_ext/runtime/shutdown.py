@@ -11,6 +11,14 @@ pipeline, wait until it is taken) runs
 - else just before `torch.distributed.destroy_process_group()` destroys the default group (the function is wrapped
   once, on the first registration; a script that imported the function itself before ppll_ext misses the wrap),
 - else at interpreter exit (atexit), while the group still exists.
+
+`close()` also checks that every stage made the same calls (transport/links.py `end_stream`) and raises
+PipelineError on every stage when they did not. Raised in `destroy_process_group()`, the error propagates from it
+(after the group is destroyed). At interpreter exit an exception cannot change the exit code, so the error is logged
+as one line and the process ends with `os._exit(EXIT_ERROR)` (2) after flushing its logs and output: the exit
+handlers registered before ppll_ext's are skipped (the run failed). A process already ending on an error (an
+uncaught exception, or one being handled where the group is destroyed) closes with `failed=True`: the later stages
+learn that this stage failed, and its exit code stays as it is.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import atexit
 import contextlib
 import functools
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from ppll_ext.errors import PipelineError
+from ppll_ext.errors import EXIT_ERROR, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +42,10 @@ log = logging.getLogger(__name__)
 class Closable(Protocol):
     """A link owner: `close()` ends its streams and is idempotent."""
 
-    def close(self) -> None:
-        """End the owner's streams (end marker down the pipeline, posted receive completed)."""
+    def close(self, failed: bool = False) -> None:
+        """End the owner's streams (end marker down the pipeline, posted receive completed); PipelineError when the
+        stages made different calls. `failed`: this process stopped on an error (tell the later stages, raise
+        nothing about the calls)."""
 
 
 _open: dict[int, Closable] = {}
@@ -42,9 +54,10 @@ _open: dict[int, Closable] = {}
 _installed = False
 
 
-def close_all(reason: str) -> None:
-    """Close every registered, still-open link owner; a failure is logged, not raised, when the
-    process is ending anyway (`reason` names the moment)."""
+def close_all(reason: str, failed: bool = False) -> None:
+    """Close every registered, still-open link owner (`reason` names the moment); raises the first PipelineError
+    once all are closed. With `failed` (the process is ending on an error) a failure is logged, not raised."""
+    first: PipelineError | None = None
     for key, owner in list(_open.items()):
         _open.pop(key, None)
         if not dist.is_initialized():
@@ -52,9 +65,33 @@ def close_all(reason: str) -> None:
                         type(owner).__name__)
             continue
         try:
-            owner.close()
+            owner.close(failed=failed)
         except PipelineError as exc:
-            log.warning("%s: %s could not end its links cleanly: %s", reason, type(owner).__name__, exc)
+            if failed:
+                log.warning("%s: %s could not end its links cleanly: %s", reason, type(owner).__name__, exc)
+            first = first or exc
+    if first is not None and not failed:
+        raise first
+
+
+def _failing(at_exit: bool) -> bool:
+    """True while the process ends on an error: an exception is being handled, or (`at_exit`) one went uncaught (the
+    interpreter records it in sys.last_value before it runs the exit handlers)."""
+    return sys.exc_info()[1] is not None or (at_exit and getattr(sys, "last_value", None) is not None)
+
+
+def _close_at_exit() -> None:
+    """The exit hook: close what is still open; on PipelineError log it and end the process with EXIT_ERROR (an
+    exception raised here would be printed and ignored, leaving the exit code 0)."""
+    try:
+        close_all("exit", failed=_failing(at_exit=True))
+    except PipelineError as exc:
+        log.error("%s", exc)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(EXIT_ERROR)
 
 
 def forget(owner: Closable) -> None:
@@ -72,12 +109,14 @@ def _install() -> None:
 
     @functools.wraps(original)
     def destroy_process_group(group: Any = None) -> None:
-        if group is None or group is dist.group.WORLD:
-            close_all("destroy_process_group")
-        original(group)
+        try:
+            if group is None or group is dist.group.WORLD:
+                close_all("destroy_process_group", failed=_failing(at_exit=False))
+        finally:
+            original(group)
 
     dist.destroy_process_group = destroy_process_group
-    atexit.register(close_all, "exit")
+    atexit.register(_close_at_exit)
 
 
 def register(owner: Closable) -> None:
@@ -98,7 +137,7 @@ def closing_group() -> Iterator[None]:
     finally:
         if dist.is_initialized():
             try:
-                close_all("end of run")
+                close_all("end of run", failed=not ok)
                 if ok:
                     dist.barrier()
             finally:

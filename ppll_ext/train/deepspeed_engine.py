@@ -40,7 +40,9 @@ from ppll_ext.train.loop import OnBatch, steps_per_epoch
 def ds_config(cfg: Config) -> dict[str, Any]:
     """The ds_config of a run: local.deepspeed_config (if any) with batch sizes, accumulation, clipping and bf16 or
     fp16 (train.autocast) set from the ppll config, ZeRO stage 0 unless the file says otherwise (1 shards each
-    stage's optimizer states over its replicas; the adapter refuses 2 and 3)."""
+    stage's optimizer states over its replicas; the adapter refuses 2 and 3). Without an "optimizer" section the
+    client optimizer is optim.* (e.g. SGD), which ZeRO runs only with zero_allow_untested_optimizer: set to true
+    unless the file sets it."""
     conf: dict[str, Any] = {}
     path = cfg.local.deepspeed_config
     if path is not None:
@@ -61,6 +63,8 @@ def ds_config(cfg: Config) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.grad_clip or 0.0,
     })
     conf.setdefault("zero_optimization", {"stage": 0})
+    if "optimizer" not in conf:
+        conf.setdefault("zero_allow_untested_optimizer", True)  # ppll_ext builds the client optimizer from optim.*
     conf.setdefault("steps_per_print", 10**9)
     if cfg.train.autocast in ("bf16", "fp16"):
         conf[cfg.train.autocast] = {"enabled": True}
@@ -105,7 +109,7 @@ class DeepSpeedLoopEngine:
                 st.add_loss(loss, sizes[self.replica])
             else:
                 engine.grad_weight = 1.0
-                engine.train_batch(None, num_micro_batches=0)
+                engine.join_step()
             st.end_step(lr)
             samples += sum(sizes)
             if on_batch is not None:

@@ -11,23 +11,52 @@ Headers live in host memory whenever they can: on the CPU, or on a GPU when a CP
 (gloo) is given beside the NCCL group of the payloads, so decoding a header never waits on the device.
 Payloads are sent from the compute stream's results by NCCL on its own stream, so sends overlap the
 next forward pass.
+
+`end_stream` ends a pipeline's streams and checks that its stages made the same calls: the end marker goes down the
+pipeline, each stage's verdict (`Verdict`: a clean end, or where and how the calls differed) goes down after it and
+back up the pipeline, so every stage raises the same error when one stage made more or fewer calls.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
+import enum
+import math
+import operator
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ppll_ext import trace
-from ppll_ext.errors import PipelineError
+from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.transport.wire import HEADER_LEN, Kind, Msg, Shape, decode_header, encode_header, payload_shape
 
-_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_X_RESENT, _TAG_Y_RESENT = 0, 1, 2, 3, 4
+_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_X_RESENT, _TAG_Y_RESENT, _TAG_VERDICT = 0, 1, 2, 3, 4, 5
+
+
+def check_count(name: str, value: object, meaning: str) -> int:
+    """`value` as an int; ConfigError naming the argument unless it is an integer >= 1 (`meaning`: what it counts).
+    Checked where an argument enters, since 0 or a negative count fails far away (a division, an empty queue)."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or isinstance(value, bool) or count < 1:
+        raise ConfigError(f"{name}={value!r} must be an integer >= 1 ({meaning})", key=name)
+    return count
+
+
+def check_link_settings(queue_depth: object, timeout_s: object) -> None:
+    """ConfigError naming the argument unless `queue_depth` is an integer >= 1 and `timeout_s` a finite number of
+    seconds > 0 (checked before any link opens)."""
+    check_count("queue_depth", queue_depth, "micro-batches in flight to the next stage, e.g. 2")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ConfigError(f"timeout_s={timeout_s!r} must be a number of seconds > 0 (the longest wait for a "
+                          f"neighbour stage, e.g. 300)", key="timeout_s")
 
 
 def _name(stage: int | None, rank: int) -> str:
@@ -103,6 +132,18 @@ class LinkSender:
         while self._inflight:
             self._wait_oldest()
 
+    def send_verdict(self, verdict: Verdict) -> None:
+        """Pass `verdict` to the next stage after the end marker; returns once it is taken."""
+        _exchange(verdict.encode(_verdict_device(self)), self.peer, self.header_group or self.group, True,
+                  self.timeout_s, self.me, self.to)
+
+    def receive_verdict(self, hops: int) -> Verdict:
+        """The verdict of the stages after this one (`hops` of them, each waiting for the next: so many timeouts)."""
+        buf = torch.zeros(3, dtype=torch.int64, device=_verdict_device(self))
+        _exchange(buf, self.peer, self.header_group or self.group, False, self.timeout_s * max(hops, 1), self.me,
+                  self.to)
+        return Verdict.decode(buf)
+
 
 class LinkReceiver:
     """Receives messages from the previous rank in the caller's thread, the next one always posted ahead."""
@@ -114,6 +155,8 @@ class LinkReceiver:
         self._head_device = torch.device("cpu") if header_group is not None else device
         self.me, self.source = _name(stage, rank), _name(None if stage is None else stage - 1, peer)
         self._guess: tuple[torch.Tensor, torch.Tensor, list[dist.Work]] | None = None
+        self.stopped = False
+        """The end marker has arrived: the previous stage has ended its stream."""
         self._post(None)
 
     def _irecv(self, tensor: torch.Tensor, tag: int, group: dist.ProcessGroup | None = None) -> dist.Work:
@@ -149,29 +192,135 @@ class LinkReceiver:
             self._wait([self._irecv(msg.x, _TAG_X_RESENT), self._irecv(msg.y, _TAG_Y_RESENT)])
         if shape is None:
             msg.x = msg.y = None
-        if kind is not Kind.STOP:
+        if kind is Kind.STOP:
+            self.stopped = True
+        else:
             self._post(shape)
         return msg
 
     def messages(self) -> Iterator[Msg]:
-        """The received stream; raises PipelineError if the link failed or stayed silent past the timeout."""
-        while True:
+        """The received stream, up to the end marker; raises PipelineError if the link failed or stayed silent past
+        the timeout."""
+        while not self.stopped:
             try:
                 msg = self._receive()
             except RuntimeError as exc:
                 raise link_error(self.me, self.source, False, self.timeout_s, exc) from exc
             yield msg
+        raise PipelineError(f"{self.me}: the stream from {self.source} has ended; nothing more can be received")
+
+    def receive_verdict(self) -> Verdict:
+        """The verdict the previous stage sent after its end marker."""
+        buf = torch.zeros(3, dtype=torch.int64, device=_verdict_device(self))
+        _exchange(buf, self.peer, self.header_group or self.group, False, self.timeout_s, self.me, self.source)
+        return Verdict.decode(buf)
+
+    def send_verdict(self, verdict: Verdict) -> None:
+        """Pass `verdict` (of this stage and the ones after it) back to the previous stage; returns once taken."""
+        _exchange(verdict.encode(_verdict_device(self)), self.peer, self.header_group or self.group, True,
+                  self.timeout_s, self.me, self.source)
 
 
-def end_stream(next_msg: Callable[[], Msg] | None, sender: LinkSender | None, mismatch: str) -> None:
-    """End a stage's streams: take the previous stage's end marker (`next_msg`, None on the first stage), pass it
-    on and wait until it is taken, so no send and no posted receive is left. Anything but the marker arriving
-    first is PipelineError(`mismatch`): the ranks made different calls."""
-    if next_msg is not None and next_msg().kind is not Kind.STOP:
-        raise PipelineError(mismatch)
+def _verdict_device(link: LinkSender | LinkReceiver) -> torch.device:
+    """Verdicts travel like headers: in host memory over a header group, else on the link's device."""
+    return torch.device("cpu") if link.header_group is not None else link.device
+
+
+def _exchange(buf: torch.Tensor, peer: int, group: dist.ProcessGroup | None, sending: bool, timeout_s: float,
+              me: str, other: str) -> None:
+    """Send `buf` to `peer` or receive into it, waiting at most `timeout_s`; a failure names the peer."""
+    try:
+        op = dist.isend if sending else dist.irecv
+        op(buf, peer, group=group, tag=_TAG_VERDICT).wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise link_error(me, other, sending, timeout_s, exc) from exc
+
+
+class Ending(enum.IntEnum):
+    """How a pipeline's streams ended, as seen at one stage (the first int of a verdict on the wire)."""
+
+    CLEAN = 0
+    FEWER = 1
+    """The stage found micro-batches where the end marker should be: it made fewer calls than the stage before."""
+    MORE = 2
+    """The stage expected micro-batches after the stage before it had ended: it made more calls."""
+    FAILED = 3
+    """The stage stopped on an error before its last call (its own log says which)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a pipeline ended: `ending` at stage `stage`, with `count` micro-batches never trained there (FEWER)."""
+
+    ending: Ending = Ending.CLEAN
+    stage: int = 0
+    count: int = 0
+
+    def encode(self, device: torch.device) -> torch.Tensor:
+        """[ending, stage, count] as int64 on `device`."""
+        return torch.tensor([int(self.ending), self.stage, self.count], dtype=torch.int64, device=device)
+
+    @staticmethod
+    def decode(buf: torch.Tensor) -> Verdict:
+        """Inverse of encode."""
+        ending, stage, count = buf.cpu().tolist()
+        return Verdict(Ending(ending), stage, count)
+
+    def describe(self, calls: str) -> str:
+        """What went wrong, in a sentence naming the stages and the fix (`calls`: the calls every rank must make
+        alike, e.g. "step() / eval()")."""
+        s, same = self.stage, f"every rank must make the same {calls} calls"
+        if self.ending is Ending.FEWER:
+            return (f"stage {s} ended while stage {s - 1} still sent {self.count} micro-batch(es), which were never "
+                    f"trained there: stage {s} made fewer {calls} calls than stage {s - 1}; {same}")
+        if self.ending is Ending.MORE:
+            return (f"stage {s} expected more micro-batches but stage {s - 1} had ended: stage {s} made more {calls} "
+                    f"calls than stage {s - 1}; {same}")
+        return f"stage {s} stopped on an error before the end of the run (its log says which)"
+
+
+def end_stream(next_msg: Callable[[], Msg] | None, receiver: LinkReceiver | None, sender: LinkSender | None,
+               stage: int, stages: int, calls: str, failed: bool = False) -> None:
+    """End stage `stage`'s streams (of `stages`) so no send and no posted receive is left, and check that every
+    stage made the same calls (`calls`, named in the error).
+
+    The previous stage's end marker is taken (with `next_msg`; micro-batches arriving before it are received and
+    counted: this stage made fewer calls), and its verdict after it; the marker and this stage's verdict go to the
+    next stage, whose verdict (of every stage after it) comes back and goes on to the previous stage. Every stage
+    of a pipeline whose stages made different calls raises PipelineError naming where they differed. With `failed`
+    (this process stopped on an error) nothing is received from the previous stage and nothing is raised for the
+    verdict: the next stages are told of the failure. Each wait has the links' timeout (the wait for the next
+    stage's verdict one per stage after this one).
+    """
+    verdict = Verdict()
+    if failed:
+        verdict = Verdict(Ending.FAILED, stage)
+    elif receiver is not None:
+        if receiver.stopped:  # a step took the marker where it expected micro-batches
+            own = Verdict(Ending.MORE, stage)
+        else:
+            seen = extra = 0
+            while (msg := next_msg()).kind is not Kind.STOP:
+                seen, extra = seen + 1, extra + (msg.kind in (Kind.TRAIN, Kind.EVAL))
+            own = Verdict(Ending.FEWER, stage, extra) if seen else Verdict()
+        upstream = receiver.receive_verdict()
+        verdict = upstream if upstream.ending is not Ending.CLEAN else own
     if sender is not None:
         sender.send(Msg(Kind.STOP))
         sender.flush()
+        sender.send_verdict(verdict)
+        downstream = sender.receive_verdict(stages - 1 - stage)
+        if verdict.ending is Ending.CLEAN:
+            verdict = downstream
+    if failed:
+        return
+    if receiver is not None:
+        receiver.send_verdict(verdict)
+    if verdict.ending is Ending.CLEAN:
+        return
+    if verdict.stage == stage and verdict.ending is not Ending.FAILED:
+        raise PipelineError(verdict.describe(calls))
+    raise PipelineError(f"stage {stage} stops too: {verdict.describe(calls)}")
 
 
 def open_links(ranks: list[int], index: int, depth: int, timeout_s: float, device: torch.device,

@@ -1,8 +1,9 @@
 """Bad arguments to ppll_ext.deepspeed raise ConfigError on every rank (run with deepspeed --num_gpus 2), and a NaN
-local loss with the default on_nan="error" raises a PipelineError naming the stage and the step.
+local loss with the default on_nan="error" raises a PipelineError naming the stage and the step. Arguments of the
+engine and of its calls (queue_depth, timeout_s, num_micro_batches, join_step) are checked before any work.
 
-Rank 0 prints one `ok <case>: <message>` line per case that raised as expected (for the NaN case every rank prints
-its own line), `FAIL <case>` otherwise; a rank on which some case did not raise exits with status 1.
+Rank 0 prints one `ok <case>: <message>` line per case that raised as expected (for the NaN case and the uneven
+train_batch calls every rank prints its own line), `FAIL <case>` otherwise; a rank on which some case did not raise exits with status 1.
 """
 
 from __future__ import annotations
@@ -70,7 +71,27 @@ def main() -> None:
         "fp16 without device support": lambda: without_fp16(
             lambda: initialize(model=module()(), config={**config, "fp16": {"enabled": True}})),
         "tied across stages": module(layers=tied(), partition_method="0,2"),
+        "queue_depth 0": lambda: initialize(model=module()(), config=config, queue_depth=0),
+        "timeout_s 0": lambda: initialize(model=module()(), config=config, timeout_s=0),
+        "ZeRO-1 with an untested client optimizer": lambda: zero_sgd(module()()),
+        "train_batch with 0 micro-batches": lambda: engine().train_batch(None, num_micro_batches=0),
+        "eval_batch with -1 micro-batches": lambda: engine().eval_batch(None, num_micro_batches=-1),
+        "join_step without replicas": lambda: engine().join_step(),
     }
+    built: list = []
+
+    def engine() -> object:
+        """One engine for the call checks (built once; no call reaches its links)."""
+        if not built:
+            built.append(initialize(model=module()(), config=config)[0])
+        return built[0]
+
+    def zero_sgd(net: LocalPipelineModule) -> object:
+        """ZeRO-1 with a client SGD, which DeepSpeed's ZeRO has not tested, and the ds_config saying so."""
+        plain = {k: v for k, v in config.items() if k != "optimizer"}
+        return initialize(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                          config={**plain, "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": False})
+
     def tied_within_a_stage() -> None:
         """Both uses of a TiedLayerSpec on stage 0: one shared module, trained like any other layer."""
         net = module(layers=tied(), partition_method="0,3")()
@@ -90,6 +111,13 @@ def main() -> None:
             y = torch.tensor([0, 1]) if step < 2 else torch.tensor([-100, -100])
             engine.train_batch(iter([(torch.randn(2, 4), y)]) if engine.is_first_stage() else None)
 
+    def uneven_calls() -> None:
+        """Stage 1 makes one train_batch call fewer than stage 0: close() raises on both stages."""
+        engine, *_ = initialize(model=module(aux_heads="auto")(), config=config)
+        for _ in range(2 if engine.is_first_stage() else 1):
+            engine.train_batch(iter([(torch.randn(2, 4), torch.tensor([0, 1]))]) if engine.is_first_stage() else None)
+        engine.close()
+
     failed = False
     try:
         tied_within_a_stage()
@@ -98,8 +126,9 @@ def main() -> None:
         line, failed = f"FAIL tied within a stage: {exc}", True
     if dist.get_rank() == 0:
         print(line, flush=True)
-    for name, fn in [*cases.items(), ("nan loss", nan_loss)]:
-        expected = PipelineError if name == "nan loss" else ConfigError
+    every_rank = ("nan loss", "uneven calls")
+    for name, fn in [*cases.items(), ("nan loss", nan_loss), ("uneven calls", uneven_calls)]:
+        expected = PipelineError if name in every_rank else ConfigError
         try:
             fn()
         except (ConfigError, PipelineError) as exc:
@@ -107,8 +136,11 @@ def main() -> None:
             failed = failed or not isinstance(exc, expected)
         else:
             line, failed = f"FAIL {name}", True
-        if dist.get_rank() == 0 or name == "nan loss":
-            print(line, flush=True)
+        for rank in range(dist.get_world_size()) if name in every_rank else [0]:  # one rank at a time: whole lines
+            if dist.get_rank() == rank:
+                print(line, flush=True)
+            if name in every_rank:
+                dist.barrier()
     dist.barrier()
     dist.destroy_process_group()
     if failed:

@@ -43,6 +43,13 @@ def main() -> None:
     expect("first stage without target", "the first stage needs the targets",
            lambda: SchedulePPLL(last, 2, ce, optimizer=both).step(x))
     expect("list of stages", "one stage per rank", lambda: SchedulePPLL([first, last], 2, ce))
+    for case, kwargs, needle in [
+        ("no micro-batches", {"n_microbatches": 0}, "n_microbatches=0 must be an integer >= 1"),
+        ("negative micro-batches", {"n_microbatches": -2}, "n_microbatches=-2 must be an integer >= 1"),
+        ("queue_depth 0", {"n_microbatches": 2, "queue_depth": 0}, "queue_depth=0 must be an integer >= 1"),
+        ("timeout_s 0", {"n_microbatches": 2, "timeout_s": 0}, "timeout_s=0 must be a number of seconds > 0"),
+    ]:
+        expect(case, needle, lambda kw=kwargs: SchedulePPLL(first, loss_fn=ce, aux_head=aux, optimizer=both, **kw))
     expect("arg_mbs length", "has 1 entries but n_microbatches=2",
            lambda: SchedulePPLL(last, 2, ce, optimizer=both).step(arg_mbs=[(x,)], target_mbs=[y]))
     schedule = SchedulePPLL(last, 4, ce)
