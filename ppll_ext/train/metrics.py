@@ -163,4 +163,11 @@ def _summary_writer(folder: Path, start_step: int) -> Any:
     except ImportError:
         log.info("metrics.jsonl only: TensorBoard event files need tensorboard (pip install ppll_ext[tensorboard])")
         return None
+    if start_step:
+        # TensorBoard reads event files in name order, "events.out.tfevents.<unix second>.<host>.<pid>.<counter>", and
+        # the purge works only if the resumed run's file comes last: in the second of an earlier file, another pid or
+        # counter ("10" < "9") could sort it first, so it is opened in a later second.
+        stamps = [int(p.name.split(".")[3]) for p in folder.glob(EVENTS + "*") if p.name.split(".")[3].isdigit()]
+        while stamps and time.time() < max(stamps) + 1:
+            time.sleep(0.05)
     return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
