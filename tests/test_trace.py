@@ -10,8 +10,10 @@ import stat
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
+import faults
 import pytest
 
 from ppll_ext import cli, trace
@@ -252,3 +254,17 @@ def test_schedule_ppll_trace_has_the_runtime_events(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     spans = check_trace(out, stages=2, senders=1)
     assert any(e["name"] == "wait-in" and e["pid"] == 1 for e in spans)
+
+
+def test_an_output_file_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(
+        tmpfs: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`ppll partition --json` onto a full file system: one line naming the folder and the fix, exit code 2, and no
+    temporary file left beside the target (the same writer writes traces, plots and the curves' rewrite)."""
+    disk = tmpfs("disk", "64k")
+    faults.fill(disk)
+    target = disk / "split.json"
+    rc = cli.main(["partition", "--no-time", "--json", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"ppll: error: --json {str(target)!r} cannot be written: no space left on the device "
+                               f"of {str(disk)!r} (0 B free); free space there or choose another path"], err
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
