@@ -28,8 +28,8 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +45,7 @@ from ppll_ext.errors import CheckpointError, ConfigError, quote
 from ppll_ext.folders import member, outside
 from ppll_ext.models import LayeredModel
 from ppll_ext.models.hf import config_from_values
-from ppll_ext.paths import unwritable
+from ppll_ext.paths import free_bytes, is_no_space, size_text, unwritable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -118,17 +118,25 @@ def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def _atomic_bytes(data: bytes, path: Path) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(path.part)`, then rename it onto `path` (a file of a folder this module created); the .part file never
+    outlives a failure (on a full disk it holds the space a message asks to free)."""
     tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_bytes(data: bytes, path: Path) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt"})
-    os.replace(tmp, path)
+    cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
 
 
 def _atomic_json(obj: object, path: Path) -> None:
@@ -158,11 +166,82 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+HEADER_BYTES = 128
+"""Allowance per tensor for its entry in a safetensors header (name, dtype, shape, offsets), in stage_bytes."""
+
+
+def stage_bytes(block: LocalBlock) -> int:
+    """About how many bytes stage `block` adds to a checkpoint, known before its first step: the tensors of its body
+    (its shard) and of its aux head, its optimizer's state as that optimizer will hold it (per trainable parameter:
+    SGD one momentum buffer, none without momentum; Adam and AdamW two moments, three with amsgrad, and a 4-byte step
+    count), its RNG state, and HEADER_BYTES per tensor. Left out: the JSON files and a language model's config and
+    tokenizer files (kilobytes to a few MB)."""
+    tensors = [*block.body.state_dict().values(), *(block.aux.state_dict().values() if block.aux is not None else ())]
+    total = sum(t.numel() * t.element_size() + HEADER_BYTES for t in tensors)
+    opt = block.optimizer
+    if opt is not None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        if isinstance(opt, torch.optim.SGD):
+            copies, step = int(any(group.get("momentum", 0) for group in opt.param_groups)), 0
+        else:  # Adam, AdamW and DeepSpeed's Adam variants
+            copies, step = 2 + int(any(group.get("amsgrad", False) for group in opt.param_groups)), 4 + HEADER_BYTES
+        total += sum(copies * (p.numel() * p.element_size() + HEADER_BYTES) + step for p in params)
+    return total + torch.get_rng_state().numel() + HEADER_BYTES
+
+
+def check_free_space(save_dir: str | Path, checkpoint_bytes: int, free: int, every_rank: bool = False) -> None:
+    """ConfigError before training unless `free` bytes (on `save_dir`'s file system) hold two checkpoints of about
+    `checkpoint_bytes` (stage_bytes of every stage): a save writes the new checkpoint in full before an older one is
+    pruned, so a run that has room for one only fails at its second save (or at its only one, after all its epochs).
+    `every_rank`: every rank of a multi-process run decides alike (the error's every_rank)."""
+    if free < 2 * checkpoint_bytes:
+        raise ConfigError(f"train.save_dir={str(save_dir)!r} has {size_text(free)} free, but one checkpoint of this "
+                          f"run takes about {size_text(checkpoint_bytes)} and saving needs room for two (the new one "
+                          f"is written before the previous one is removed); free space there or choose another "
+                          f"train.save_dir", key="train.save_dir", every_rank=every_rank)
+
+
+def _disk_full(folder: Path) -> CheckpointError:
+    """The one-line error of a save into `folder` (a run directory's step-N.tmp) that found its disk full."""
+    root = folder.parent
+    latest = [c.name for _, c in _steps(root) if (c / INDEX).is_file()]
+    kept = (f"the latest complete checkpoint, {latest[-1]}, is intact; free space there (or choose another "
+            f"train.save_dir) and resume from it" if latest else
+            "no checkpoint of it is complete; free space there or choose another train.save_dir")
+    return CheckpointError(f"no space left on the device of {str(root)!r} while saving "
+                           f"{folder.name.removesuffix('.tmp')} ({size_text(free_bytes(root))} free): {kept}",
+                           key="train.save_dir")
+
+
+@contextmanager
+def _disk_full_is_one_line(folder: Path) -> Iterator[None]:
+    """Turn a full disk while writing checkpoint folder `folder` into _disk_full's CheckpointError (safetensors
+    reports it as a SafetensorError carrying the OS error in its text)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        raise _disk_full(folder) from None
+
+
+def discard(folder: Path) -> None:
+    """Remove `folder`, the step-N.tmp of a save that failed: it is never loaded, and on a full disk it holds space."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[str, str],
                 optimizer_state: dict | None = None) -> StageManifest:
     """Write stage `block.index`'s shard (original names) and training state into `folder`; returns its manifest.
 
-    `optimizer_state` replaces `block.optimizer.state_dict()` (the DeepSpeed engine passes ZeRO-1's gathered one)."""
+    `optimizer_state` replaces `block.optimizer.state_dict()` (the DeepSpeed engine passes ZeRO-1's gathered one).
+    A full disk is a one-line CheckpointError (no .part file is left; whoever commits discards `folder`)."""
+    with _disk_full_is_one_line(folder):
+        return _write_stage(folder, block, num_stages, key_map, optimizer_state)
+
+
+def _write_stage(folder: Path, block: LocalBlock, num_stages: int, key_map: dict[str, str],
+                 optimizer_state: dict | None) -> StageManifest:
     folder.mkdir(parents=True, exist_ok=True)
     k = block.index
     body = {key_map[n]: t for n, t in block.body.state_dict().items()}
@@ -192,7 +271,22 @@ def commit(folder: Path, manifests: Iterable[StageManifest], position: Position,
     earlier run's) and prune to the `keep` newest, never this one. `fingerprints` ({setting: digest of what it
     names}, e.g. the tokenizer's content) are recorded so a resume can tell when a path now names other content.
     The one place a checkpoint becomes visible, called once (on the first rank) by every engine and by
-    SchedulePPLL.save_checkpoint."""
+    SchedulePPLL.save_checkpoint. If it fails before the rename, `folder` is discarded (a full disk: a one-line
+    CheckpointError), and earlier checkpoints stay as they were."""
+    try:
+        with _disk_full_is_one_line(folder):
+            final = _complete(folder, manifests, position, boundaries, config, extra, fingerprints)
+    except BaseException:
+        discard(folder)
+        raise
+    supersede(final.parent, position.step)
+    _prune(final.parent, keep, final)
+    return final
+
+
+def _complete(folder: Path, manifests: Iterable[StageManifest], position: Position, boundaries: list[int] | None,
+              config: dict, extra: Callable[[Path], object] | None, fingerprints: dict[str, str] | None) -> Path:
+    """commit's writes, up to the rename of `folder` to its final name (returned)."""
     manifests = sorted(manifests, key=lambda m: m.index)
     sums = {name: digest for m in manifests for name, digest in m.checksums.items()}
     _drop_stale(folder, set(sums))
@@ -222,8 +316,6 @@ def commit(folder: Path, manifests: Iterable[StageManifest], position: Position,
     if final.exists():
         shutil.rmtree(final)
     os.replace(folder, final)
-    supersede(final.parent, position.step)
-    _prune(final.parent, keep, final)
     return final
 
 
@@ -601,7 +693,14 @@ def export(state: dict[str, torch.Tensor], out: str | Path, max_shard_bytes: int
     """Write `state` as one `model.safetensors`, or as HF shards + index when it exceeds `max_shard_bytes`; with a
     `source` checkpoint folder, its HF_FILES (config.json, tokenizer) too (verified), so from_pretrained(out) loads
     it. A non-empty `out` is refused unless `overwrite`; the files are written beside it and then replace it."""
-    return _replace_folder(out, overwrite, lambda folder: _write_model(state, folder, max_shard_bytes, source))
+    extra = sum((source / name).stat().st_size for name in HF_FILES if (source / name).is_file()) if source else 0
+    return _replace_folder(out, overwrite, lambda folder: _write_model(state, folder, max_shard_bytes, source),
+                           _export_bytes(state) + extra)
+
+
+def _export_bytes(state: dict[str, torch.Tensor]) -> int:
+    """About the bytes `state` takes as safetensors files (tensors and HEADER_BYTES each)."""
+    return sum(t.numel() * t.element_size() + HEADER_BYTES for t in state.values())
 
 
 def _write_model(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,
@@ -636,10 +735,12 @@ def _write_model(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
 
 
 def check_output_folder(out: str | Path, overwrite: bool) -> None:
-    """ConfigError unless `out` can take an export: absent, an empty folder, or (with `overwrite`) any folder."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"output {str(out)!r} is a file; give a folder to write into")
+    """ConfigError unless `out` can take an export: absent, an empty folder, or (with `overwrite`) any folder, where
+    it can be written (never a file, device, FIFO or socket; a symlink counts as what it points to)."""
+    folder = Path(out).expanduser().resolve()
+    reason = unwritable(folder)
+    if reason is not None:
+        raise ConfigError(f"output {str(out)!r} cannot be used: {reason}; give a folder to write into")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if entries and not overwrite:
         more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
@@ -647,16 +748,31 @@ def check_output_folder(out: str | Path, overwrite: bool) -> None:
                           f"folder, or replace it with overwrite=True (ppll export/import-deepspeed --overwrite)")
 
 
-def _replace_folder(out: str | Path, overwrite: bool, write: Callable[[Path], list[str]]) -> list[Path]:
+def _replace_folder(out: str | Path, overwrite: bool, write: Callable[[Path], list[str]], nbytes: int) -> list[Path]:
     """Run `write` on a new folder beside `out`, then put it in `out`'s place (a non-empty `out` only with
-    `overwrite`): `out` never mixes the files of two writes, and a failed write leaves it as it was."""
+    `overwrite`; a symlink to a folder stays, its target is replaced): `out` never mixes the files of two writes, and
+    a failed write leaves it as it was. Refused up front when its file system has less than `nbytes` (about what
+    `write` writes) free; a full disk while writing is one CheckpointError line."""
     check_output_folder(out, overwrite)
-    final = Path(out).absolute()
+    final = Path(out).expanduser().resolve()
+    free = free_bytes(final.parent)
+    if free < nbytes:
+        raise ConfigError(f"output {str(out)!r}: its file system has {size_text(free)} free but the files take about "
+                          f"{size_text(nbytes)}; free space there or choose another output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
         names = write(tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_no_space(exc):
+            raise CheckpointError(f"no space left on the device of {str(final.parent)!r} while writing {str(out)!r} "
+                                  f"(about {size_text(nbytes)} needed, {size_text(free_bytes(final.parent))} free "
+                                  f"without the partial files, which are removed); free space there or choose "
+                                  f"another output folder") from None
+        raise
+    try:
         if final.is_dir():
             old = tmp.with_suffix(".old")
             os.rename(final, old)
@@ -888,4 +1004,4 @@ def write_imported(state: dict[str, torch.Tensor], aux: dict[str, torch.Tensor],
             names.append(AUX)
         return names
 
-    return _replace_folder(out, overwrite, write)
+    return _replace_folder(out, overwrite, write, _export_bytes(state) + _export_bytes(aux))

@@ -105,8 +105,8 @@ def parse_size(text: str) -> int:
 def _export(args: argparse.Namespace) -> int:
     from ppll_ext import checkpoint as ckpt
 
-    folder = ckpt.resolve(args.checkpoint)
     ckpt.check_output_folder(args.out, args.overwrite)
+    folder = ckpt.resolve(args.checkpoint)
     files = ckpt.export(ckpt.load_model_state(folder), args.out, parse_size(args.max_shard_size), source=folder,
                         overwrite=args.overwrite)
     print(f"exported {len(files)} file(s) to {args.out}: {', '.join(f.name for f in files)}")
@@ -175,32 +175,31 @@ def _train(args: argparse.Namespace) -> int:
 def _partition(args: argparse.Namespace) -> int:
     """Print (and with --json write) the split of the config's model and its stages' predicted times."""
     import json
-    from pathlib import Path
 
-    from ppll_ext.paths import unwritable
+    from ppll_ext.paths import check_output_file, write_atomically
     from ppll_ext.split import format_report, split_report
 
     cfg = load_config(args.config, args.overrides)
+    label = f"--json {args.json_out!r}"
     if args.json_out:
-        out = Path(args.json_out).expanduser().absolute()
-        reason = f"{str(out)!r} is a directory" if out.is_dir() else unwritable(out.parent)
-        if reason is not None:
-            raise ConfigError(f"--json {args.json_out!r} cannot be written: {reason}; choose another file")
+        check_output_file(args.json_out, label, example="split.json")
     report = split_report(cfg, timed=not args.no_time)
     print(format_report(report))
     if args.json_out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        text = json.dumps(report.to_dict(), indent=2) + "\n"
+        write_atomically(args.json_out, lambda tmp: tmp.write_text(text), label, example="split.json")
         print(f"wrote {args.json_out}")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from ppll_ext.paths import check_output_file
     from ppll_ext.plot import plot_bench, plot_runs, plot_traces
 
     if sum(map(bool, (args.traces, args.bench, args.curves))) != 1:
         raise ConfigError("ppll plot takes trace files (a Gantt chart), --bench FILE (a bar chart) or --curves RUN "
                           "[RUN ...] (training curves), exactly one of the three")
+    check_output_file(args.out, f"--out {args.out!r}", example="plot.png")
     if args.curves:
         path = plot_runs(args.curves, args.out)
     elif args.bench:
@@ -235,6 +234,7 @@ def _import_deepspeed(args: argparse.Namespace) -> int:
     from ppll_ext.data import dataset_shape
 
     cfg = load_config(args.config, args.overrides)
+    ckpt.check_output_folder(args.out, args.overwrite)
     layered = build_layered(cfg, **dataset_shape(cfg.data))
     state, aux = ckpt.import_deepspeed(args.checkpoint, layered)
     files = ckpt.write_imported(state, aux, args.out, parse_size(args.max_shard_size), overwrite=args.overwrite)

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from ppll_ext.errors import ConfigError
+from ppll_ext.paths import write_atomically
 
 COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "step": "#55a868", "send": "#8172b3", "eval": "#937860",
           "wait-in": "#c8c8c8", "wait-out": "#c44e52", "wait": "#a0a0a0"}
@@ -215,8 +216,11 @@ def _require(rows: list[dict], keys: tuple[str, ...]) -> None:
 
 
 def _save(fig, plt, out: str | os.PathLike) -> Path:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Write the figure at `out` in the format its suffix names (PNG without one), through a temporary file renamed
+    onto it: only onto a regular file or a new name (paths.write_atomically)."""
+    fmt = Path(out).suffix[1:].lower() or "png"
+    try:
+        return write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt), f"--out {str(out)!r}",
+                                example="plot.png")
+    finally:
+        plt.close(fig)

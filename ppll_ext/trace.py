@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ppll_ext.core.block import LocalBlock
+from ppll_ext.paths import write_atomically
 
 KINDS = ("forward", "send", "backward", "step", "wait-in", "wait-out", "eval")
 """Event names the runtimes record; `ppll plot` colours them in this order."""
@@ -185,13 +186,10 @@ def build_trace(records: list[dict], title: str = "", meta: dict | None = None) 
 
 
 def write_trace(path: str | os.PathLike, records: list[dict], title: str = "", meta: dict | None = None) -> Path:
-    """Write `records` as a Chrome-trace JSON at `path` (atomically); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(build_trace(records, title, meta)))
-    os.replace(tmp, path)
-    return path
+    """Write `records` as a Chrome-trace JSON at `path` (atomically, only onto a regular file or a new name:
+    paths.write_atomically); returns the path."""
+    text = json.dumps(build_trace(records, title, meta))
+    return write_atomically(path, lambda tmp: tmp.write_text(text), f"trace file {str(path)!r}", example="trace.json")
 
 
 def finish(path: str | os.PathLike, group: dist.ProcessGroup | None = None, title: str = "",

@@ -1,10 +1,11 @@
-"""Session fixtures shared by the multi-process tests."""
+"""Fixtures shared by the tests: DeepSpeed's CPU ops built once, small file systems that really fill up."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,30 @@ def deepspeed_cpu_ops() -> None:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     res = subprocess.run([sys.executable, "-c", BUILD_SHM_OP], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, f"DeepSpeed's CPU shm comm op did not build:\n{res.stderr[-4000:]}"
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """`tmpfs(name, size, inodes=None)` mounts a small tmpfs (e.g. size "200k") at tmp_path/name and returns it: a
+    file system that really fills up. Mounting needs root (as the CI runs); where it is refused the test is skipped
+    with the reason. Everything mounted is unmounted when the test ends."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str, inodes: int | None = None) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                             text=True)
+        if res.returncode != 0:
+            pytest.skip(f"needs a small file system of its own, and mounting a tmpfs was refused (it needs root): "
+                        f"{res.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    try:
+        yield mount
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", "--lazy", str(where)], check=True)  # lazy: a file left open cannot block it
+

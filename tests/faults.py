@@ -6,12 +6,14 @@ launcher starts: run this file instead of `-m ppll_ext.train`, e.g.
 `ppll` command line with the remaining arguments.
 
 SPEC = stage:step:kind with kind raise | kill | nan (while the stage trains step `step`: raise an error, SIGKILL
-its own process, or make its local loss NaN) or kill-in-save (SIGKILL while the stage writes the checkpoint of
-step `step`, after its model shard and before its training state).
+its own process, or make its local loss NaN), kill-in-save (SIGKILL while the stage writes the checkpoint of
+step `step`, after its model shard and before its training state) or full-in-save (at that moment, fill the file
+system the checkpoint is written to, as another program would: the stage's next write finds the disk full).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -22,7 +24,7 @@ import torch
 
 from ppll_ext import hooks
 
-KINDS = ("raise", "kill", "nan", "kill-in-save")
+KINDS = ("raise", "kill", "nan", "kill-in-save", "full-in-save")
 
 
 class FaultyLoss(torch.nn.Module):
@@ -52,10 +54,13 @@ def install(spec: str) -> None:
     stage, step = int(stage_text), int(step_text)
     if kind not in KINDS:
         raise ValueError(f"fault {spec!r}: the kind must be one of {', '.join(KINDS)}")
-    if kind == "kill-in-save":
+    if kind in ("kill-in-save", "full-in-save"):
         def on_shard(folder: Path, index: int) -> None:
             if index == stage and folder.name == f"step-{step:06d}.tmp":
-                os.kill(os.getpid(), signal.SIGKILL)
+                if kind == "full-in-save":
+                    fill(folder.parent)
+                else:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
         hooks.on_shard_written(on_shard)
         return
@@ -65,6 +70,20 @@ def install(spec: str) -> None:
             block.loss_fn = FaultyLoss(block, step, kind)
 
     hooks.on_stage_start(on_stage)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of `folder` to its last byte with one new file there (returned)."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for block in (1 << 16, 1):  # big blocks, then the last bytes
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler
 
 
 def clear() -> None:

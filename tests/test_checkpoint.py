@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -403,3 +404,55 @@ def test_resume_with_changed_settings_or_edited_state_is_one_line(saved: Path, t
                       f"files cannot be verified"] if loaded else []
         assert rc == 2 and err[:-1] == unverified and err[-1].startswith("ppll: error:"), (folder.name, err)
         assert needle in err[-1] and str(folder) in err[-1], (folder.name, err)
+
+
+def test_export_onto_a_full_disk_is_one_line_and_changes_nothing(saved: Path, tmpfs: Callable[..., Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An export that needs more than its file system's free space is refused before it writes, with the numbers;
+    one that runs out of space while writing (here: of inodes, after a few shards) is one line naming the folder and
+    the fix, and the export it was to replace (--overwrite) stays as it was, with nothing left beside it."""
+    state = ckpt.load_model_state(saved)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    small = tmpfs("small", "64k")
+    refused = _one_error(capsys, "export", str(saved), str(small / "out"))
+    numbers = re.fullmatch(rf"ppll: error: output '{small / 'out'}': its file system has 65.5 kB free but the files "
+                           rf"take about (\d+) kB; free space there or choose another output folder", refused)
+    assert numbers and nbytes < int(numbers.group(1)) * 1000 < nbytes * 1.1, refused
+    assert list(small.iterdir()) == []
+
+    few = tmpfs("few", "8m", inodes=8)
+    out = few / "out"
+    assert _cli(capsys, "export", str(saved), str(out))[0] == 0
+    full = _one_error(capsys, "export", str(saved), str(out), "--max-shard-size", "20KB", "--overwrite")
+    assert re.fullmatch(rf"ppll: error: no space left on the device of '{few}' while writing '{out}' \(about \d+ kB "
+                        rf"needed, [\d.]+ MB free without the partial files, which are removed\); free space there or "
+                        rf"choose another output folder", full), full
+    assert sorted(p.name for p in few.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == [ckpt.SINGLE]
+    exported = ckpt.load_model_state(out)
+    assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
+
+
+def test_a_full_disk_in_a_stage_process_is_one_line_and_keeps_the_previous_checkpoint(
+        tmpfs: Callable[..., Path]) -> None:
+    """Processes runtime: the disk fills while stage 1 saves step 8 (after its shard); stage 0's writes may fail too.
+    The stages meet once both are done writing: the run ends with exit code 2 and one line naming the run directory
+    and the fix (no traceback, no lost-link lines); rank 0, which commits, discards step-000008.tmp; step 4 is intact
+    and verified."""
+    disk = tmpfs("disk", "4m")
+    base = sets(*MODELS["resnet8"], *SMALL, "local.stages=2", "local.runtime=processes", "train.epochs=1")
+    cmd = [sys.executable, "-m", "ppll_ext.runtime.torchrun", str(os.getpid()), "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "faults.py"), "1:8:full-in-save", "train", *base, "--save-dir", str(disk / "run"),
+           "--save-every", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    # stage 0 may still have been writing when stage 1 filled the disk: then its failure is the first
+    assert re.fullmatch(rf"ppll: error: stage ([01]) \(rank \1\) failed: CheckpointError: no space left on the device "
+                        rf"of '{disk / 'run'}' while saving step-000008 \(0 B free\): the latest complete checkpoint, "
+                        rf"step-000004, is intact; free space there \(or choose another train\.save_dir\) and resume "
+                        rf"from it", lines[0]), lines
+    run = disk / "run"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == ["step-000004"], list(run.iterdir())
+    (run / "filler").unlink()
+    assert set(ckpt.verify(run / "step-000004").values()) == {"ok"}

@@ -1,17 +1,22 @@
 """Training curves: metrics.jsonl and TensorBoard events written by a run, read back with the real libraries, and
-`ppll plot --curves` drawing two runs."""
+`ppll plot --curves` drawing two runs; a full disk under the curves."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import faults
 import numpy as np
 import pytest
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ppll_ext.cli import main
+from ppll_ext.runtime import EpochStats, EvalResult, StageStats
+from ppll_ext.train.metrics import MetricsLog
 
 TINY = ["--set", "model.name=resnet8", "--set", "model.width=4", "--set", "data.train_subset=256",
         "--set", "train.epochs=2", "--set", "train.progress=false", "--runtime", "sequential"]
@@ -72,3 +77,19 @@ def test_run_writes_curves_resume_appends_and_plot_compares_runs(tmp_path: Path,
     assert main(["plot", "--curves", str(tmp_path / "empty"), "--out", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics.jsonl" in err[0] and "holds no metrics" in err[0]
+
+
+def test_curves_on_a_full_disk_warn_once_and_training_goes_on(tmpfs: Callable[..., Path],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Once the log folder's file system is full, appending step and evaluation records logs one warning naming the
+    folder and the fix, then nothing more: the run goes on (a checkpoint save fails the run with its own line)."""
+    disk = tmpfs("disk", "64k")
+    curves = MetricsLog(disk, 0, "classification")
+    faults.fill(disk)
+    stage = StageStats(0, step_loss=[1.0], step_lr=[0.1], step_end_s=[time.perf_counter()])
+    curves.steps(0, 0, EpochStats(1.0, 10, [stage]))
+    curves.evaluation(1, 0, EvalResult(0.5, 1.0, [], 10, []))
+    curves.close()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("ppll_ext")] == [
+        f"no space left on the device of {disk}: metrics.jsonl is not written any further; free space there or set "
+        f"train.log_dir elsewhere"]

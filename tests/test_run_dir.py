@@ -1,5 +1,6 @@
 """The run directory: one live run at a time (lock), an earlier run's later checkpoints moved aside instead of
-pruned in place of this run's, leftovers of interrupted saves removed, a bad --save-dir refused before training.
+pruned in place of this run's, leftovers of interrupted saves removed, a bad --save-dir refused before training, a
+disk without room for two checkpoints refused before training and a disk that fills up failing a save cleanly.
 
 Runs are real `ppll train` runs of a tiny ResNet-8 in this process (sequential runtime: no start-up cost)."""
 
@@ -9,11 +10,15 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import faults
 import pytest
 
 from ppll_ext import checkpoint as ckpt
@@ -184,3 +189,52 @@ def test_a_save_dir_that_cannot_hold_checkpoints_fails_before_training(tmp_path:
             assert rc == 2 and len(lines) == 1 and needle in lines[0], (runtime, lines)
             assert lines[0].startswith(f"ppll: error: train.save_dir={str(save_dir)!r} cannot be used: ")
             assert "training" not in out
+
+
+def test_a_disk_too_small_is_refused_before_training_and_a_full_disk_fails_a_save_in_one_line(
+        tmp_path: Path, tmpfs: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """On a file system without room for two checkpoints the run is one error line with the numbers before any
+    training. On one that fills up during the save of step 10 (stage 0 has written its shard), the run ends with one
+    line naming the run directory and the fix; step 5 is intact (`ppll verify` says ok) and nothing of step 10 is
+    left; the same with the stages in threads (which all finish writing before the step's folder goes). The estimate
+    the first line gives is within 10% of the checkpoint really written."""
+    small = tmpfs("small", "200k")
+    rc = cli_main(["train", *sets(*TINY, "train.epochs=1"), "--save-dir", str(small / "run")])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    refused = re.fullmatch(rf"ppll: error: train\.save_dir='{small / 'run'}' has (\d+) kB free, but one checkpoint of "
+                           rf"this run takes about (\d+) kB and saving needs room for two \(the new one is written "
+                           rf"before the previous one is removed\); free space there or choose another train\.save_dir "
+                           rf"\(command line: --save-dir or --set train\.save_dir=\.\.\.\)", lines[0])
+    assert refused, lines
+    free, estimate = (int(n) * 1000 for n in refused.groups())
+    assert 190_000 < free <= shutil.disk_usage(small).free < 2 * estimate, (free, estimate)
+    assert "training" not in out and list(small.iterdir()) == []
+
+    disk = tmpfs("disk", "2m")
+    remove = faults.hooks.on_shard_written(lambda folder, stage: folder.name == "step-000010.tmp" and stage == 0
+                                           and faults.fill(disk))
+    try:
+        for runtime, prefix in (("sequential", ""), ("threads", "stage 0 failed: CheckpointError: ")):
+            run = disk / runtime
+            rc = cli_main(["train", *sets(*TINY, "train.epochs=1"), "--runtime", runtime, "--save-dir", str(run),
+                           "--save-every", "5"])
+            out, err = capsys.readouterr()
+            lines = err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1, (runtime, lines)
+            assert re.fullmatch(rf"ppll: error: {prefix}no space left on the device of '{run}' while saving "
+                                rf"step-000010 \(\d+ B free\): the latest complete checkpoint, step-000005, is intact; "
+                                rf"free space there \(or choose another train\.save_dir\) and resume from it \(command "
+                                rf"line: --save-dir or --set train\.save_dir=\.\.\.\)", lines[0]), (runtime, lines)
+            assert f"checkpoint saved: {run / 'step-000005'}" in out and "step-000010" not in out, (runtime, out)
+            assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == ["step-000005"], runtime
+            assert not [p for p in run.rglob("*") if p.name.endswith((".part", ".tmp"))], runtime
+            (disk / "filler").unlink()
+            assert cli_main(["verify", str(run)]) == 0
+            verified = capsys.readouterr().out.splitlines()
+            assert verified and all(line.startswith("ok ") for line in verified), (runtime, verified)
+    finally:
+        remove()
+    written = sum(p.stat().st_size for p in (disk / "sequential" / "step-000005").rglob("*") if p.is_file())
+    assert abs(estimate - written) < written / 10, (estimate, written)

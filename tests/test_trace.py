@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
+import faults
 import pytest
 
 from ppll_ext import cli, trace
@@ -70,12 +74,83 @@ def test_processes_trace_and_plot(tmp_path: Path) -> None:
 
 
 def test_threads_and_sequential_traces(tmp_path: Path) -> None:
+    """Both runtimes trace every stage; the sequential run's --trace is a symlink to an earlier trace file: the file
+    it points to is replaced, the link stays a link."""
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("{}")
+    (tmp_path / "sequential.json").symlink_to(earlier)
     for runtime in ("threads", "sequential"):
         path = tmp_path / f"{runtime}.json"
         cfg = load_config(None, [*TINY, f"local.runtime={runtime}", "local.stages=3", f"train.trace={path}"])
         run_training(cfg, out=io.StringIO())
         check_trace(path, stages=3, senders=2 if runtime == "threads" else 0)
         assert not trace.current().enabled
+    assert (tmp_path / "sequential.json").is_symlink() and check_trace(earlier, stages=3, senders=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json", "sequential.json", "threads.json"]
+
+
+def special_files(folder: Path) -> dict[Path, tuple[str, Path]]:
+    """A character device (mknod, with /dev/full's numbers: a write there fails, a read gives zeros), a FIFO, a UNIX
+    socket and a symlink to the device, made in `folder` (never the system's): path -> (what a message calls it,
+    the file the path leads to)."""
+    device = folder / "full"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except PermissionError as exc:
+        pytest.skip(f"needs a device node of its own, and mknod was refused (it needs root): {exc}")
+    fifo = folder / "fifo"
+    os.mkfifo(fifo)
+    sock = folder / "sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))
+    link = folder / "link"
+    link.symlink_to(device)
+    return {device: ("a character device", device), fifo: ("a FIFO", fifo), sock: ("a socket", sock),
+            link: ("a character device", device)}
+
+
+def test_no_output_is_written_over_a_device_fifo_or_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--trace (in-process and in the parent of the processes runtime), plot --out, partition --json, export and
+    import-deepspeed OUT, --save-dir and the curves (metrics.jsonl) each refuse a device node, FIFO or socket (or a
+    symlink to one) with one line before any work, and leave it as it was."""
+    nodes = special_files(tmp_path)
+    before = {p: os.lstat(p) for p in nodes}
+    train = ["train", *[a for o in [*TINY, "local.stages=2"] for a in ("--set", o)]]
+    missing = str(tmp_path / "missing")  # an input that would fail next if the output were not checked first
+    for path, (kind, target) in nodes.items():
+        via = f" (the symlink {str(path)!r} points there)" if path.is_symlink() else ""
+        refusal = f"{str(target)!r} is {kind}{via}, which ppll never writes over; give a regular file or a new path"
+        commands = {
+            f"train.trace={str(path)!r} cannot be written: {refusal}": [
+                [*train, "--runtime", runtime, "--trace", str(path)] for runtime in ("sequential", "processes")],
+            f"--out {str(path)!r} cannot be written: {refusal}": [["plot", missing, "--out", str(path)]],
+            f"--json {str(path)!r} cannot be written: {refusal}": [["partition", "--no-time", "--json", str(path)]],
+            f"output {str(path)!r} cannot be used: {str(target)!r} is {kind}; give a folder to write into": [
+                ["export", missing, str(path)], ["import-deepspeed", missing, str(path)]],
+            f"train.save_dir={str(path)!r} cannot be used: {str(target)!r} is {kind}; choose another "
+            f"train.save_dir": [[*train, "--runtime", runtime, "--save-dir", str(path)]
+                                for runtime in ("sequential", "processes")],
+        }
+        for message, argvs in commands.items():
+            for argv in argvs:
+                rc = cli.main(argv)
+                out, err = capsys.readouterr()
+                lines = err.strip().splitlines()
+                assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"ppll: error: {message}"), (argv, lines)
+                assert out == "", (argv, out)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    os.mkfifo(logs / "metrics.jsonl")  # opened for the curves, it would block the run
+    rc = cli.main([*train, "--runtime", "sequential", "--set", f"train.log_dir={logs}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.splitlines() == [
+        f"ppll: error: the training curves {str(logs / 'metrics.jsonl')!r} (train.log_dir) cannot be written: "
+        f"{str(logs / 'metrics.jsonl')!r} is a FIFO, which ppll never writes over; give a regular file or a new path "
+        f"(command line: --set train.log_dir=...)"]
+    after = {p: os.lstat(p) for p in nodes}
+    assert all((a.st_mode, a.st_rdev, a.st_ino, a.st_mtime_ns) == (b.st_mode, b.st_rdev, b.st_ino, b.st_mtime_ns)
+               for a, b in zip(before.values(), after.values())), (before, after)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "full", "link", "logs", "sock"]
 
 
 def test_disabled_tracer_is_a_no_op() -> None:
@@ -179,3 +254,17 @@ def test_schedule_ppll_trace_has_the_runtime_events(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     spans = check_trace(out, stages=2, senders=1)
     assert any(e["name"] == "wait-in" and e["pid"] == 1 for e in spans)
+
+
+def test_an_output_file_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(
+        tmpfs: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`ppll partition --json` onto a full file system: one line naming the folder and the fix, exit code 2, and no
+    temporary file left beside the target (the same writer writes traces, plots and the curves' rewrite)."""
+    disk = tmpfs("disk", "64k")
+    faults.fill(disk)
+    target = disk / "split.json"
+    rc = cli.main(["partition", "--no-time", "--json", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"ppll: error: --json {str(target)!r} cannot be written: no space left on the device "
+                               f"of {str(disk)!r} (0 B free); free space there or choose another path"], err
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]

@@ -14,6 +14,7 @@ import torch
 
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.tasks import Score
+from ppll_ext.errors import CheckpointError
 from ppll_ext.transport import Kind, Msg
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -207,6 +208,36 @@ class SaveRequest:
 
     index: int
     step: int
+
+
+@dataclass
+class SaveFailure:
+    """A stage's part of a checkpoint that could not be written (a full disk ...), reported in place of what the saver
+    returns: the side that commits learns of it once every stage has finished writing, so it can discard the
+    partial folder with no stage still writing into it."""
+
+    index: int
+    message: str
+    """"stage k[ (rank r)] failed: <error type>: <error>", as the runtimes word a failed stage."""
+    key: str | None = None
+    """The setting the error names (train.save_dir for a full disk)."""
+
+    def error(self, every_rank: bool = False) -> CheckpointError:
+        """The failure as the CheckpointError a runtime raises (`every_rank`: raised alike on every rank)."""
+        return CheckpointError(self.message, key=self.key, every_rank=every_rank)
+
+
+def attempt_save(save: Callable[[], object], index: int, who: str) -> object:
+    """`save()`'s result, or a SaveFailure of stage `index` naming `who` (e.g. "stage 1 (rank 1)") and the error."""
+    try:
+        return save()
+    except Exception as exc:
+        return SaveFailure(index, f"{who} failed: {type(exc).__name__}: {exc}", getattr(exc, "key", None))
+
+
+def first_failure(reports: Iterable[object]) -> SaveFailure | None:
+    """The first SaveFailure among `reports` (by stage), None when every stage saved its part."""
+    return min((r for r in reports if isinstance(r, SaveFailure)), key=lambda r: r.index, default=None)
 
 
 Report = StageStats | EvalCounts | SaveRequest

@@ -21,10 +21,13 @@ from ppll_ext.runtime.base import (
     EpochStats,
     EvalResult,
     Report,
+    SaveFailure,
     Saver,
     SaveRequest,
+    attempt_save,
     eval_messages,
     eval_result,
+    first_failure,
     train_messages,
 )
 from ppll_ext.runtime.stage import StageWorker
@@ -56,12 +59,25 @@ class ProcessRunner:
 
     def _gather(self, report: Report) -> list:
         if isinstance(report, SaveRequest):
-            report = self.saver(self.block, report.step)
+            report = self._save(report.step)
         if self.sender is not None:
             self.sender.flush()
         out: list[Report] | None = [None] * self.world if self.rank == 0 else None  # type: ignore[list-item]
         self._control(lambda: dist.gather_object(report, out, dst=0, group=self.control))
         return out or []
+
+    def _save(self, step: int) -> object:
+        """This stage's part of checkpoint `step`; then every rank learns whether all parts were written and, if not,
+        raises the first failure alike (rank 0 alone reports it), with no stage still writing into the step's
+        folder, which the committing rank discards."""
+        result = attempt_save(lambda: self.saver(self.block, step), self.rank, f"stage {self.rank} (rank {self.rank})")
+        failures: list[SaveFailure | None] = [None] * self.world
+        mine = result if isinstance(result, SaveFailure) else None
+        self._control(lambda: dist.all_gather_object(failures, mine, group=self.control))
+        failure = first_failure(failures)
+        if failure is not None:
+            raise failure.error(every_rank=True)
+        return result
 
     def _control(self, collective: Callable[[], object]) -> None:
         """Run a collective of the control group; a dead or stalled stage becomes a PipelineError."""

@@ -24,8 +24,10 @@ from ppll_ext.runtime.base import (
     Report,
     Saver,
     SaveRequest,
+    attempt_save,
     eval_messages,
     eval_result,
+    first_failure,
     train_messages,
 )
 from ppll_ext.runtime.stage import StageWorker
@@ -128,7 +130,8 @@ class ThreadRunner:
             def send(msg: Msg) -> None:
                 self._put(nxt, move(msg), f"stage {k} sending to stage {k + 1}")
         def report(r: Report) -> None:
-            self._reports.put(self.saver(block, r.step) if isinstance(r, SaveRequest) else r)
+            self._reports.put(attempt_save(lambda: self.saver(block, r.step), k, f"stage {k}")
+                              if isinstance(r, SaveRequest) else r)
 
         try:
             StageWorker(block, send).serve(self._inbox(k), report)
@@ -167,9 +170,16 @@ class ThreadRunner:
         return eval_result(self._collect())  # type: ignore[arg-type]
 
     def checkpoint(self, step: int) -> list:
-        """Send CHECKPOINT(step) down the pipeline; each stage thread saves when it gets there."""
+        """Send CHECKPOINT(step) down the pipeline; each stage thread saves when it gets there. A stage that could not
+        write its part fails the pipeline once every stage has finished writing (the caller may then discard the
+        step's folder)."""
         self._feed([Msg(Kind.CHECKPOINT, n_micro=step)])
-        return self._collect()
+        reports = self._collect()
+        failure = first_failure(reports)
+        if failure is not None:
+            self._stop.set()
+            raise failure.error()
+        return reports
 
     def close(self) -> None:
         """Stop the stage threads (after they finish what they hold)."""

@@ -31,9 +31,9 @@ from ppll_ext.deepspeed import LocalPipelineEngine, LocalPipelineModule, PipeDat
 from ppll_ext.errors import ConfigError
 from ppll_ext.memory import checkpointed
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats, eval_result, split_micro
-from ppll_ext.runtime.base import current_lr
+from ppll_ext.runtime.base import SaveFailure, attempt_save, current_lr, first_failure
 from ppll_ext.runtime.launch import check_same_config, init_distributed
-from ppll_ext.train.job import Setup, prepare, restore_checkpoint, resume_position
+from ppll_ext.train.job import Setup, check_save_space, prepare, restore_checkpoint, resume_position
 from ppll_ext.train.loop import OnBatch, steps_per_epoch
 
 
@@ -140,8 +140,17 @@ class DeepSpeedLoopEngine:
         opt_state = self.engine.optimizer_state_dict() if self.engine.zero_sharded else None  # every replica
         if self.replica == 0:
             self.block.steps = self.engine.global_steps
-            manifest = ckpt.write_stage(ckpt.step_folder(self.cfg.train.save_dir, step), self.block,
-                                        self.cfg.local.stages, self.key_map, optimizer_state=opt_state)
+            manifest = attempt_save(lambda: ckpt.write_stage(ckpt.step_folder(self.cfg.train.save_dir, step),
+                                                             self.block, self.cfg.local.stages, self.key_map,
+                                                             optimizer_state=opt_state),
+                                    self.stage, f"stage {self.stage} (rank {self.rank})")
+        # every rank learns whether all parts were written before any raises: no stage still writes into the step's
+        # folder when rank 0 discards it
+        failures: list[SaveFailure | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, manifest if isinstance(manifest, SaveFailure) else None)
+        failure = first_failure(failures)
+        if failure is not None:
+            raise failure.error(every_rank=True)
         gathered: list[ckpt.StageManifest | None] = [None] * dist.get_world_size()
         dist.gather_object(manifest, gathered if self.is_driver else None, dst=0)
         return [g for g in gathered if g is not None] if self.is_driver else None
@@ -181,6 +190,8 @@ def setup_deepspeed(cfg: Config) -> Setup:
     dist.broadcast_object_list(shared, src=0)
     boundaries, blocks = build_blocks(cfg, job.layered, job.example, total_steps=total_steps, boundaries=shared[0])
     block = blocks[stage]
+    # every rank built every stage: rank 0 counts them all
+    check_save_space(cfg, sum(ckpt.stage_bytes(b) for b in blocks.values()) if rank == 0 else 0, shared=True)
     saved_optimizer = None
     if folder is not None:
         restore_checkpoint(folder, info, job.layered, {stage: block}, boundaries)

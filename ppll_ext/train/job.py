@@ -20,10 +20,11 @@ from ppll_ext.config import Config, check_device
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of, tokenizer_digest
-from ppll_ext.errors import EXIT_ERROR, CheckpointError, ConfigError, PPLLError
+from ppll_ext.errors import EXIT_ERROR, CheckpointError, PPLLError
 from ppll_ext.models import LayeredModel
-from ppll_ext.paths import unwritable
+from ppll_ext.paths import check_output_file, free_bytes
 from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at, steps_per_epoch
+from ppll_ext.train.metrics import check_log_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,18 @@ class Job:
 
 
 def prepare(cfg: Config) -> Job:
-    """Load the data and build the model; raises ConfigError/DataError on bad input before any training.
+    """Check the outputs (trace file, curves folder), load the data and build the model; raises ConfigError/DataError
+    on bad input before any training.
 
     Also run in the parent before spawning stage processes, so bad input fails once, clearly.
     """
     check_device(cfg)
     if cfg.train.trace:
-        check_output_file(cfg.train.trace, "train.trace")
+        check_output_file(cfg.train.trace, f"train.trace={cfg.train.trace!r}", key="train.trace",
+                          example="trace.json")
+    if cfg.train.log_dir or cfg.train.save_dir:  # the curves go into the run directory unless told otherwise
+        check_log_dir(cfg.train.log_dir or cfg.train.save_dir, "train.log_dir" if cfg.train.log_dir else
+                      "train.save_dir")
     train_ds = load_dataset(cfg.data, "train")
     test_ds = load_dataset(cfg.data, "test")
     pin = cfg.train.device == "cuda"
@@ -57,18 +63,6 @@ def prepare(cfg: Config) -> Job:
         check_stages(len(layered.layers), cfg.local.stages)
     example = next(iter(test_loader))[0][: min(8, cfg.train.batch_size)]
     return Job(train_loader, test_loader, layered, example)
-
-
-def check_output_file(path: str, key: str) -> None:
-    """ConfigError naming `key` unless a file can be written at `path` at the end of the run (not a folder; its
-    folder exists or can be created, and is writable): found before training, not after the last epoch."""
-    p = Path(path).expanduser().absolute()
-    if p.is_dir():
-        raise ConfigError(f"{key}={path!r} is a directory; give a file path such as {str(p / 'trace.json')!r}",
-                          key=key)
-    reason = unwritable(p.parent)
-    if reason is not None:
-        raise ConfigError(f"{key}={path!r} cannot be created: {reason}; choose another path", key=key)
 
 
 @dataclass
@@ -117,18 +111,29 @@ def check_position(folder: Path, at: ckpt.Position, batches: int, replicas: int)
 
 
 def preflight(cfg: Config) -> Job:
-    """Everything that can be checked before processes are started: data, model, resume point, stop step, and the
-    run directory (a writable folder that no live run holds)."""
+    """Everything that can be checked before processes are started: data, model, outputs, resume point, stop step,
+    and the run directory (a writable folder that no live run holds)."""
     job = prepare(cfg)
     replicas = cfg.local.data_parallel if cfg.train.method == "local" and cfg.local.engine == "deepspeed" else 1
     resume_position(cfg, len(job.train_loader), replicas, len(job.layered.layers))
     if cfg.train.save_dir:
         ckpt.check_run_dir(cfg.train.save_dir)
-    reason = unwritable(Path(cfg.train.log_dir).absolute()) if cfg.train.log_dir else None
-    if reason is not None:
-        raise ConfigError(f"train.log_dir={cfg.train.log_dir!r} cannot be used: {reason}; choose another "
-                          f"train.log_dir", key="train.log_dir")
     return job
+
+
+def check_save_space(cfg: Config, share: int, shared: bool) -> None:
+    """Before training: ConfigError unless train.save_dir (if set) has room for two checkpoints (ckpt.check_free_space).
+    `share` is what this process's stages add to one checkpoint (ckpt.stage_bytes); with `shared` (one process per
+    stage) the ranks' shares are added up and every rank decides on rank 0's free space, so all refuse alike and rank
+    0 alone reports it."""
+    if not cfg.train.save_dir:
+        return
+    free = free_bytes(cfg.train.save_dir)
+    if shared:
+        everyone: list[tuple[int, int] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (share, free))
+        share, free = sum(n for n, _ in everyone), everyone[0][1]
+    ckpt.check_free_space(cfg.train.save_dir, share, free, every_rank=shared)
 
 
 def loop_settings(cfg: Config, job: Job) -> LoopSettings:

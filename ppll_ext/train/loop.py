@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.data import BatchLoader
-from ppll_ext.errors import ConfigError
+from ppll_ext.errors import CheckpointError, ConfigError
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats
 from ppll_ext.train.metrics import MetricsLog
 
@@ -183,11 +183,19 @@ def run_loop(engine: Engine, s: LoopSettings, train_loader: BatchLoader, test_lo
 
     def save(at: ckpt.Position) -> None:
         nonlocal saved
-        manifests = engine.checkpoint(at.step)
+        partial = ckpt.step_folder(s.save_dir, at.step)
+        try:
+            manifests = engine.checkpoint(at.step)
+        except CheckpointError:
+            # A stage could not write its part (a full disk ...), and none writes any more: the step's folder goes
+            # (a stage that died while writing leaves it to the next run, which removes it when it takes the lock).
+            if engine.is_driver:
+                ckpt.discard(partial)
+            raise
         saved = at.step
         if engine.is_driver:
-            folder = ckpt.commit(ckpt.step_folder(s.save_dir, at.step), manifests, at, boundaries, s.config, s.keep,
-                                 s.extra_files, s.fingerprints)
+            folder = ckpt.commit(partial, manifests, at, boundaries, s.config, s.keep, s.extra_files,
+                                 s.fingerprints)
             say(f"checkpoint saved: {folder}")
 
     try:

@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from ppll_ext.checkpoint import SUPERSEDED
 from ppll_ext.errors import ConfigError
+from ppll_ext.paths import check_output_file, is_no_space, unwritable, write_atomically
 from ppll_ext.runtime import EpochStats, EvalResult
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def check_log_dir(folder: str | os.PathLike, key: str = "train.log_dir") -> None:
+    """ConfigError naming `key` unless the curves can be written in `folder`: a writable folder (or one that can be
+    created) whose metrics.jsonl, if there is one, is a regular file (a FIFO there would block the run)."""
+    reason = unwritable(folder)
+    if reason is not None:
+        raise ConfigError(f"{key}={str(folder)!r} cannot be used: {reason}; choose another {key}", key=key)
+    check_output_file(Path(folder) / METRICS, f"the training curves {str(Path(folder) / METRICS)!r} ({key})", key=key)
+
+
 class MetricsLog:
     """Appends a run's step and evaluation records to `folder`/metrics.jsonl and, if possible, TensorBoard."""
 
     def __init__(self, folder: str | os.PathLike, start_step: int, task: str) -> None:
         self.folder, self.task = Path(folder), task
         path = self.folder / METRICS
+        check_log_dir(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.offset_s = self._keep_until(path, start_step) if start_step else self._set_aside()
@@ -62,9 +74,9 @@ class MetricsLog:
     def _keep_until(self, path: Path, step: int) -> float:
         """A resumed run: drop the records after `step` that an earlier run wrote; the kept records' last time."""
         kept = [r for r in read_metrics(path) if r["step"] <= step] if path.exists() else []
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), f"the training curves "
+                         f"{str(path)!r} (train.log_dir)", key="train.log_dir")
         return max((r["time_s"] for r in kept), default=0.0)
 
     def _set_aside(self) -> float:
@@ -99,8 +111,7 @@ class MetricsLog:
                     self.tb.add_scalar(f"loss/stage{k}", v, step, wall)
                     self.tb.add_scalar(f"lr/stage{k}", r, step, wall)
                 self.tb.add_scalar("throughput/samples_per_s", stats.samples_per_s, step, wall)
-        self.file.write("".join(lines))
-        self.file.flush()
+        self._append("".join(lines))
 
     def evaluation(self, step: int, epoch: int, ev: EvalResult) -> None:
         """One record of an evaluation after `step`; flushes both files so a killed run keeps its curves."""
@@ -109,8 +120,7 @@ class MetricsLog:
                                "accuracy": ev.accuracy, "aux_loss": ev.aux_loss, "aux_accuracy": ev.aux_accuracy}
         if self.task == "lm":
             rec.update(perplexity=ev.perplexity, aux_perplexity=ev.aux_perplexity)
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        self._append(json.dumps(rec) + "\n")
         if self.tb is not None:
             wall = self.wall + t - self.offset_s
             for name in ("loss", "accuracy", "perplexity"):
@@ -120,9 +130,27 @@ class MetricsLog:
                         self.tb.add_scalar(f"eval/aux{k}_{name}", v, step, wall)
             self.tb.flush()
 
+    def _append(self, text: str) -> None:
+        """Append records to metrics.jsonl and flush; on a full disk say so once and train on without curves (a
+        checkpoint that cannot be saved then fails the run with its own message)."""
+        if self.file is None:
+            return
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            log.warning("no space left on the device of %s: %s is not written any further; free space there or set "
+                        "train.log_dir elsewhere", self.folder, METRICS)
+            with suppress(OSError):
+                self.file.close()
+            self.file = None
+
     def close(self) -> None:
         """Flush and close the files."""
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -135,4 +163,11 @@ def _summary_writer(folder: Path, start_step: int) -> Any:
     except ImportError:
         log.info("metrics.jsonl only: TensorBoard event files need tensorboard (pip install ppll_ext[tensorboard])")
         return None
+    if start_step:
+        # TensorBoard reads event files in name order, "events.out.tfevents.<unix second>.<host>.<pid>.<counter>", and
+        # the purge works only if the resumed run's file comes last: in the second of an earlier file, another pid or
+        # counter ("10" < "9") could sort it first, so it is opened in a later second.
+        stamps = [int(p.name.split(".")[3]) for p in folder.glob(EVENTS + "*") if p.name.split(".")[3].isdigit()]
+        while stamps and time.time() < max(stamps) + 1:
+            time.sleep(0.05)
     return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)

@@ -21,7 +21,15 @@ from ppll_ext.config import Config
 from ppll_ext.core import LocalBlock
 from ppll_ext.runtime import ProcessRunner, SequentialRunner, ThreadRunner
 from ppll_ext.runtime.launch import check_same_config, init_distributed
-from ppll_ext.train.job import Setup, fail_fast, loop_settings, prepare, restore_checkpoint, resume_position
+from ppll_ext.train.job import (
+    Setup,
+    check_save_space,
+    fail_fast,
+    loop_settings,
+    prepare,
+    restore_checkpoint,
+    resume_position,
+)
 from ppll_ext.train.loop import Summary, run_loop, steps_per_epoch
 from ppll_ext.train.native import NativeEngine
 
@@ -56,6 +64,7 @@ def setup_native(cfg: Config) -> Setup:
     else:
         boundaries, blocks = build_blocks(cfg, job.layered, job.example, total_steps=total_steps,
                                           boundaries=kept_cut)
+    check_save_space(cfg, sum(ckpt.stage_bytes(b) for b in blocks.values()), shared=runtime == "processes")
     # Onto the devices before a resumed optimizer state is loaded, which puts that state beside its parameters.
     for idx, block in blocks.items():
         on_gpu = device.type == "cuda" and runtime == "threads"
