@@ -749,7 +749,8 @@ def check_output_folder(out: str | Path, overwrite: bool) -> None:
 
 
 def _replace_folder(out: str | Path, overwrite: bool, write: Callable[[Path], list[str]], nbytes: int) -> list[Path]:
-    """Run `write` on a new folder beside `out`, then put it in `out`'s place (a non-empty `out` only with
+    """Run `write` on a new folder beside `out`, record the sha256 of each file it wrote in CHECKSUMS (so `ppll
+    verify` and every reader check an export too), then put it in `out`'s place (a non-empty `out` only with
     `overwrite`; a symlink to a folder stays, its target is replaced): `out` never mixes the files of two writes, and
     a failed write leaves it as it was. Refused up front when its file system has less than `nbytes` (about what
     `write` writes) free; a full disk while writing is one CheckpointError line."""
@@ -764,6 +765,10 @@ def _replace_folder(out: str | Path, overwrite: bool, write: Callable[[Path], li
     tmp.mkdir()
     try:
         names = write(tmp)
+        sums = {name: _sha256(tmp / name) for name in names}
+        (tmp / STATE_DIR).mkdir(exist_ok=True)
+        _atomic_json(dict(sorted(sums.items())), tmp / CHECKSUMS)
+        names.append(CHECKSUMS)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and is_no_space(exc):

@@ -220,7 +220,7 @@ def test_kill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None:
     build_model(cfg.model, in_channels=1, image_size=8, num_classes=10).model.load_state_dict(state, strict=True)
 
 
-@pytest.mark.parametrize("max_size, files", [("5GB", ["model.safetensors"]), ("20KB", None)])
+@pytest.mark.parametrize("max_size, files", [("5GB", ["model.safetensors", ckpt.STATE_DIR]), ("20KB", None)])
 def test_export_consolidates(saved: Path, tmp_path: Path, max_size: str, files: list[str] | None) -> None:
     res = ppll("export", str(saved.parent), str(tmp_path / "out"), "--max-shard-size", max_size, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -229,6 +229,7 @@ def test_export_consolidates(saved: Path, tmp_path: Path, max_size: str, files: 
         assert written == files
     else:
         assert "model.safetensors.index.json" in written and len(written) > 2
+    assert set(ckpt.verify(tmp_path / "out").values()) == {"ok"}  # exports record their checksums too
     exported, original = ckpt.load_model_state(tmp_path / "out"), ckpt.load_model_state(saved)
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
 
@@ -324,7 +325,7 @@ def test_export_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "with-config"]  # no temporary folder left
 
     assert _cli(capsys, "export", str(saved), str(out), "--overwrite")[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == [ckpt.SINGLE]
+    assert sorted(p.name for p in out.iterdir()) == [ckpt.SINGLE, ckpt.STATE_DIR]
     exported, original = ckpt.load_model_state(out), ckpt.load_model_state(saved)
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "with-config"]
@@ -427,7 +428,8 @@ def test_export_onto_a_full_disk_is_one_line_and_changes_nothing(saved: Path, tm
     assert re.fullmatch(rf"ppll: error: no space left on the device of '{few}' while writing '{out}' \(about \d+ kB "
                         rf"needed, [\d.]+ MB free without the partial files, which are removed\); free space there or "
                         rf"choose another output folder", full), full
-    assert sorted(p.name for p in few.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == [ckpt.SINGLE]
+    assert sorted(p.name for p in few.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == [ckpt.SINGLE,
+                                                                                                     ckpt.STATE_DIR]
     exported = ckpt.load_model_state(out)
     assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
 
