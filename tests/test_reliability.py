@@ -432,7 +432,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, cli: Cl
         ("zero stages", ["local.stages=0"], "local.stages=0 must be at least 1"),
         ("truncated safetensors", ["train.resume=" + str(truncated)], shard),
         ("corrupt safetensors", ["train.resume=" + str(corrupt)], shard),
-        ("foreign safetensors", ["train.resume=" + str(foreign)], "listed in the index is in no shard"),
+        ("foreign safetensors", ["train.resume=" + str(foreign)], f"{shard}' does not match its sha256"),
         ("checkpoint of another model", ["model.width=8", "train.resume=" + str(good)],
          "has shape (4, 1, 3, 3), the model has (8, 1, 3, 3)"),
         ("checkpoint without its index", ["train.resume=" + str(no_index)], "no model.safetensors.index.json"),
