@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TextIO
 
 import torch
@@ -111,32 +112,30 @@ def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], 
     # The process that commits the checkpoints (rank 0, or the only one) holds the run directory's lock for the run.
     if cfg.train.resume:  # refused before the lock settles the run directory's interrupted saves
         ckpt.resolve(cfg.train.resume)
-    lock = ckpt.lock_run(cfg.train.save_dir) if cfg.train.save_dir and os.environ.get("RANK", "0") == "0" else None
+    commits = bool(cfg.train.save_dir) and os.environ.get("RANK", "0") == "0"
+    lock = ckpt.lock_run(cfg.train.save_dir) if commits else nullcontext()
     try:
-        if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
-            from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
+        with lock:
+            if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
+                from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
 
-            setup = setup_deepspeed(cfg)
-        else:
-            setup = setup_native(cfg)
-        if lock is not None:  # an earlier run's checkpoints after this run's start are moved aside, not pruned
-            ckpt.supersede(cfg.train.save_dir, setup.start.step)
-        summary = run_loop(setup.engine, loop_settings(cfg, setup.job), setup.job.train_loader, setup.job.test_loader,
-                           setup.boundaries, setup.start, out)
-        if cfg.train.trace:
-            written = trace.finish(cfg.train.trace, setup.trace_group, setup.title)
-            if written is not None:
-                print(f"trace written: {written}", file=out, flush=True)
-    except BaseException as exc:
-        if lock is not None:
-            lock.release()
+                setup = setup_deepspeed(cfg)
+            else:
+                setup = setup_native(cfg)
+            if commits:  # an earlier run's checkpoints after this run's start are moved aside, not pruned
+                ckpt.supersede(cfg.train.save_dir, setup.start.step)
+            summary = run_loop(setup.engine, loop_settings(cfg, setup.job), setup.job.train_loader,
+                               setup.job.test_loader, setup.boundaries, setup.start, out)
+            if cfg.train.trace:
+                written = trace.finish(cfg.train.trace, setup.trace_group, setup.title)
+                if written is not None:
+                    print(f"trace written: {written}", file=out, flush=True)
+    except BaseException as exc:  # the lock is released by now
         if dist.is_initialized() and dist.get_world_size() > 1:
             rank = dist.get_rank()
             replicas = cfg.local.data_parallel if cfg.local.engine == "deepspeed" else 1
             fail_fast(rank, rank // replicas, exc)
         raise
-    if lock is not None:
-        lock.release()
     if on_finish is not None:
         on_finish(setup.blocks)
     if setup.owns_group:
