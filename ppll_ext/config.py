@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from ppll_ext.core.aux import AUX_KINDS
+from ppll_ext.core.aux_heads import AUX_KINDS
 from ppll_ext.core.block import AUTOCAST, ON_NAN
 from ppll_ext.core.tasks import TASKS
 from ppll_ext.data.datasets import DataConfig

@@ -38,7 +38,7 @@ from ppll_ext.config import (
     parse_override,
     validate,
 )
-from ppll_ext.core.aux import AUX_KINDS
+from ppll_ext.core.aux_heads import AUX_KINDS
 from ppll_ext.core.block import AUTOCAST, ON_NAN
 from ppll_ext.data import DATASET_NAMES
 from ppll_ext.errors import ConfigError, DataError

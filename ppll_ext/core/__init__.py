@@ -1,6 +1,6 @@
 """Local-learning core: blocks, auxiliary heads, partitioning and tasks (no distributed code)."""
 
-from ppll_ext.core.aux import AUX_KINDS, aux_seed, build_aux_head, build_stage_aux_head
+from ppll_ext.core.aux_heads import AUX_KINDS, aux_seed, build_aux_head, build_stage_aux_head
 from ppll_ext.core.block import AUTOCAST, ON_NAN, LocalBlock, TorchUpdater, Updater
 from ppll_ext.core.partition import PARTITION_METHODS, PartitionPlan, StageTime, partition, partition_plan
 from ppll_ext.core.tasks import TASKS, NextTokenLoss, Score, make_loss
