@@ -14,7 +14,7 @@ from torch import nn
 
 from ppll_ext.config import Config, OptimConfig
 from ppll_ext.core import LocalBlock, PartitionPlan, build_aux_head, build_stage_aux_head, make_loss, partition_plan
-from ppll_ext.memory import CheckpointedSequential
+from ppll_ext.core.recompute import CheckpointedSequential
 from ppll_ext.models import LayeredModel, build_model
 
 
@@ -107,7 +107,7 @@ def build_blocks(
 
     Each aux head is seeded by its stage index (core.aux_seed), so building a subset gives the same weights as
     building all, in every engine. With local.checkpoint_activations each body recomputes its layers in backward
-    (memory.CheckpointedSequential: the same layers and state_dict names).
+    (core.recompute.CheckpointedSequential: the same layers and state_dict names).
     """
     k = cfg.local.stages
     if boundaries is None:

@@ -1,5 +1,5 @@
 """Memory of one pipeline stage, measured: bytes autograd saves for backward, parameters, gradients, optimizer
-state, and activation checkpointing of a stage's body.
+state (activation checkpointing of a stage's body, which training uses, is ppll_ext.core.recompute).
 
 Local learning is sold on memory: a PPLL stage backpropagates right after its forward, so it holds the saved
 activations of one micro-batch, where a 1F1B stage holds up to K micro-batches and GPipe all M. The pieces here
@@ -8,19 +8,16 @@ measure that on any device (no allocator statistics needed, so the CPU counts to
 - `SavedTensorMeter`: live and peak bytes of the tensors autograd saves for backward while it is active.
 - `state_bytes` / `StateWatch`: parameters, gradients and optimizer state of a stage.
 - `StageMemory`: one stage's figures together (what a benchmark reports).
-- `CheckpointedSequential`: a stage body that recomputes each layer in backward (local.checkpoint_activations).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 MiB = 1024 * 1024
 """Bytes in a mebibyte (the unit of the benchmark tables)."""
@@ -263,49 +260,3 @@ class StageMemory:
         """The figures a meter and a state watch collected for one stage."""
         return cls(meter.peak, watch.peak["parameters"], watch.peak["gradients"], watch.peak["optimizer"], buffers,
                    meter.cuda_peak)
-
-
-@contextlib.contextmanager
-def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
-    """Normalisation layers of `module` leave their running statistics as they are (momentum 0, batch counter
-    restored): the recomputation of a checkpointed forward must not count the batch twice. The layers still run
-    the same op, so autograd saves the same tensors as in the first forward (checkpoint checks that)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
-
-
-def checkpointed(fn: Callable[..., torch.Tensor], *args: torch.Tensor, modules: nn.Module | None = None
-                 ) -> torch.Tensor:
-    """`fn(*args)` under non-reentrant `torch.utils.checkpoint` (RNG state preserved, so dropout recomputes the
-    same mask), with the running statistics of `modules`' norm layers frozen during the recomputation."""
-    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), (frozen_norm_statistics(modules) if modules is not None
-                                          else contextlib.nullcontext())
-
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
-
-
-class CheckpointedSequential(nn.Sequential):
-    """nn.Sequential (same children, same state_dict names) whose training forward checkpoints each layer: only
-    the layer-boundary activations are kept until backward, each layer is recomputed during backward.
-
-    Per layer rather than per body: a PPLL stage backpropagates right after its forward, so what bounds its memory
-    is the backward's peak; checkpointing the whole body would recompute all of its activations at once in
-    backward (the same peak as without), per layer recomputes one layer at a time.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each layer in turn, checkpointed when gradients are being recorded."""
-        for layer in self:
-            x = checkpointed(layer, x, modules=layer) if torch.is_grad_enabled() else layer(x)
-        return x

@@ -14,8 +14,8 @@ from torch import nn
 
 from ppll_ext.build import build_blocks, build_layered
 from ppll_ext.config import load_config
+from ppll_ext.core.recompute import CheckpointedSequential
 from ppll_ext.memory import (
-    CheckpointedSequential,
     SavedTensorMeter,
     StageMemory,
     StateWatch,

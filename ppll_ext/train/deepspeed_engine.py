@@ -26,10 +26,10 @@ from ppll_ext import checkpoint as ckpt
 from ppll_ext.build import build_blocks, stage_boundaries
 from ppll_ext.config import Config
 from ppll_ext.core import LocalBlock, make_loss
+from ppll_ext.core.recompute import checkpointed
 from ppll_ext.data import BatchLoader
 from ppll_ext.deepspeed import LocalPipelineEngine, LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError
-from ppll_ext.memory import checkpointed
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats, eval_result, split_micro
 from ppll_ext.runtime.base import SaveFailure, attempt_save, current_lr, first_failure
 from ppll_ext.runtime.launch import check_same_config, init_distributed
