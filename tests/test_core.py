@@ -15,8 +15,6 @@ from ppll_ext.build import build_blocks, build_bp_block, build_layered
 from ppll_ext.config import ModelConfig, load_config
 from ppll_ext.core import LocalBlock, build_aux_head, build_stage_aux_head, partition
 from ppll_ext.core.partition import (
-    LayerCosts,
-    Timing,
     balanced_boundaries,
     choose_split,
     near_splits,
@@ -24,9 +22,9 @@ from ppll_ext.core.partition import (
     partition_plan,
     plan_from_costs,
     preferred,
-    profile_costs,
     refine_plan,
 )
+from ppll_ext.core.profile import LayerCosts, Timing, profile_costs
 from ppll_ext.data import BatchLoader, load_dataset
 from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.models import build_model

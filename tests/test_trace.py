@@ -208,7 +208,8 @@ def test_bench_summary_and_targets(bench) -> None:
 
 
 def test_bench_shows_predicted_stage_times_beside_measured_busy(bench) -> None:
-    from ppll_ext.core.partition import LayerCosts, plan_from_costs
+    from ppll_ext.core.partition import plan_from_costs
+    from ppll_ext.core.profile import LayerCosts
 
     plan = plan_from_costs(LayerCosts([0.03, 0.05, 0.04], [0.0, 0.01, 0.02, 0.0], [0.0, 0.001, 0.001, 0.0]), 2)
     rows = [{"model": "resnet32", "method": "ppll-processes", "busy_fraction": [0.93, 0.96]}]
