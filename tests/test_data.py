@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ppll_ext.data import DATASET_NAMES, ArrayDataset, BatchLoader, DataConfig, datasets, load_dataset
+from ppll_ext.data import DATASET_NAMES, ArrayDataset, BatchLoader, DataConfig, imagefolder, load_dataset
 from ppll_ext.errors import ConfigError, DataError
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -224,7 +224,7 @@ def test_cifar10_crafted_pickle_is_refused_before_unpickling(tmp_path, monkeypat
     for name in ("batches.meta", "test_batch"):  # room for a payload of the same size; pickle ignores the tail
         (folder / name).write_bytes((folder / name).read_bytes().ljust(4096, b"\0"))
     register_as_official(monkeypatch, tmp_path)
-    time.sleep(datasets._RACY_NS / 1e9 + 0.1)  # older than a timestamp tick: the loader remembers their md5s
+    time.sleep(imagefolder.RACY_NS / 1e9 + 0.1)  # older than a timestamp tick: the loader remembers their md5s
     cfg = DataConfig(name="cifar10", root=str(tmp_path))
     assert len(load_dataset(cfg, "test")) == 4
     marker = tmp_path / "marker"

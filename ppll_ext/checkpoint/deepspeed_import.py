@@ -18,9 +18,7 @@ from ppll_ext.models import LayeredModel
 
 log = logging.getLogger(__name__)
 
-
 _DS_LAYER = re.compile(r"^layer_(\d+)(-model_\d+)?-model_states\.pt$")
-
 
 _DS_AUX = re.compile(r"^aux_head_(\d+)(-model_\d+)?-model_states\.pt$")
 

@@ -37,38 +37,28 @@ from ppll_ext.folders import member, outside
 
 log = logging.getLogger(__name__)
 
-
 INDEX = "model.safetensors.index.json"
-
 
 SINGLE = "model.safetensors"
 
-
 STATE_DIR = "training_state"
-
 
 AUX = f"{STATE_DIR}/aux-heads.safetensors"
 
-
 TRAINER_STATE = "trainer_state.json"
-
 
 CHECKSUMS = f"{STATE_DIR}/checksums.json"
 """{path relative to the checkpoint: sha256} of every other file of a checkpoint, written just before the index."""
 
-
 SUPERSEDED = "superseded"
 """The folder of a run directory where a run moves an earlier run's checkpoints that lie after its starting step."""
-
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 """Files besides the weights that make a folder loadable by transformers' from_pretrained (model config, tokenizer);
 written into language-model checkpoints and copied by export."""
 
-
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
 
 TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 

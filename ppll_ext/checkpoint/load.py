@@ -39,11 +39,9 @@ from ppll_ext.checkpoint.layout import (
 
 log = logging.getLogger(__name__)
 
-
 RESUME_SETTINGS = ("data.name", "data.train_subset", "data.val_fraction", "data.seq_len", "data.text_column",
                    "data.encoding", "train.batch_size", "train.seed", "local.data_parallel")
 """Settings that give a checkpoint's position (epoch, batch, step) its meaning: a resumed run must keep them."""
-
 
 OPTIMIZER_SETTINGS = ("optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay")
 """Settings held in the saved optimizer states: a run resumed with the same stages (which restores them) keeps them."""

@@ -19,7 +19,6 @@ from ppll_ext.paths import unwritable
 
 log = logging.getLogger(__name__)
 
-
 LOCK = ".ppll.lock"
 """The lock file of a run directory, held by the process that commits its checkpoints for the whole run."""
 

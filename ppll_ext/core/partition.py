@@ -35,9 +35,7 @@ from ppll_ext.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-
 PARTITION_METHODS = ("uniform", "parameters", "profile")
-
 
 TOLERANCE = 0.03
 """Splits whose predicted bottleneck is within this fraction of the best count as equally fast; the most even wins."""

@@ -22,10 +22,8 @@ from ppll_ext.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-
 AuxFactory = Callable[[torch.Tensor], nn.Module]
 """Builds the aux head that would follow an activation shaped like its argument (for timing only)."""
-
 
 CLOCKS = ("auto", "cpu", "wall")
 
