@@ -5,8 +5,5 @@ from ppll_ext.runtime.processes import ProcessRunner
 from ppll_ext.runtime.sequential import SequentialRunner, evaluate_blocks
 from ppll_ext.runtime.threads import ThreadRunner
 
-RUNTIMES = ("sequential", "threads", "processes")
-"""Where the stages of the native engine run: in turn in one thread, one thread each, one process each."""
-
-__all__ = ["RUNTIMES", "EpochStats", "EvalCounts", "EvalResult", "ProcessRunner", "SequentialRunner", "StageStats",
+__all__ = ["EpochStats", "EvalCounts", "EvalResult", "ProcessRunner", "SequentialRunner", "StageStats",
            "ThreadRunner", "eval_result", "evaluate_blocks", "split_micro"]
