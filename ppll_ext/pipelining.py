@@ -10,7 +10,8 @@ later stage. The training step is ppll_ext's LocalBlock run by the runtime's Sta
 activations travel over ppll_ext's links with the targets (a small header per message carries shape and
 dtype of both, so (N, T) token ids or soft targets arrive whole, batches of any size work and no
 shape-inference pass touches the weights or BatchNorm statistics). Importing this module also makes
-`torch.distributed.pipelining.schedules.get_schedule_class("PPLL")` return SchedulePPLL.
+`torch.distributed.pipelining.schedules.get_schedule_class("PPLL")` return SchedulePPLL, whatever the order of the
+imports (ppll_ext.torch_patches).
 
 Tested with torch 2.13–2.14 (`TESTED`; pyproject.toml asks for torch>=2.13). `PipelineScheduleSingle` and
 `PipelineStage` attributes used here: `submod`, `stage_index`, `num_stages`, `is_first`, `is_last`, `group`,
@@ -33,6 +34,7 @@ from torch.distributed.pipelining import schedules
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ppll_ext import checkpoint as ckpt
+from ppll_ext import torch_patches
 from ppll_ext.core import LocalBlock
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
@@ -424,16 +426,8 @@ class SchedulePPLL(PipelineScheduleSingle):
         ckpt.load_stage(folder, self.block, same_cut=True)
 
 
-_torch_get_schedule_class = schedules.get_schedule_class
-
-
-def get_schedule_class(schedule_name: str) -> type:
-    """torch's `get_schedule_class`, which also knows "PPLL" (case-insensitive) -> SchedulePPLL."""
-    if schedule_name.lower() == "ppll":
-        return SchedulePPLL
-    return _torch_get_schedule_class(schedule_name)
-
-
-# Config-driven trainers (torchtitan's pipeline_parallel_schedule = "PPLL") find the schedule by name once this
-# module is imported before they import get_schedule_class.
-schedules.get_schedule_class = get_schedule_class
+# Config-driven trainers (torchtitan's pipeline_parallel_schedule = "PPLL") find the schedule by name, whatever the
+# order of their imports (see ppll_ext.torch_patches).
+torch_patches.register_schedule("PPLL", SchedulePPLL)
+get_schedule_class = schedules.get_schedule_class
+"""torch's `get_schedule_class` (the same function), which also knows "PPLL" (case-insensitive) -> SchedulePPLL."""

@@ -113,6 +113,35 @@ def test_argument_errors() -> None:
     assert "ok no micro-batches: n_microbatches=0 must be an integer >= 1 (micro-batches per step(), e.g. 4)" in oks
 
 
+ORDER_SCRIPT = """
+from torch.distributed.pipelining.schedules import get_schedule_class  # torch's function, taken first
+from torch.distributed.pipelining.schedules import ScheduleGPipe
+
+import ppll_ext.pipelining
+from ppll_ext import torch_patches
+from ppll_ext.pipelining import SchedulePPLL
+
+torch_patches.register_schedule("PPLL", SchedulePPLL)  # a second registration changes nothing
+assert get_schedule_class("PPLL") is SchedulePPLL and get_schedule_class("ppll") is SchedulePPLL
+assert get_schedule_class("GPipe") is ScheduleGPipe
+assert ppll_ext.pipelining.get_schedule_class is get_schedule_class
+try:
+    get_schedule_class("NoSuchSchedule")
+except ValueError as exc:
+    assert "Unknown schedule name 'NoSuchSchedule'" in str(exc), exc
+else:
+    raise AssertionError("an unknown name was accepted")
+print("ok")
+"""
+
+
+def test_get_schedule_class_knows_ppll_whatever_the_import_order() -> None:
+    """A script that imports torch's get_schedule_class before ppll_ext.pipelining gets SchedulePPLL for "PPLL"."""
+    res = subprocess.run([sys.executable, "-c", ORDER_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env=_env(), cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(tmp_path: Path) -> None:
     """SchedulePPLL.save_checkpoint writes ppll_ext's layout under the unsplit model's names (via names=); a run
     resumed from the step-6 checkpoint with load_checkpoint ends with the uninterrupted run's weights."""

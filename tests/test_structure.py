@@ -122,6 +122,37 @@ def test_layers_import_only_downwards() -> None:
                      "ppll_ext.runtime.threads") == set()
 
 
+def _root_name(node: ast.expr) -> str | None:
+    """The name an attribute chain (a.b.c) starts from."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_changes_to_torch_live_in_torch_patches() -> None:
+    """No module but ppll_ext/torch_patches.py assigns to an attribute of a torch module or calls setattr on one."""
+    for path in PKG.rglob("*.py"):
+        if path == PKG / "torch_patches.py":
+            continue
+        tree = ast.parse(path.read_text())
+        torch_names = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                       for a in n.names if a.name.split(".")[0] == "torch"}
+        torch_names |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                        and (n.module or "").split(".")[0] == "torch" for a in n.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                changed = [t for t in node.targets if isinstance(t, ast.Attribute)]
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, ast.Attribute):
+                changed = [node.target]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+                changed = node.args[:1]
+            else:
+                continue
+            for target in changed:
+                assert _root_name(target) not in torch_names, (
+                    f"{path}:{node.lineno} changes torch ({ast.unparse(target)}); only ppll_ext/torch_patches.py may")
+
+
 def test_no_fault_injection_or_print_in_library_code() -> None:
     for path in PKG.rglob("*.py"):
         text = path.read_text()

@@ -9,7 +9,8 @@ pipeline, wait until it is taken) runs
 
 - when the script calls it,
 - else just before `torch.distributed.destroy_process_group()` destroys the default group (the function is wrapped
-  once, on the first registration; a script that imported the function itself before ppll_ext misses the wrap),
+  once, on the first registration, by ppll_ext.torch_patches; a script that imported the function itself before
+  ppll_ext misses the wrap),
 - else at interpreter exit (atexit), while the group still exists.
 
 `close()` also checks that every stage made the same calls (transport/links.py `end_stream`) and raises
@@ -25,15 +26,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch.distributed as dist
 
+from ppll_ext import torch_patches
 from ppll_ext.errors import EXIT_ERROR, PipelineError
 
 log = logging.getLogger(__name__)
@@ -100,22 +101,14 @@ def forget(owner: Closable) -> None:
 
 
 def _install() -> None:
-    """Wrap torch.distributed.destroy_process_group (once) and register the exit hook."""
+    """Have destroy_process_group close the open links first (ppll_ext.torch_patches) and register the exit hook,
+    once."""
     global _installed
     if _installed:
         return
     _installed = True
-    original = dist.destroy_process_group
-
-    @functools.wraps(original)
-    def destroy_process_group(group: Any = None) -> None:
-        try:
-            if group is None or group is dist.group.WORLD:
-                close_all("destroy_process_group", failed=_failing(at_exit=False))
-        finally:
-            original(group)
-
-    dist.destroy_process_group = destroy_process_group
+    torch_patches.before_destroy_default_group(
+        lambda: close_all("destroy_process_group", failed=_failing(at_exit=False)))
     atexit.register(_close_at_exit)
 
 
