@@ -1,11 +1,14 @@
-"""The package's layering: no import cycle (imports inside functions included), layers import only downwards,
-no test hooks read from the environment, and the `python -m` entry points."""
+"""The package's layering: no import cycle (imports inside functions included), layers import only downwards in
+the layer table of docs/architecture.md, no test hooks read from the environment, and the `python -m` entry
+points."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "ppll_ext"
@@ -95,31 +98,80 @@ def test_no_import_cycle_in_ppll_ext() -> None:
     assert _cycles(graph) == []
 
 
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+
+
+def _expand(token: str) -> list[str]:
+    """`runtime/{a,b}.py` -> [`runtime/a.py`, `runtime/b.py`]; other tokens as they are."""
+    m = re.fullmatch(r"(.*)\{([^}]*)\}(.*)", token)
+    return [f"{m.group(1)}{part}{m.group(3)}" for part in m.group(2).split(",")] if m else [token]
+
+
+def _layers() -> list[tuple[str, list[str]]]:
+    """(layer, [path or folder/ under ppll_ext]) of each row of the layer table in docs/architecture.md, lowest
+    first; the modules are the backquoted names of the second column, parenthesised notes left out."""
+    rows = []
+    for line in ARCHITECTURE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 3 or cells[0] in ("layer", "---"):
+            continue
+        listed = re.sub(r"\([^)]*\)", "", cells[1])
+        rows.append((cells[0], [p for token in re.findall(r"`([^`]+)`", listed) for p in _expand(token)]))
+    return rows
+
+
+def _module_of(path: str) -> str:
+    """`core/block.py` -> ppll_ext.core.block, `train/__init__.py` -> ppll_ext.train, `core/` -> ppll_ext.core."""
+    parts = ["ppll_ext", *path.rstrip("/").removesuffix(".py").split("/")]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer_of(modules: Iterable[str], rows: list[tuple[str, list[str]]]) -> dict[str, int]:
+    """Each module's row: the row naming its file, else the row naming the closest folder holding it."""
+    files = {_module_of(p): i for i, (_, paths) in enumerate(rows) for p in paths if not p.endswith("/")}
+    folders = {_module_of(p): i for i, (_, paths) in enumerate(rows) for p in paths if p.endswith("/")}
+    out = {}
+    for name in modules:
+        if name in files:
+            out[name] = files[name]
+            continue
+        prefix = name
+        while prefix and prefix not in folders:
+            prefix = prefix.rpartition(".")[0]
+        if prefix:
+            out[name] = folders[prefix]
+    return out
+
+
+def test_the_layer_table_parser() -> None:
+    assert _expand("runtime/{sequential,threads}.py") == ["runtime/sequential.py", "runtime/threads.py"]
+    rows = [("low", ["core/", "errors.py"]), ("high", ["train/__main__.py", "cli.py"]), ("mid", ["train/"])]
+    assert _layer_of(["ppll_ext.core.block", "ppll_ext.errors", "ppll_ext.train.__main__", "ppll_ext.train",
+                      "ppll_ext.train.run", "ppll_ext.other"], rows) == {
+        "ppll_ext.core.block": 0, "ppll_ext.errors": 0, "ppll_ext.train.__main__": 1, "ppll_ext.train": 2,
+        "ppll_ext.train.run": 2}
+
+
 def test_layers_import_only_downwards() -> None:
+    """Every module is in a row of the layer table of docs/architecture.md and imports only modules of its own row
+    or of the rows above it (the table lists the lowest layer first)."""
     graph = _graph()
-
-    def deps(prefix: str) -> set[str]:
-        """What the modules of `prefix` import (its `python -m` entry module may call the CLI)."""
-        return {d for m, ds in graph.items() if (m == prefix or m.startswith(prefix + "."))
-                and not m.endswith(".__main__") for d in ds}
-
-    def under(names: set[str], *prefixes: str) -> set[str]:
-        return {n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)}
-
-    higher = ("ppll_ext.transport", "ppll_ext.runtime", "ppll_ext.train", "ppll_ext.deepspeed",
-              "ppll_ext.pipelining", "ppll_ext.cli", "ppll_ext.checkpoint", "ppll_ext.build")
-    assert under(deps("ppll_ext.core"), *higher) == set()
-    assert under(deps("ppll_ext.transport"), "ppll_ext.runtime", "ppll_ext.train", "ppll_ext.deepspeed",
-                 "ppll_ext.pipelining", "ppll_ext.cli") == set()
-    assert under(deps("ppll_ext.runtime"), "ppll_ext.train", "ppll_ext.deepspeed", "ppll_ext.pipelining",
-                 "ppll_ext.cli", "ppll_ext.checkpoint") == set()
+    rows = _layers()
+    assert len(rows) >= 10, f"no layer table found in {ARCHITECTURE}"
+    layer = _layer_of(graph, rows)
+    unlisted = sorted(set(graph) - set(layer))
+    assert unlisted == [], f"modules missing from the layer table of {ARCHITECTURE}: {unlisted}"
+    upward = [f"{m} ({rows[layer[m]][0]}) imports {d} ({rows[layer[d]][0]})" for m, ds in sorted(graph.items())
+              for d in sorted(ds) if layer[d] > layer[m]]
+    assert upward == [], "imports upward in the layer table:\n" + "\n".join(upward)
     runtimes = {f"ppll_ext.runtime.{r}" for r in ("sequential", "threads", "processes")}
     for r in runtimes:
         assert graph[r] & runtimes == set(), f"{r} imports another runtime"
-    assert under(deps("ppll_ext.train"), "ppll_ext.cli") == set()
-    for integration in ("ppll_ext.deepspeed", "ppll_ext.pipelining"):
-        assert under(deps(integration), "ppll_ext.train", "ppll_ext.cli", "ppll_ext.runtime.processes",
-                     "ppll_ext.runtime.threads") == set()
+    for m, ds in graph.items():
+        if m == "ppll_ext.pipelining" or m.startswith("ppll_ext.deepspeed"):
+            assert ds & {"ppll_ext.runtime.processes", "ppll_ext.runtime.threads"} == set(), m
 
 
 def _root_name(node: ast.expr) -> str | None:
