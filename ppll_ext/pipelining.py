@@ -41,6 +41,7 @@ from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.guard import watch_launchers
 from ppll_ext.runtime.stage import StageWorker
 from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, end_stream, open_links
+from ppll_ext.versions import release
 
 __all__ = ["SchedulePPLL", "get_schedule_class"]
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 def _check_torch_version() -> None:
     """Warn when torch is outside the tested range (the schedule uses undocumented pipelining internals)."""
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    version = release(torch.__version__)
     if not TESTED[0] <= version < TESTED[1]:
         log.warning("torch %s is outside the range SchedulePPLL is tested with (>=%d.%d, <%d.%d)", torch.__version__,
                     *TESTED[0], *TESTED[1])

@@ -44,6 +44,8 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
+from ppll_ext.versions import release
+
 log = logging.getLogger(__name__)
 
 TESTED = ((0, 19), (0, 20))
@@ -92,7 +94,7 @@ def release_shm_buffer() -> None:
 
 def check_version() -> None:
     """Warn once when the installed DeepSpeed is outside the tested range."""
-    version = tuple(int(p) for p in deepspeed.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    version = release(deepspeed.__version__)
     if not TESTED[0] <= version < TESTED[1]:
         log.warning("DeepSpeed %s is outside the range ppll_ext's adapter is tested with (>=%s, <%s)",
                     deepspeed.__version__, ".".join(map(str, TESTED[0])), ".".join(map(str, TESTED[1])))

@@ -178,16 +178,17 @@ class EvalResult:
     @property
     def perplexity(self) -> float:
         """exp(loss) of the model (meaningful for the lm task)."""
-        return _exp(self.loss)
+        return perplexity(self.loss)
 
     @property
     def aux_perplexity(self) -> list[float]:
         """exp(loss) of every aux head: early-exit perplexity."""
-        return [_exp(v) for v in self.aux_loss]
+        return [perplexity(v) for v in self.aux_loss]
 
 
-def _exp(value: float) -> float:
-    return math.exp(value) if value < 700 else math.inf
+def perplexity(loss: float) -> float:
+    """exp of a mean per-token loss (inf where exp overflows)."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def eval_result(counts: Iterable[EvalCounts]) -> EvalResult:

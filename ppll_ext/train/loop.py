@@ -25,6 +25,7 @@ from ppll_ext import checkpoint as ckpt
 from ppll_ext.data import BatchLoader
 from ppll_ext.errors import CheckpointError, ConfigError
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats
+from ppll_ext.runtime.base import perplexity
 from ppll_ext.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,11 @@ class Summary:
         out = [f"summary: method={self.method} runtime={self.runtime} stages={self.stages} "
                f"boundaries={self.boundaries} epochs={self.epochs}"]
         if self.task == "lm":
-            aux = ", ".join(f"{_exp(loss):.2f} ({acc:.4f})" for loss, acc in zip(self.aux_loss, self.aux_accuracy))
+            aux = ", ".join(f"{perplexity(loss):.2f} ({acc:.4f})"
+                            for loss, acc in zip(self.aux_loss, self.aux_accuracy))
             aux = f" | aux heads (early exit) {aux}" if aux else ""
-            out.append(f"  validation perplexity {_exp(self.loss):.3f} (token accuracy {self.accuracy:.4f})" + aux)
+            out.append(f"  validation perplexity {perplexity(self.loss):.3f} (token accuracy {self.accuracy:.4f})"
+                       + aux)
             tokens = f", {self.samples_per_s * self.tokens_per_sample:.0f} tokens/s"
         else:
             aux = " ".join(f"{a:.4f}" for a in self.aux_accuracy)
@@ -102,11 +105,6 @@ class Summary:
                 f"wait in {st.wait_in_s:.1f} s, out {st.wait_out_s:.1f} s | steps {st.steps}"
             )
         return out
-
-
-def _exp(loss: float) -> float:
-    """Perplexity of a mean per-token loss."""
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def epoch_line(epoch: int, epochs: int, stats: EpochStats, ev: EvalResult, task: str = "classification",
