@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 if ! python -c "import torch" 2>/dev/null; then
-    echo "gpu_check: no torch in this Python ($(command -v python || echo 'python not found')); activate the project's environment first (see README: Install)" >&2
+    echo "gpu_check: no torch in this Python ($(command -v python || echo 'python not found')); activate the project's environment first (see README.md: Quick start)" >&2
     exit 1
 fi
 exec python benchmarks/gpu_check.py "$@"

@@ -1,5 +1,5 @@
-"""The example pairs under examples/: each stock script and its PPLL twin differ exactly by the lines the README's
-"For DeepSpeed users" / "For torchtitan users" diff shows, and each runs under its own launcher (deepspeed,
+"""The example pairs under examples/: each stock script and its PPLL twin differ exactly by the lines the diff on
+its docs page shows (docs/deepspeed.md, docs/torchtitan.md), and each runs under its own launcher (deepspeed,
 torchrun) with falling losses."""
 
 from __future__ import annotations
@@ -15,23 +15,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
 EXAMPLES = REPO / "examples"
 MEGATRON = EXAMPLES / "megatron_gpt"
 TITAN = EXAMPLES / "torchtitan_llama"
 sys.path.insert(0, str(REPO / "tests"))
 from procs import communicate  # noqa: E402
 
-PAIRS = {"For DeepSpeed users": (MEGATRON / "pretrain_gpt_stock.py", MEGATRON / "pretrain_gpt_ppll.py"),
-         "For torchtitan users": (TITAN / "train_stock.py", TITAN / "train_ppll.py")}
+# docs page and its section holding the pair's diff -> (stock script, PPLL twin)
+PAIRS = {("deepspeed.md", "A Megatron-DeepSpeed script"): (MEGATRON / "pretrain_gpt_stock.py",
+                                                          MEGATRON / "pretrain_gpt_ppll.py"),
+         ("torchtitan.md", "A torchtitan trainer"): (TITAN / "train_stock.py", TITAN / "train_ppll.py")}
 
 
-def readme_diff(section: str) -> tuple[list[str], list[str]]:
-    """(removed, added) lines of the ```diff block in the README section `section` (stripped, blank lines left out)."""
-    text = (REPO / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.M | re.S)
-    assert match, f"README has no section '## {section}'"
+def docs_diff(page: str, section: str) -> tuple[list[str], list[str]]:
+    """(removed, added) lines of the ```diff block in section `section` of docs/`page` (stripped, blank lines left
+    out)."""
+    text = (DOCS / page).read_text()
+    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"docs/{page} has no section '## {section}'"
     blocks = re.findall(r"```diff\n(.*?)```", match.group(1), re.S)
-    assert len(blocks) == 1, f"README section {section!r} needs exactly one diff block, has {len(blocks)}"
+    assert len(blocks) == 1, f"docs/{page} section {section!r} needs exactly one diff block, has {len(blocks)}"
     lines = blocks[0].splitlines()
     return ([line[1:].strip() for line in lines if line.startswith("-") and line[1:].strip()],
             [line[1:].strip() for line in lines if line.startswith("+") and line[1:].strip()])
@@ -47,14 +51,14 @@ def file_diff(stock: Path, ppll: Path) -> tuple[list[str], list[str]]:
             [line[1:].strip() for line in diff if line.startswith("+") and line[1:].strip()])
 
 
-@pytest.mark.parametrize("section", sorted(PAIRS))
-def test_pair_differs_only_where_the_readme_says(section: str) -> None:
-    """The README's diff is the whole difference (docstrings aside), line for line and in order."""
-    stock, ppll = PAIRS[section]
+@pytest.mark.parametrize(("page", "section"), sorted(PAIRS))
+def test_pair_differs_only_where_the_docs_say(page: str, section: str) -> None:
+    """The docs page's diff is the whole difference (docstrings aside), line for line and in order."""
+    stock, ppll = PAIRS[page, section]
     removed, added = file_diff(stock, ppll)
-    want_removed, want_added = readme_diff(section)
-    assert removed == want_removed, f"{ppll.name} removes other lines than the README's {section!r} diff shows"
-    assert added == want_added, f"{ppll.name} adds other lines than the README's {section!r} diff shows"
+    want_removed, want_added = docs_diff(page, section)
+    assert removed == want_removed, f"{ppll.name} removes other lines than the diff in docs/{page} shows"
+    assert added == want_added, f"{ppll.name} adds other lines than the diff in docs/{page} shows"
     assert removed and added
 
 

@@ -134,8 +134,9 @@ def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
 
 
 def test_default_job_sequential_equals_processes(tmp_path: Path) -> None:
-    """The README's promise: with the default thread setting (one torch thread per stage for local learning),
-    `--runtime sequential` and the default processes runtime train the default job to bit-identical weights."""
+    """The promise of docs/training.md (Runtimes): with the default thread setting (one torch thread per stage for
+    local learning), `--runtime sequential` and the default processes runtime train the default job to bit-identical
+    weights."""
     runs = {}
     for runtime in ("sequential", "processes"):
         res = subprocess.run([sys.executable, "-m", "ppll_ext", "train", "--runtime", runtime, "--set",

@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 examples/megatron_gpt/pretrain_gpt_ppll.py --pipeline-model-parallel-size 2 \
         --deepspeed --deepspeed_config examples/megatron_gpt/ds_config_zero1_bf16.json
 
-Changed (README: "For DeepSpeed users"): GPTModelPipe derives from ppll_ext's LocalPipelineModule instead of
+Changed (docs/deepspeed.md): GPTModelPipe derives from ppll_ext's LocalPipelineModule instead of
 DeepSpeed's PipelineModule and gives every stage but the last a per-token aux head ("lm", sized by a dry forward
 of example_input), and the engine comes from ppll_ext.deepspeed.initialize. Each stage then trains on its own loss
 and never waits for a later stage; train_batch returns this stage's own loss (its aux head's on every stage but

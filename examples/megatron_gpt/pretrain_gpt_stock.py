@@ -6,7 +6,7 @@
 GPTModelPipe is a PipelineModule of LayerSpecs (embedding, transformer layers, final LayerNorm, output layer)
 partitioned by counting transformer layers; the processes form K pipeline stages x D data-parallel replicas (ZeRO-1
 shards the optimizer states over the D replicas); Megatron's flags set the batch sizes in the ds_config. Its twin,
-pretrain_gpt_ppll.py, trains each stage on its own loss (README: "For DeepSpeed users" lists every changed line).
+pretrain_gpt_ppll.py, trains each stage on its own loss (docs/deepspeed.md lists every changed line).
 """
 
 from __future__ import annotations

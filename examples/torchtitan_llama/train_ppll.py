@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 examples/torchtitan_llama/train_ppll.py --training.steps 20
 
-Changed (README: "For torchtitan users"): get_schedule_class comes from ppll_ext.pipelining (torch's, which also
+Changed (docs/torchtitan.md): get_schedule_class comes from ppll_ext.pipelining (torch's, which also
 knows "PPLL"), the schedule's name, a per-token aux head on every stage but the last (a model part, so the
 optimizer covers it) handed to the schedule with the optimizer, and the first stage's target: every stage's loss
 needs the labels, so they enter the pipeline there. SchedulePPLL steps the optimizer itself after the stage's

@@ -5,7 +5,7 @@
 The model is split per stage by deleting the other stages' modules (pipeline_module_split), the schedule class is
 looked up by name (`parallelism.pipeline_parallel_schedule`, default "1F1B") with get_schedule_class, the loss is
 torchtitan's cross entropy rescaled over the micro-batches, and the loop is torchtitan's train step. Its twin,
-train_ppll.py, trains each stage on its own loss (README: "For torchtitan users" lists every changed line).
+train_ppll.py, trains each stage on its own loss (docs/torchtitan.md lists every changed line).
 """
 
 from __future__ import annotations
