@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, write_results
 from deepspeed.runtime.pipe.module import PipelineModule
-from memprobe import StageProbe, receiver_of, rows, tensors_in, watch_links
+from memprobe import StageProbe, rows, tensors_in, watch_links
 from probe import gather, peak_rss_mb
 from runtime_bench import ALL_MODELS, MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
@@ -142,8 +142,8 @@ def _memory_probe(engine: Any) -> StageProbe:
     mem = StageProbe(engine.module, engine.optimizer)
     mem.add_buffers(lambda: tensors_in([engine.pipe_buffers, getattr(engine, "pipe_recv_buf", None),
                                         getattr(engine, "grad_layer", None)]))
-    if hasattr(engine, "_sender"):
-        watch_links(mem, engine._sender, receiver_of(engine._inbox))
+    if hasattr(engine, "_stream"):
+        watch_links(mem, engine._stream.sender, engine._stream.receiver)
     # An instance table shadows the class's: every instruction samples the buffers when it is done.
     engine._INSTRUCTION_MAP = {kind: _sampled(fn, mem) for kind, fn in type(engine)._INSTRUCTION_MAP.items()}
     return mem

@@ -100,13 +100,7 @@ def watch_links(probe: StageProbe, sender: Any, receiver: Any) -> None:
         sender._inflight = _SampledDeque(sender._inflight, probe.sample)
         probe.add_buffers(lambda: tensors_in([tensors for _, tensors in sender._inflight]))
     if receiver is not None:
-        probe.add_buffers(lambda: tensors_in([receiver._head, receiver._guess[:2] if receiver._guess else ()]))
-
-
-def receiver_of(inbox: Iterator[Any] | None) -> Any:
-    """The LinkReceiver behind a `receiver.messages()` generator (SchedulePPLL and the DeepSpeed adapter keep only
-    the generator)."""
-    return None if inbox is None else inbox.gi_frame.f_locals["self"]
+        probe.add_buffers(lambda: tensors_in([receiver._head, receiver._guess[0] if receiver._guess else ()]))
 
 
 def rows(per_stage: Iterable[dict]) -> list[dict]:

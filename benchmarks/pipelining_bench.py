@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from common import machine, ratio_rows, run_json, torchrun_cmd, write_results
-from memprobe import StageProbe, receiver_of, rows, tensors_in, watch_links
+from memprobe import StageProbe, rows, tensors_in, watch_links
 from probe import TorchStageProbe, gather, peak_rss_mb
 from runtime_bench import ALL_MODELS, MODELS, bench_config, model_shape, profiled_partition, synthetic_batches
 from torch import nn
@@ -147,7 +147,7 @@ def _memory_probe(method: str, stage: PipelineStage, schedule: Any, optimizer: t
     its last-stage output chunks, sampled after every forward and backward chunk."""
     if method == "ppll":
         mem = StageProbe(schedule.block, optimizer)
-        watch_links(mem, schedule._sender, receiver_of(schedule._inbox))
+        watch_links(mem, schedule._stream.sender, schedule._stream.receiver)
         schedule.block.train_step = mem.after(schedule.block.train_step)
         schedule._worker._train_step = schedule.block.train_step
         return mem

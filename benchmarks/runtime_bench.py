@@ -30,6 +30,7 @@ from ppll_ext.config import Config, load_config
 from ppll_ext.core import PartitionPlan
 from ppll_ext.runtime import ProcessRunner, SequentialRunner, ThreadRunner, shutdown
 from ppll_ext.runtime.launch import init_distributed
+from ppll_ext.transport.wire import tensors_of
 
 METHODS = ("bp", "sequential", "threads", "processes", "2x-sequential")
 MODELS = {
@@ -137,7 +138,7 @@ def worker(model: str, method: str, stages: int, batch: int, warmup: int, steps:
         if method == "threads":
             runner = ThreadRunner(ordered, cfg.local.micro_batches, cfg.local.queue_depth)
             for k, probe in enumerate(probes[1:], start=1):  # the queue into stage k (stage 0's holds the input data)
-                probe.add_buffers(lambda k=k: tensors_in([[m.x, m.y] for m in list(runner._inboxes[k].queue)]))
+                probe.add_buffers(lambda k=k: tensors_in([tensors_of(m) for m in list(runner._inboxes[k].queue)]))
         elif method == "processes":
             runner = ProcessRunner(ordered[0], micro_batches=cfg.local.micro_batches, queue_depth=cfg.local.queue_depth)
             if probes:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,13 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ppll_ext import checkpoint as ckpt
 from ppll_ext import torch_patches
-from ppll_ext.core import LocalBlock
+from ppll_ext.core import LocalBlock, payload
+from ppll_ext.core.payload import Payload
 from ppll_ext.errors import CheckpointError, ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.guard import watch_launchers
-from ppll_ext.runtime.stage import StageWorker
-from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, end_stream, open_links
+from ppll_ext.runtime.stage import StageStream, StageWorker
+from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, open_links
 from ppll_ext.versions import release
 
 __all__ = ["SchedulePPLL", "get_schedule_class"]
@@ -58,20 +58,23 @@ def _check_torch_version() -> None:
                     *TESTED[0], *TESTED[1])
 
 
-class _SingleOutput(nn.Module):
-    """Unwraps a one-element tuple output (as graph-split stages return) to the tensor sent downstream; passes the
-    first stage's keyword inputs of the current micro-batch (`extra`) to the stage module."""
+CALLS = "step() / eval()"
+"""The calls every rank makes alike (named in protocol errors)."""
+
+
+class _StageOutput(nn.Module):
+    """The stage module as its block's body: a one-element tuple output (as graph-split stages return) becomes the
+    tensor sent downstream, several tensors travel as they are; the first stage's keyword inputs of the current
+    micro-batch (`extra`) are passed to the stage module."""
 
     def __init__(self, submod: nn.Module) -> None:
         super().__init__()
         self.submod = submod
         self.extra: dict[str, Any] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.submod(x, **self.extra)
-        if isinstance(out, (tuple, list)):
-            if len(out) != 1:
-                raise PipelineError(f"stage output has {len(out)} tensors; SchedulePPLL sends one tensor per stage")
+    def forward(self, *args: Any, **kwargs: Any) -> Payload:
+        out = self.submod(*args, **kwargs, **self.extra)
+        if isinstance(out, (tuple, list)) and len(out) == 1:
             out = out[0]
         return out
 
@@ -141,38 +144,18 @@ class SchedulePPLL(PipelineScheduleSingle):
             raise ConfigError(f"stage {stage.stage_index} is the last stage: pass aux_head=None "
                               f"(its own output is the model's prediction)")
         self._loss = _LossWithKwargs(loss_fn)
-        self._body = _SingleOutput(stage.submod)
+        self._body = _StageOutput(stage.submod)
         self.block = LocalBlock(self._body, aux_head, self._loss, index=stage.stage_index, optimizer=optimizer,
                                 lr_scheduler=lr_scheduler, scale_grads=scale_grads)
         self._checked = False
         group = stage.group if stage.group is not None else dist.group.WORLD
         ranks = [dist.get_global_rank(group, i) for i in range(stage.num_stages)]
         device = torch.device(stage.device)
-        self._sender, self._receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
-        self._worker = StageWorker(self.block, self._sender.send if self._sender else None, device, per_step=False)
-        receiver = self._receiver
-        self._inbox = self._waited(receiver.messages()) if receiver is not None else None
+        sender, receiver = open_links(ranks, stage.stage_index, queue_depth, timeout_s, device, group)
+        self._stream = StageStream(stage.stage_index, stage.num_stages, CALLS, receiver=receiver, sender=sender)
+        self._worker = StageWorker(self.block, self._stream, device, per_step=False)
         self._group, self._ranks = group, ranks
         self._closed = self._streaming = False
-
-    def _next_in(self) -> Msg:
-        """The next message from the previous stage. Its end marker here means this rank made more step() / eval()
-        calls than the previous one: the streams are ended (every stage learns it) and PipelineError is raised."""
-        msg = next(self._inbox)
-        if msg.kind is Kind.STOP:
-            self.close()  # raises: the receiver has seen the marker where a micro-batch was due
-        return msg
-
-    def _waited(self, messages: Iterator[Msg]) -> Iterator[Msg]:
-        """`messages` with the time spent waiting for each counted and traced as "wait-in", as the runtimes' stage
-        loop does (traces and busy fractions of SchedulePPLL then read like the native runtime's)."""
-        worker = self._worker
-        while True:
-            start = time.perf_counter()
-            msg = next(messages)
-            worker.stats.wait_in_s += time.perf_counter() - start
-            worker.tracer.complete("wait-in", self.block.index, start)
-            yield msg
 
     @property
     def aux_head(self) -> nn.Module | None:
@@ -277,16 +260,20 @@ class SchedulePPLL(PipelineScheduleSingle):
             kwarg_mbs = _micro_list(kwarg_mbs, "kwarg_mbs", m) if kwarg_mbs is not None else [{}] * m
             if target_mbs is None:
                 target_mbs = list(target.tensor_split(m))
-            if any(len(a) != 1 for a in arg_mbs):
-                raise ConfigError("each arg_mbs entry must hold one input tensor (keyword inputs go in kwarg_mbs)")
-            return [a[0] for a in arg_mbs], kwarg_mbs, target_mbs
-        if len(args) != 1:
-            raise ConfigError(f"the first stage takes step(x, target=y): one input tensor, got {len(args)}")
-        x = args[0]
-        if x.shape[0] % m:
-            raise ConfigError(f"batch size {x.shape[0]} is not divisible by n_microbatches={m}; use a multiple of it")
-        n = min(m, x.shape[0])
-        xs = list(x.tensor_split(n))
+            if any(not isinstance(a, (tuple, list)) or not a for a in arg_mbs):
+                raise ConfigError("each arg_mbs entry must be a tuple of the stage's positional input tensors "
+                                  "(keyword inputs go in kwarg_mbs)")
+            return [a[0] if len(a) == 1 else tuple(a) for a in arg_mbs], kwarg_mbs, target_mbs
+        if not args:
+            raise ConfigError("the first stage takes step(x, target=y): its input tensor(s), then target=")
+        x = args[0] if len(args) == 1 else tuple(args)
+        rows = len(target) if target is not None else payload.batch_size(x)
+        if rows % m:
+            raise ConfigError(f"batch size {rows} is not divisible by n_microbatches={m}; use a multiple of it")
+        n = min(m, rows)
+        tensors, structure = payload.flatten(x)
+        parts = [t.tensor_split(n) for t in tensors]
+        xs = [payload.rebuild([p[i] for p in parts], structure) for i in range(n)]
         kws = [{k: (v.tensor_split(n)[i] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
                for i in range(n)]
         if target_mbs is None:
@@ -307,14 +294,15 @@ class SchedulePPLL(PipelineScheduleSingle):
             self._streaming = True
             shutdown.register(self)
         if self._stage.is_first:
-            messages = iter([Msg(kind, x.to(device), t.to(device), len(arg_mbs))
+            messages = iter([Msg(kind, payload.to(x, device), t.to(device), len(arg_mbs))
                              for x, t in zip(arg_mbs, target_mbs, strict=True)])
             count = len(arg_mbs)
         else:
             # Each micro-batch is handled as soon as it arrives (not after all of them): the previous stage keeps
             # streaming into the bounded queue instead of waiting for room.
-            first = self._next_in()
-            messages, count = itertools.chain([first], iter(self._next_in, None)), first.n_micro
+            first = self._worker.take(kind)
+            count = first.micro_batches
+            messages = itertools.chain([first], iter(lambda: self._worker.take(kind, count), None))
         given, given_mbs = None, None
         if target_mbs is not None and not self._stage.is_first:
             if len({tuple(t.shape[1:]) for t in target_mbs}) > 1:  # e.g. sequence lengths differ: match one by one
@@ -325,10 +313,6 @@ class SchedulePPLL(PipelineScheduleSingle):
         seen = 0
         for i in range(count):
             msg = next(messages)
-            if msg.kind is not kind:
-                what = "training" if training else "evaluation"
-                raise PipelineError(f"stage {index}: expected {what} micro-batches from stage {index - 1}; call "
-                                    f"step() or eval() in the same order on every rank")
             if given is not None:
                 self._check_target(given, msg.y, seen, last=i == count - 1)
                 seen += len(msg.y)
@@ -347,9 +331,7 @@ class SchedulePPLL(PipelineScheduleSingle):
             if return_outputs and self._stage.is_last:
                 outputs.append(self._worker.last_output)
         if not training:  # the stage loop's end of evaluation: back to train mode, passed downstream
-            end = Msg(Kind.EVAL_END) if self._stage.is_first else self._next_in()
-            if end.kind is not Kind.EVAL_END:
-                raise PipelineError(f"stage {index}: expected the end of evaluation from stage {index - 1}")
+            end = Msg(Kind.EVAL_END) if self._stage.is_first else self._worker.take(Kind.EVAL_END)
             self._worker.handle(end)
         return outputs
 
@@ -364,8 +346,7 @@ class SchedulePPLL(PipelineScheduleSingle):
 
     def flush(self) -> None:
         """Block until everything this stage sent has been received downstream."""
-        if self._sender is not None:
-            self._sender.flush()
+        self._stream.flush()
 
     def close(self, failed: bool = False) -> None:
         """End this stage's streams so every process can exit cleanly, whichever stage finishes first: wait for
@@ -378,9 +359,7 @@ class SchedulePPLL(PipelineScheduleSingle):
             return
         self._closed = True
         shutdown.forget(self)
-        inbox = self._inbox
-        end_stream(None if inbox is None else lambda: next(inbox), self._receiver, self._sender,
-                   self._stage.stage_index, self._stage.num_stages, "step() / eval()", failed=failed)
+        self._stream.close(failed=failed)
 
     def _key_map(self, names: Callable[[str], str] | None) -> dict[str, str]:
         """Checkpoint name of each tensor of the block's body (`submod.<key>`): `names(key)`, default `key`."""

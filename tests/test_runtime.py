@@ -18,6 +18,7 @@ from procs import kill_tree
 from safetensors.torch import load_file
 
 from ppll_ext.core import LocalBlock
+from ppll_ext.core.payload import Structure
 from ppll_ext.errors import PipelineError
 from ppll_ext.runtime import SequentialRunner, ThreadRunner
 from ppll_ext.train import run_training
@@ -89,10 +90,15 @@ def test_processes_equal_sequential(stages: int, tmp_path: Path) -> None:
 def test_header_round_trip_keeps_target_shape_and_dtype() -> None:
     x = torch.randn(3, 5, 7).to(torch.bfloat16)
     for y in (torch.arange(3), torch.randint(0, 50, (3, 5)), torch.rand(3, 10), torch.rand(3, 5, 50).half()):
-        kind, n_micro, shape, resent = decode_header(encode_header(Msg(Kind.TRAIN, x, y, 4), True))
-        assert (kind, n_micro, shape, resent) == (Kind.TRAIN, 4, (((3, 5, 7), torch.bfloat16),
-                                                                  (tuple(y.shape), y.dtype)), True)
-    assert decode_header(encode_header(Msg(Kind.EPOCH_END))) == (Kind.EPOCH_END, 1, None, False)
+        kind, count, shape, structure, resent = decode_header(encode_header(Msg(Kind.TRAIN, x, y, 4), True))
+        assert (kind, count, shape, structure, resent) == (
+            Kind.TRAIN, 4, (((3, 5, 7), torch.bfloat16), (tuple(y.shape), y.dtype)), Structure(), True)
+    assert decode_header(encode_header(Msg(Kind.EPOCH_END))) == (Kind.EPOCH_END, 1, None, None, False)
+    assert decode_header(encode_header(Msg(Kind.CHECKPOINT, step=17)))[:2] == (Kind.CHECKPOINT, 17)
+    several = {"h": x, "mask": torch.ones(3, 5, dtype=torch.bool), "pos": torch.arange(5)[None]}
+    kind, count, shape, structure, _ = decode_header(encode_header(Msg(Kind.EVAL, several, torch.arange(3), 2)))
+    assert (kind, count, structure) == (Kind.EVAL, 2, Structure("dict", ("h", "mask", "pos")))
+    assert shape == (((3, 5, 7), torch.bfloat16), ((3, 5), torch.bool), ((1, 5), torch.int64), ((3,), torch.int64))
     with pytest.raises(PipelineError, match="targets of dtype torch.complex64 cannot be sent"):
         encode_header(Msg(Kind.TRAIN, x, torch.zeros(3, dtype=torch.complex64)))
 

@@ -35,6 +35,8 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from ppll_ext.core import payload
+from ppll_ext.core.payload import Payload
 from ppll_ext.core.tasks import Score, score
 from ppll_ext.errors import PipelineError
 
@@ -147,6 +149,7 @@ class LocalBlock(nn.Module):
         on_nan: OnNaN = "error",
         updater: Updater | None = None,
         check_every: int = 0,
+        spread: bool = True,
     ) -> None:
         super().__init__()
         if on_nan not in ON_NAN:
@@ -165,6 +168,9 @@ class LocalBlock(nn.Module):
         self.on_nan = on_nan
         self.updater: Updater = updater if updater is not None else TorchUpdater(self)
         self.check_every = check_every
+        self.spread = spread
+        """How body and aux head take several tensors: spread as arguments (a tuple positional, a dict keyword), or
+        as one argument (False: DeepSpeed's layers take one tuple)."""
         """Steps between host reads of the non-finite flag with on_nan="error" (0: 1 on the CPU, else
         CHECK_EVERY)."""
         self.steps = 0
@@ -190,30 +196,32 @@ class LocalBlock(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The body's output (what the next stage receives)."""
+    def forward(self, x: Payload, **kwargs: object) -> Payload:
+        """The body's output (what the next stage receives): `x` passed as the unsplit model passes it (a tuple as
+        positional arguments, a dict as keyword arguments; `kwargs` added)."""
         try:
             with self._autocast():
-                return self.body(x)
+                return payload.call(self.body, x, self.spread, **kwargs)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:
             # Most often the input does not fit this stage (stages cut from different models or partitions).
-            raise PipelineError(f"stage {self.index}: the forward pass failed on an input of shape {tuple(x.shape)} "
-                                f"{x.dtype}: {exc}; if the shapes do not fit, the stages were built from different "
-                                f"models or partitions (every rank needs the same configuration)") from exc
+            raise PipelineError(f"stage {self.index}: the forward pass failed on an input of {payload.describe(x)}: "
+                                f"{exc}; if the shapes do not fit, the stages were built from different models or "
+                                f"partitions (every rank needs the same configuration)") from exc
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Predictions from this block's output: the aux head's, or the output itself on the last block."""
+    def logits(self, h: Payload) -> torch.Tensor:
+        """Predictions from this block's output: the aux head's (called with `h` as the next stage's body would be),
+        or the output itself on the last block."""
         if self.aux is None:
             return h
         with self._autocast():
-            return self.aux(h)
+            return payload.call(self.aux, h, self.spread)
 
-    def local_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def local_loss(self, h: Payload, y: torch.Tensor) -> torch.Tensor:
         """This block's own loss on its output `h` (through the aux head unless last)."""
         with self._autocast():
-            return self.loss_fn(h if self.aux is None else self.aux(h), y)
+            return self.loss_fn(h if self.aux is None else payload.call(self.aux, h, self.spread), y)
 
     def backward(self, loss: torch.Tensor, n_micro: int = 1) -> torch.Tensor:
         """Backpropagate one micro-batch's loss through this block only; returns it detached (on the device).
@@ -238,18 +246,18 @@ class LocalBlock(nn.Module):
 
     def train_step(
         self,
-        x: torch.Tensor,
+        x: Payload,
         y: torch.Tensor,
         n_micro: int = 1,
-        on_output: Callable[[torch.Tensor], None] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        on_output: Callable[[Payload], None] | None = None,
+    ) -> tuple[Payload, torch.Tensor]:
         """Train on one micro-batch: returns (detached output, detached loss); steps after `n_micro` calls.
 
         `on_output` receives the detached output right after the forward pass, before the local
         backward, so a pipeline can send it downstream early; its value does not depend on this step.
         """
         h = self(x)
-        out = h.detach()
+        out = payload.detach(h)
         if on_output is not None:
             on_output(out)
         loss = self.local_loss(h, y)
@@ -259,7 +267,7 @@ class LocalBlock(nn.Module):
         return out, loss.detach()
 
     @torch.no_grad()
-    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Score]:
+    def eval_step(self, x: Payload, y: torch.Tensor) -> tuple[Payload, Score]:
         """Evaluate one batch: (output for the next stage, this block's score: its aux head's, or the model's on the
         last block)."""
         h = self(x)

@@ -20,17 +20,21 @@ import torch.distributed as dist
 from torch import nn
 
 from ppll_ext import hooks
-from ppll_ext.core import LocalBlock
+from ppll_ext.core import LocalBlock, payload
+from ppll_ext.core.payload import Payload
 from ppll_ext.deepspeed import _ds
 from ppll_ext.deepspeed.module import LocalPipelineModule
 from ppll_ext.errors import ConfigError, PipelineError
 from ppll_ext.runtime import shutdown
 from ppll_ext.runtime.base import EvalCounts
 from ppll_ext.runtime.guard import watch_launchers
-from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, end_stream, open_links
+from ppll_ext.runtime.stage import StageStream
+from ppll_ext.transport import Kind, Msg, check_count, check_link_settings, open_links
 
 log = logging.getLogger(__name__)
 schedule = _ds.schedule
+CALLS = "train_batch / eval_batch"
+"""The calls every rank makes alike (named in protocol errors)."""
 
 
 class LocalBackwardPass(schedule.BufferOpInstruction):
@@ -112,9 +116,8 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         world = dist.get_world_size()
         group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s))
         ranks = [self.grid.stage_to_global(s) for s in range(self.num_stages)]
-        self._sender, self._receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
-        self._inbox = self._receiver.messages() if self._receiver is not None else None
-        self._peeked: Msg | None = None
+        sender, receiver = open_links(ranks, self.stage_id, queue_depth, timeout_s, self.device, group)
+        self._stream = StageStream(self.stage_id, self.num_stages, CALLS, receiver=receiver, sender=sender)
         self._closed = False
         shutdown.register(self)  # closed before destroy_process_group() or at exit, if the script does not
         self._loss_sum, self._losses = 0.0, 0
@@ -122,17 +125,31 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         self.grad_weight = 1.0
         """Factor on this replica's loss: replicas / replicas with data, when an epoch's last step has fewer
         batches than replicas (the all-reduce averages over all replicas)."""
-        self.wait_in_s = 0.0
-        """Seconds spent waiting for activations from the previous stage (the data loader on the first stage)."""
-        self.wait_out_s = 0.0
-        """Seconds spent waiting for room in the bounded link to the next stage."""
         module: LocalPipelineModule = self.module
         # Kept out of the engine's submodules (it holds the module itself as its body).
         object.__setattr__(self, "block", LocalBlock(
             module, module.aux_head, module.loss_fn, index=self.stage_id, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, on_nan=module.on_nan, autocast=_autocast_of(self),
-            updater=DeepSpeedUpdater(self)))
+            updater=DeepSpeedUpdater(self), spread=False))
         hooks.stage_started(self.block)
+
+    @property
+    def wait_in_s(self) -> float:
+        """Seconds spent waiting for activations from the previous stage (the data loader on the first stage)."""
+        return self._stream.wait_in_s
+
+    @wait_in_s.setter
+    def wait_in_s(self, seconds: float) -> None:
+        self._stream.wait_in_s = seconds
+
+    @property
+    def wait_out_s(self) -> float:
+        """Seconds spent waiting for room in the bounded link to the next stage."""
+        return self._stream.wait_out_s
+
+    @wait_out_s.setter
+    def wait_out_s(self, seconds: float) -> None:
+        self._stream.wait_out_s = seconds
 
     def train_batch(self, data_iter: Any = None, num_micro_batches: int | None = None) -> torch.Tensor:
         """Train this stage on one mini-batch of micro-batches and step once (or skip the update, on_nan="skip").
@@ -183,30 +200,9 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     def _micro_count(self, requested: int | None) -> int:
         if requested is not None or self.is_first_stage():
             return self.micro_batches if requested is None else requested
-        msg = self._next_in()
-        if msg.kind is not Kind.TRAIN:
-            raise PipelineError(f"stage {self.stage_id} expected a training micro-batch from stage "
-                                f"{self.stage_id - 1} but got {msg.kind.name}: every rank must make the same "
-                                f"train_batch / eval_batch calls")
-        self._peeked = msg
-        return msg.n_micro
-
-    def _next_in(self) -> Msg:
-        """The next message during a train or eval call. The previous stage's end marker here means this rank made
-        more train_batch / eval_batch calls: the streams are ended (every stage learns it) and PipelineError raised."""
-        msg = self._next_message()
-        if msg.kind is Kind.STOP:
-            self.close()  # raises: the receiver has seen the marker where a micro-batch was due
-        return msg
-
-    def _next_message(self) -> Msg:
-        if self._peeked is not None:
-            msg, self._peeked = self._peeked, None
-            return msg
-        began = time.perf_counter()
-        msg = next(self._inbox)
-        self.wait_in_s += time.perf_counter() - began
-        return msg
+        msg = self._stream.peek()
+        self._stream.check(msg, Kind.TRAIN)
+        return msg.micro_batches
 
     @torch.no_grad()
     def eval_batch(self, data_iter: Any = None, num_micro_batches: int | None = None) -> torch.Tensor:
@@ -223,8 +219,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             for _ in range(micro):
                 x, y = self._load() if self.is_first_stage() else self._receive(Kind.EVAL, micro)
                 h = self.block(x)
-                if self._sender is not None:
-                    self._sender.send(Msg(Kind.EVAL, h.contiguous(), y, micro))
+                self._stream.send(Msg(Kind.EVAL, h, y, micro))
                 total += float(self.block.local_loss(h, y).float())
         finally:
             self.module.train()
@@ -248,8 +243,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
                 else:
                     x, y = self._receive(Kind.EVAL, 1)
                 h, s = self.block.eval_step(x, y)
-                if self._sender is not None:
-                    self._sender.send(Msg(Kind.EVAL, h.contiguous(), y, 1))
+                self._stream.send(Msg(Kind.EVAL, h, y, 1))
                 counts.add(s, len(y))
         finally:
             self.module.train()
@@ -265,8 +259,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
 
     def flush(self) -> None:
         """Block until every activation this stage sent has been received downstream."""
-        if self._sender is not None:
-            self._sender.flush()
+        self._stream.flush()
 
     def close(self, failed: bool = False) -> None:
         """End this stage's streams so the process can exit cleanly, whichever stage finishes first: wait for the
@@ -279,8 +272,7 @@ class LocalPipelineEngine(_ds.PipelineEngine):
             return
         self._closed = True
         shutdown.forget(self)
-        end_stream(None if self._inbox is None else self._next_message, self._receiver, self._sender,
-                   self.stage_id, self.num_stages, "train_batch / eval_batch", failed=failed)
+        self._stream.close(failed=failed)
 
     @property
     def zero_sharded(self) -> bool:
@@ -310,37 +302,37 @@ class LocalPipelineEngine(_ds.PipelineEngine):
         `get_global_grad_norm()` then reports, as with DeepSpeed's other optimizers."""
         _ds.set_grad_norm(self, nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping()).detach())
 
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self) -> tuple[Payload, torch.Tensor]:
         began = time.perf_counter()
         batch = _ds.next_batch(self)
-        self.wait_in_s += time.perf_counter() - began
+        self._stream.wait_in_s += time.perf_counter() - began
         if batch is None:
             raise PipelineError("the first stage has no data: pass train_batch(data_iter) / eval_batch(data_iter) "
                                 "or training_data= to initialize")
         return self._to_device(batch)
 
-    def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
-            raise PipelineError("the data iterator must yield (inputs, labels) pairs of tensors")
-        x, y = batch[0].to(self.device), batch[1].to(self.device)
-        if x.is_floating_point() and (self.bfloat16_enabled() or self.fp16_enabled()):
-            x = x.to(torch.bfloat16 if self.bfloat16_enabled() else torch.float16)
-        return x, y
+    def _to_device(self, batch: Any) -> tuple[Payload, torch.Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not torch.is_tensor(batch[1]):
+            raise PipelineError("the data iterator must yield (inputs, labels) pairs: inputs a tensor or a tuple of "
+                                "tensors, labels a tensor")
+        low = torch.bfloat16 if self.bfloat16_enabled() else (torch.float16 if self.fp16_enabled() else None)
 
-    def _receive(self, kind: Kind, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        msg = self._next_in()
-        if msg.kind is not kind or msg.n_micro != micro:
-            raise PipelineError(
-                f"stage {self.stage_id} expected a {kind.name} micro-batch ({micro} per batch) from stage "
-                f"{self.stage_id - 1} but got {msg.kind.name} ({msg.n_micro} per batch): every rank must make the "
-                f"same train_batch / eval_batch calls with the same number of micro-batches")
+        def place(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device)
+            return t.to(low) if low is not None and t.is_floating_point() else t
+
+        return payload.apply(place, batch[0]), batch[1].to(self.device)
+
+    def _receive(self, kind: Kind, micro: int) -> tuple[Payload, torch.Tensor]:
+        msg = self._stream.take(kind, micro)
         return msg.x, msg.y
 
-    def _stage_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Reentrant activation checkpointing needs inputs that require grad (as stock DeepSpeed sets them)."""
-        if x.is_floating_point() and _ds.reentrant_checkpointing(self):
-            x = x.detach().requires_grad_(True)
-        return x
+    def _stage_input(self, x: Payload) -> Payload:
+        """Reentrant activation checkpointing needs floating inputs that require grad (as stock DeepSpeed sets
+        them)."""
+        if not _ds.reentrant_checkpointing(self):
+            return x
+        return payload.apply(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t, x)
 
     def _local_load(self, buffer_id: int) -> None:
         x, y = self._load()
@@ -355,17 +347,13 @@ class LocalPipelineEngine(_ds.PipelineEngine):
     def _local_forward(self, buffer_id: int) -> None:
         _ds.start_throughput_timer(self)
         outputs = self.block(_ds.buffer(self, "inputs", buffer_id))
-        if not torch.is_tensor(outputs):
-            raise PipelineError(f"stage {self.stage_id} returned a {type(outputs).__name__}; PPLL stages pass one "
-                                f"tensor on (the labels travel beside it)")
+        payload.flatten(outputs)  # a tensor or a tuple / list / dict of tensors, else one line naming what it is
         _ds.set_buffer(self, "inputs", buffer_id, None)
         _ds.set_buffer(self, "outputs", buffer_id, outputs)
 
     def _local_send(self, buffer_id: int) -> None:
-        out = _ds.buffer(self, "outputs", buffer_id).detach().contiguous()
-        began = time.perf_counter()
-        self._sender.send(Msg(Kind.TRAIN, out, _ds.buffer(self, "labels", buffer_id), self._micro))
-        self.wait_out_s += time.perf_counter() - began
+        out = payload.detach(_ds.buffer(self, "outputs", buffer_id))
+        self._stream.send(Msg(Kind.TRAIN, out, _ds.buffer(self, "labels", buffer_id), self._micro))
 
     def _local_backward(self, buffer_id: int) -> None:
         h, y = _ds.buffer(self, "outputs", buffer_id), _ds.buffer(self, "labels", buffer_id)

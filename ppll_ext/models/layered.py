@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ppll_ext.core.payload import Chain
 from ppll_ext.errors import ConfigError
 
 
@@ -43,9 +44,9 @@ class LayeredModel:
     name: str
     """Model name, e.g. resnet32 or vit."""
 
-    def sequential(self, start: int = 0, stop: int | None = None) -> nn.Sequential:
-        """The layers `start:stop` as one module (a stage's body)."""
-        return nn.Sequential(*self.layers[start:stop])
+    def sequential(self, start: int = 0, stop: int | None = None) -> Chain:
+        """The layers `start:stop` as one module (a stage's body), passing several tensors on as the model does."""
+        return Chain(*self.layers[start:stop])
 
     def key_map(self, part: nn.Module) -> dict[str, str]:
         """Names of `part`'s tensors in the unsplit model's state dict."""

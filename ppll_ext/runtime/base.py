@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ppll_ext.core import LocalBlock
+from ppll_ext.core import LocalBlock, payload
+from ppll_ext.core.payload import Payload
 from ppll_ext.core.tasks import Score
 from ppll_ext.errors import CheckpointError
 from ppll_ext.transport import Kind, Msg
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[tuple[Payload, torch.Tensor]]
 OnBatch = Callable[[int], None]
 Saver = Callable[[LocalBlock, int], object]
 """Writes a stage's part of the checkpoint of `step` and returns what the first rank needs to commit it."""
@@ -29,10 +30,13 @@ def current_lr(block: LocalBlock) -> float:
     return float(groups[0]["lr"]) if groups else math.nan
 
 
-def split_micro(x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a mini-batch into at most m micro-batches along dim 0 (fewer if the batch is smaller than m)."""
-    n = min(m, x.shape[0])
-    return list(zip(x.tensor_split(n), y.tensor_split(n), strict=True))
+def split_micro(x: Payload, y: torch.Tensor, m: int) -> list[tuple[Payload, torch.Tensor]]:
+    """Cut a mini-batch into at most m micro-batches along dim 0 (fewer if the batch is smaller than m); every tensor
+    of a several-tensor input is cut alike."""
+    n = min(m, len(y))
+    tensors, structure = payload.flatten(x)
+    parts = [t.tensor_split(n) for t in tensors]
+    return [(payload.rebuild([p[i] for p in parts], structure), ym) for i, ym in enumerate(y.tensor_split(n))]
 
 
 @dataclass

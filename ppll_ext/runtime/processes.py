@@ -30,8 +30,11 @@ from ppll_ext.runtime.base import (
     first_failure,
     train_messages,
 )
-from ppll_ext.runtime.stage import StageWorker
+from ppll_ext.runtime.stage import StageStream, StageWorker
 from ppll_ext.transport import Kind, Msg, open_links
+
+CALLS = "train_epoch / evaluate / checkpoint / close"
+"""The calls every rank of the processes runtime makes alike (named in protocol errors)."""
 
 
 class ProcessRunner:
@@ -54,14 +57,13 @@ class ProcessRunner:
                                   backend="gloo") if block.device.type != "cpu" else None)
         self.sender, self.receiver = open_links(list(range(self.world)), self.rank, queue_depth, timeout_s,
                                                 block.device, header_group=headers)
-        self.worker = StageWorker(block, self.sender.send if self.sender else None)
-        self.inbox = self.receiver.messages() if self.receiver is not None else None
+        self.stream = StageStream(self.rank, self.world, CALLS, receiver=self.receiver, sender=self.sender)
+        self.worker = StageWorker(block, self.stream)
 
     def _gather(self, report: Report) -> list:
         if isinstance(report, SaveRequest):
             report = self._save(report.step)
-        if self.sender is not None:
-            self.sender.flush()
+        self.stream.flush()
         out: list[Report] | None = [None] * self.world if self.rank == 0 else None  # type: ignore[list-item]
         self._control(lambda: dist.gather_object(report, out, dst=0, group=self.control))
         return out or []
@@ -101,10 +103,7 @@ class ProcessRunner:
                 if report is not None:
                     reports = self._gather(report)
             return reports
-        got = self.worker.serve(self.inbox, lambda r: reports.extend(self._gather(r)), until)
-        if got is not until:
-            raise PipelineError(f"stage {self.rank} expected {until.name} from stage {self.rank - 1} but got "
-                                f"{got.name}: every rank must make the same calls")
+        self.worker.serve(lambda r: reports.extend(self._gather(r)), until)
         return reports
 
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
@@ -123,14 +122,10 @@ class ProcessRunner:
 
     def checkpoint(self, step: int) -> list:
         """CHECKPOINT(step) down the pipeline; every stage saves; rank 0 gets every stage's saver result."""
-        return self._drive([Msg(Kind.CHECKPOINT, n_micro=step)], Kind.CHECKPOINT)
+        return self._drive([Msg(Kind.CHECKPOINT, step=step)], Kind.CHECKPOINT)
 
     def close(self) -> None:
-        """STOP down the pipeline; returns once it has gone through every stage."""
-        if self.rank == 0:
-            self.worker.handle(Msg(Kind.STOP))
-        else:
-            self.worker.serve(self.inbox, self._gather)
-        if self.sender is not None:
-            self.sender.flush()
+        """End the streams (`StageStream.close`: every stage raises the same PipelineError when the ranks made
+        different calls); returns once the end has gone through every stage."""
+        self.stream.close()
         self._control(lambda: dist.barrier(group=self.control))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from ppll_ext import trace
-from ppll_ext.core import LocalBlock
+from ppll_ext.core import LocalBlock, payload
 from ppll_ext.errors import PipelineError
 from ppll_ext.runtime.base import (
     EpochStats,
@@ -30,7 +30,7 @@ from ppll_ext.runtime.base import (
     first_failure,
     train_messages,
 )
-from ppll_ext.runtime.stage import StageWorker
+from ppll_ext.runtime.stage import StageStream, StageWorker
 from ppll_ext.transport import Kind, Msg
 
 _POLL_S = 0.05
@@ -53,11 +53,11 @@ def _device_copier(src: torch.device, dst: torch.device) -> Callable[[Msg], Msg]
             return msg
         side.wait_stream(torch.cuda.current_stream(src))
         with torch.cuda.stream(side):
-            x, y = msg.x.to(dst, non_blocking=True), msg.y.to(dst, non_blocking=True)
-        for t in (msg.x, msg.y):
+            x, y = payload.to(msg.x, dst, non_blocking=True), msg.y.to(dst, non_blocking=True)
+        for t in [*payload.flatten(msg.x)[0], msg.y]:
             if t.device == src:
                 t.record_stream(side)
-        return Msg(msg.kind, x, y, msg.n_micro)
+        return Msg(msg.kind, x, y, msg.micro_batches, msg.step)
 
     return move
 
@@ -134,7 +134,9 @@ class ThreadRunner:
                               if isinstance(r, SaveRequest) else r)
 
         try:
-            StageWorker(block, send).serve(self._inbox(k), report)
+            stream = StageStream(k, len(self.blocks), "train_epoch / evaluate / checkpoint", inbox=self._inbox(k),
+                                 send=send)
+            StageWorker(block, stream).serve(report)
         except _Stopped:
             return
         except BaseException as exc:  # any failure must stop the pipeline and reach the caller
@@ -173,7 +175,7 @@ class ThreadRunner:
         """Send CHECKPOINT(step) down the pipeline; each stage thread saves when it gets there. A stage that could not
         write its part fails the pipeline once every stage has finished writing (the caller may then discard the
         step's folder)."""
-        self._feed([Msg(Kind.CHECKPOINT, n_micro=step)])
+        self._feed([Msg(Kind.CHECKPOINT, step=step)])
         reports = self._collect()
         failure = first_failure(reports)
         if failure is not None:

@@ -9,7 +9,7 @@ from ppll_ext.transport.links import (
     link_error,
     open_links,
 )
-from ppll_ext.transport.wire import HEADER_LEN, Kind, Msg, decode_header, encode_header, payload_shape
+from ppll_ext.transport.wire import DATA, HEADER_LEN, Kind, Msg, decode_header, encode_header, payload_shape
 
-__all__ = ["HEADER_LEN", "Kind", "LinkReceiver", "LinkSender", "Msg", "check_count", "check_link_settings",
+__all__ = ["DATA", "HEADER_LEN", "Kind", "LinkReceiver", "LinkSender", "Msg", "check_count", "check_link_settings",
            "decode_header", "encode_header", "end_stream", "link_error", "open_links", "payload_shape"]

@@ -33,9 +33,22 @@ import torch.distributed as dist
 
 from ppll_ext import trace
 from ppll_ext.errors import ConfigError, PipelineError
-from ppll_ext.transport.wire import HEADER_LEN, Kind, Msg, Shape, decode_header, encode_header, payload_shape
+from ppll_ext.transport.wire import (
+    DATA,
+    HEADER_LEN,
+    Kind,
+    Msg,
+    Shape,
+    assemble,
+    decode_header,
+    encode_header,
+    payload_shape,
+    tensors_of,
+)
 
-_TAG_HEADER, _TAG_X, _TAG_Y, _TAG_X_RESENT, _TAG_Y_RESENT, _TAG_VERDICT = 0, 1, 2, 3, 4, 5
+_TAG_HEADER, _TAG_VERDICT, _TAG_DATA, _TAG_RESENT = 0, 5, 16, 48
+"""Tags: the header, the verdict, then one per tensor of a message (activations in order, then the target), in
+the guessed buffers and, after a change of shapes, resent."""
 
 
 def check_count(name: str, value: object, meaning: str) -> int:
@@ -115,15 +128,16 @@ class LinkSender:
             head = head.to(self.device)
         tensors: list[torch.Tensor] = [head]
         works = [self._isend(head, _TAG_HEADER, self.header_group)]
+        data = [t.contiguous() for t in tensors_of(msg)]
         if self._guess is not None:
-            if shape == self._guess:
-                tensors += [msg.x.contiguous(), msg.y.contiguous()]
-            else:  # the receiver posted buffers of the guessed shape: fill them with a placeholder
-                tensors += [torch.zeros(s, dtype=d, device=self.device) for s, d in self._guess]
-            works += [self._isend(tensors[-2], _TAG_X), self._isend(tensors[-1], _TAG_Y)]
+            # The receiver posted buffers of the guessed shapes: on a change they get placeholders.
+            guessed = data if shape == self._guess else [torch.zeros(s, dtype=d, device=self.device)
+                                                         for s, d in self._guess]
+            tensors += guessed
+            works += [self._isend(t, _TAG_DATA + i) for i, t in enumerate(guessed)]
         if resent:
-            tensors += [msg.x.contiguous(), msg.y.contiguous()]
-            works += [self._isend(tensors[-2], _TAG_X_RESENT), self._isend(tensors[-1], _TAG_Y_RESENT)]
+            tensors += data
+            works += [self._isend(t, _TAG_RESENT + i) for i, t in enumerate(data)]
         self._guess = shape
         self._inflight.append((works, tuple(tensors)))
 
@@ -154,7 +168,7 @@ class LinkReceiver:
         self.header_group = header_group
         self._head_device = torch.device("cpu") if header_group is not None else device
         self.me, self.source = _name(stage, rank), _name(None if stage is None else stage - 1, peer)
-        self._guess: tuple[torch.Tensor, torch.Tensor, list[dist.Work]] | None = None
+        self._guess: tuple[list[torch.Tensor], list[dist.Work]] | None = None
         self.stopped = False
         """The end marker has arrived: the previous stage has ended its stream."""
         self._post(None)
@@ -171,8 +185,8 @@ class LinkReceiver:
         self._head_work = self._irecv(self._head, _TAG_HEADER, self.header_group)
         self._guess = None
         if shape is not None:
-            x, y = (torch.empty(s, dtype=d, device=self.device) for s, d in shape)
-            self._guess = (x, y, [self._irecv(x, _TAG_X), self._irecv(y, _TAG_Y)])
+            buffers = [torch.empty(s, dtype=d, device=self.device) for s, d in shape]
+            self._guess = (buffers, [self._irecv(t, _TAG_DATA + i) for i, t in enumerate(buffers)])
 
     def _wait(self, works: list[dist.Work]) -> None:
         for w in works:
@@ -181,17 +195,16 @@ class LinkReceiver:
     def _receive(self) -> Msg:
         self._wait([self._head_work])
         head = self._head if self._head.device.type == "cpu" else self._head.cpu()  # NCCL without a header group
-        kind, n_micro, shape, resent = decode_header(head)
-        msg = Msg(kind, n_micro=n_micro)
+        kind, count, shape, structure, resent = decode_header(head)
         guess, self._guess = self._guess, None
+        tensors = None
         if guess is not None:
-            self._wait(guess[2])
-            msg.x, msg.y = guess[0], guess[1]
+            self._wait(guess[1])
+            tensors = guess[0]
         if resent:
-            msg.x, msg.y = (torch.empty(s, dtype=d, device=self.device) for s, d in shape)
-            self._wait([self._irecv(msg.x, _TAG_X_RESENT), self._irecv(msg.y, _TAG_Y_RESENT)])
-        if shape is None:
-            msg.x = msg.y = None
+            tensors = [torch.empty(s, dtype=d, device=self.device) for s, d in shape]
+            self._wait([self._irecv(t, _TAG_RESENT + i) for i, t in enumerate(tensors)])
+        msg = assemble(kind, count, tensors if kind in DATA else None, structure)
         if kind is Kind.STOP:
             self.stopped = True
         else:
@@ -301,7 +314,7 @@ def end_stream(next_msg: Callable[[], Msg] | None, receiver: LinkReceiver | None
         else:
             seen = extra = 0
             while (msg := next_msg()).kind is not Kind.STOP:
-                seen, extra = seen + 1, extra + (msg.kind in (Kind.TRAIN, Kind.EVAL))
+                seen, extra = seen + 1, extra + (msg.kind in DATA)
             own = Verdict(Ending.FEWER, stage, extra) if seen else Verdict()
         upstream = receiver.receive_verdict()
         verdict = upstream if upstream.ending is not Ending.CLEAN else own
