@@ -30,11 +30,8 @@ from ppll_ext.runtime.base import (
     first_failure,
     train_messages,
 )
-from ppll_ext.runtime.stage import StageStream, StageWorker
+from ppll_ext.runtime.stage import NATIVE_CALLS, StageStream, StageWorker
 from ppll_ext.transport import Kind, Msg, open_links
-
-CALLS = "train_epoch / evaluate / checkpoint / close"
-"""The calls every rank of the processes runtime makes alike (named in protocol errors)."""
 
 
 class ProcessRunner:
@@ -57,7 +54,7 @@ class ProcessRunner:
                                   backend="gloo") if block.device.type != "cpu" else None)
         self.sender, self.receiver = open_links(list(range(self.world)), self.rank, queue_depth, timeout_s,
                                                 block.device, header_group=headers)
-        self.stream = StageStream(self.rank, self.world, CALLS, receiver=self.receiver, sender=self.sender)
+        self.stream = StageStream(self.rank, self.world, NATIVE_CALLS, receiver=self.receiver, sender=self.sender)
         self.worker = StageWorker(block, self.stream)
 
     def _gather(self, report: Report) -> list:
@@ -126,6 +123,9 @@ class ProcessRunner:
 
     def close(self) -> None:
         """End the streams (`StageStream.close`: every stage raises the same PipelineError when the ranks made
-        different calls); returns once the end has gone through every stage."""
+        different calls); returns once the end has gone through every stage. Idempotent: streams that already ended
+        (with that error) are left as they are."""
+        if self.stream.closed:
+            return
         self.stream.close()
         self._control(lambda: dist.barrier(group=self.control))

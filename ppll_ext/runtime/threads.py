@@ -30,7 +30,7 @@ from ppll_ext.runtime.base import (
     first_failure,
     train_messages,
 )
-from ppll_ext.runtime.stage import StageStream, StageWorker
+from ppll_ext.runtime.stage import NATIVE_CALLS, StageStream, StageWorker
 from ppll_ext.transport import Kind, Msg
 
 _POLL_S = 0.05
@@ -134,8 +134,7 @@ class ThreadRunner:
                               if isinstance(r, SaveRequest) else r)
 
         try:
-            stream = StageStream(k, len(self.blocks), "train_epoch / evaluate / checkpoint", inbox=self._inbox(k),
-                                 send=send)
+            stream = StageStream(k, len(self.blocks), NATIVE_CALLS, inbox=self._inbox(k), send=send)
             StageWorker(block, stream).serve(report)
         except _Stopped:
             return
