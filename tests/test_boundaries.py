@@ -125,3 +125,13 @@ def test_a_stage_body_returning_several_tensors_trains_through_its_aux_head() ->
     assert torch.isfinite(loss)
     changed = {n for n, p in block.named_parameters() if not torch.equal(before[n], p)}
     assert {"body.0.conv.weight", "body.1.conv.weight", "aux.fc.weight"} <= changed, changed
+
+
+def test_aux_kinds_built_from_shapes_refuse_a_boundary_of_several_tensors() -> None:
+    from ppll_ext.core import build_stage_aux_head
+    from ppll_ext.errors import ConfigError
+
+    case = cases.build("cnn")
+    with pytest.raises(ConfigError, match=r"aux head kind 'conv' is built for a stage boundary of one tensor, and this "
+                       r"one carries features \(1, 8, 8, 8\) float32 \+ skip .* build the aux heads yourself"):
+        build_stage_aux_head(case.layers, 0, [0, 2, 4], "conv", case.batches[0][0][:1])

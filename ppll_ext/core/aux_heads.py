@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ppll_ext.core import payload
 from ppll_ext.errors import ConfigError
 
 AUX_KINDS = ("conv", "mlp-sr", "vit", "next-blocks", "lm", "lm-blocks", "auto")
@@ -190,6 +191,10 @@ def build_aux_head(
     `next_layers` (the next stage's first transformer blocks) before it, as SOLO does. conv and mlp-sr read
     (N, T, D) tokens as a square grid only with grid=True.
     """
+    if not isinstance(example, torch.Tensor):
+        raise ConfigError(f"aux head kind {kind!r} is built for a stage boundary of one tensor, and this one carries "
+                          f"{payload.describe(example)}; build the aux heads yourself (modules called with the "
+                          f"boundary's tensors as the next stage's body is) and pass them in", key="aux")
     shape = tuple(example.shape)
     if kind == "auto":
         kind = {4: "conv", 3: "vit"}.get(len(shape), "linear")
@@ -267,6 +272,8 @@ def build_stage_aux_head(
         h = example_input
         for layer in layers[:end]:
             h = layer(h)
+        if not isinstance(h, torch.Tensor):
+            build_aux_head(kind, h, 0)  # one line: these kinds need a one-tensor boundary
         if num_classes is None or kind == "auto":
             out = h
             for layer in layers[end:]:
