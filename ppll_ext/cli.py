@@ -163,12 +163,21 @@ def _train(args: argparse.Namespace) -> int:
     # The training stack is imported only once the config is known to be valid: bad input fails fast.
     from ppll_ext.runtime.launch import spawn_torchrun, under_launcher
     from ppll_ext.train import preflight, run_training
+    from ppll_ext.train.job import fail_fast
 
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
         preflight(cfg)
         forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
         return spawn_torchrun(cfg.local.stages * (cfg.local.data_parallel if deepspeed else 1), forwarded)
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except BaseException as exc:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:  # no teardown that could hang on a dead peer
+            rank = dist.get_rank()
+            fail_fast(rank, rank // (cfg.local.data_parallel if deepspeed else 1), exc)
+        raise
     return 0
 
 

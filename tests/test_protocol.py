@@ -47,6 +47,11 @@ def test_every_adapter_gives_the_same_error_for_uneven_calls(raised: dict, case:
         assert got == dict.fromkeys(adapters, expected), (rank, case, got)
 
 
+def test_run_training_raises_inside_a_multi_process_run_instead_of_exiting(raised: dict) -> None:
+    for errors in raised.values():
+        assert "no-such-run" in errors["run_training"], errors["run_training"]
+
+
 def test_the_adapters_name_their_own_calls() -> None:
     assert CALLS == {"native": "train_epoch / evaluate / checkpoint / close", "schedule": "step() / eval()",
                      "deepspeed": "train_batch / eval_batch"}

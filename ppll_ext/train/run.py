@@ -25,7 +25,6 @@ from ppll_ext.runtime.launch import check_same_config, init_distributed
 from ppll_ext.train.job import (
     Setup,
     check_save_space,
-    fail_fast,
     loop_settings,
     prepare,
     restore_checkpoint,
@@ -99,6 +98,8 @@ def run_training(cfg: Config, *, out: TextIO | None = None,
     """Train as `cfg` says; returns the summary on the driving rank (None on the other ranks).
 
     `on_finish(blocks)` receives this process's trained blocks, by stage index; `out` defaults to sys.stdout.
+    Errors are raised on the rank where they happen (`ppll train` then ends a multi-process run at once:
+    `train.job.fail_fast`).
     """
     out = sys.stdout if out is None else out
     threads = torch.get_num_threads()
@@ -114,28 +115,21 @@ def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], 
         ckpt.resolve(cfg.train.resume)
     commits = bool(cfg.train.save_dir) and os.environ.get("RANK", "0") == "0"
     lock = ckpt.lock_run(cfg.train.save_dir) if commits else nullcontext()
-    try:
-        with lock:
-            if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
-                from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
+    with lock:
+        if cfg.train.method == "local" and cfg.local.engine == "deepspeed":
+            from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
 
-                setup = setup_deepspeed(cfg)
-            else:
-                setup = setup_native(cfg)
-            if commits:  # an earlier run's checkpoints after this run's start are moved aside, not pruned
-                ckpt.supersede(cfg.train.save_dir, setup.start.step)
-            summary = run_loop(setup.engine, loop_settings(cfg, setup.job), setup.job.train_loader,
-                               setup.job.test_loader, setup.boundaries, setup.start, out)
-            if cfg.train.trace:
-                written = trace.finish(cfg.train.trace, setup.trace_group, setup.title)
-                if written is not None:
-                    print(f"trace written: {written}", file=out, flush=True)
-    except BaseException as exc:  # the lock is released by now
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            rank = dist.get_rank()
-            replicas = cfg.local.data_parallel if cfg.local.engine == "deepspeed" else 1
-            fail_fast(rank, rank // replicas, exc)
-        raise
+            setup = setup_deepspeed(cfg)
+        else:
+            setup = setup_native(cfg)
+        if commits:  # an earlier run's checkpoints after this run's start are moved aside, not pruned
+            ckpt.supersede(cfg.train.save_dir, setup.start.step)
+        summary = run_loop(setup.engine, loop_settings(cfg, setup.job), setup.job.train_loader,
+                           setup.job.test_loader, setup.boundaries, setup.start, out)
+        if cfg.train.trace:
+            written = trace.finish(cfg.train.trace, setup.trace_group, setup.title)
+            if written is not None:
+                print(f"trace written: {written}", file=out, flush=True)
     if on_finish is not None:
         on_finish(setup.blocks)
     if setup.owns_group:

@@ -112,6 +112,12 @@ def main() -> None:
         errors[f"{name} more"] = caught(lambda run=run: run(rank, STEPS + 1))
         if name != "native":  # its ranks exchange reports at every marker: a rank with fewer calls stalls that
             errors[f"{name} fewer"] = caught(lambda run=run: run(rank, STEPS - 1))
+    from ppll_ext.config import load_config
+    from ppll_ext.train import run_training
+
+    # A library call raises on its rank, also inside a multi-process run (only `ppll train` ends the process).
+    cfg = load_config(None, ["local.runtime=processes", f"train.resume={out / 'no-such-run'}"])
+    errors["run_training"] = caught(lambda: run_training(cfg))
     (out / f"rank{rank}.json").write_text(json.dumps(errors))
     dist.barrier()
     dist.destroy_process_group()
