@@ -206,9 +206,10 @@ class LocalBlock(nn.Module):
             raise
         except RuntimeError as exc:
             # Most often the input does not fit this stage (stages cut from different models or partitions).
-            raise PipelineError(f"stage {self.index}: the forward pass failed on an input of {payload.describe(x)}: "
-                                f"{exc}; if the shapes do not fit, the stages were built from different models or "
-                                f"partitions (every rank needs the same configuration)") from exc
+            got = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else payload.describe(x)
+            raise PipelineError(f"stage {self.index}: the forward pass failed on an input of {got}: {exc}; if the "
+                                f"shapes do not fit, the stages were built from different models or partitions (every "
+                                f"rank needs the same configuration)") from exc
 
     def logits(self, h: Payload) -> torch.Tensor:
         """Predictions from this block's output: the aux head's (called with `h` as the next stage's body would be),
