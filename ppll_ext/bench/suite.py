@@ -122,8 +122,8 @@ def lm_quality_runs(quick: bool) -> dict:
     for name, extra in variants.items():
         records, wall = train_run(job, [*common, *extra], f"language-model run {name}")
         r = out["runs"][name] = {**lm_result(records, seq_len), "wall_s": wall, "overrides": extra}
-        log.info("lm quality %-28s val ppl %.3f aux %s (%.0f s)", name, r["perplexity"], r["aux_perplexity"],
-                 r["wall_s"])
+        log.info("lm quality %-28s val ppl %.3f aux [%s] (%.0f s)", name, r["perplexity"],
+                 ", ".join(f"{v:.3f}" for v in r["aux_perplexity"]), r["wall_s"])
     return out
 
 
@@ -158,7 +158,8 @@ def accuracy_runs(data_root: str, quick: bool) -> dict:
     for name, extra in variants.items():
         records, wall = train_run(job, [*common, *extra], f"accuracy run {name}")
         r = out["runs"][name] = {**accuracy_result(records), "wall_s": wall, "overrides": extra}
-        log.info("accuracy %-15s test %.4f aux %s (%.0f s)", name, r["accuracy"], r["aux_accuracy"], r["wall_s"])
+        log.info("accuracy %-15s test %.4f aux [%s] (%.0f s)", name, r["accuracy"],
+                 ", ".join(f"{v:.4f}" for v in r["aux_accuracy"]), r["wall_s"])
     return out
 
 
