@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ppll_ext.bench import suite
 from ppll_ext.bench.report import adapters_section
+from ppll_ext.errors import EXIT_ERROR, PPLLError
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -56,9 +57,13 @@ def tta_section(out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`ppll bench` with this tree's results folder and RESULTS.md sections."""
-    return suite.main(argv, prog="python benchmarks/bench.py", default_out=str(RESULTS),
-                      sections=(memory_section, tta_section, adapters_section))
+    """`ppll bench` with this tree's results folder and RESULTS.md sections; a PPLLError is one line, exit code 2."""
+    try:
+        return suite.main(argv, prog="python benchmarks/bench.py", default_out=str(RESULTS),
+                          sections=(memory_section, tta_section, adapters_section))
+    except PPLLError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ K4_METHODS = {
     "ppll-processes-k4": "PPLL processes with K = 4: 4 processes, oversubscribed on fewer than 4 cores (--k4)",
 }
 QUICK_NOTE = ("A quick run (1 repeat of a few steps) checks that every method runs and every file is written; its "
-              "numbers are not measurements. The committed RESULTS.md comes from a full run (`ppll bench`).")
+              "numbers are not measurements. The committed RESULTS.md comes from a full run.")
 THRESHOLDS = {"resnet32": 1.1, "vit": 1.3, "gpt2": 1.2}
 """Target speed-up of PPLL over 1F1B (torch and DeepSpeed) per model."""
 CEILING_SHARE = 0.95

@@ -167,11 +167,13 @@ def versions() -> dict:
     """Where and with what the numbers were measured (ppll_ext: the git commit of a source checkout, else the
     installed version)."""
     source = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = ""
+    if (source / ".git").exists():  # not the commit of some other repository an installed package sits in
+        try:
+            commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            pass
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "python": platform.python_version(), "torch": torch.__version__, "deepspeed": _version("deepspeed"),
