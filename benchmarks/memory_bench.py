@@ -1,10 +1,11 @@
 """Memory per pipeline stage for every training method of `ppll bench`, measured inside each method's real code
 path: peak bytes saved for backward (ppll_ext.memory.SavedTensorMeter), parameters, gradients (right after an
-optimizer step, before they are cleared), optimizer state and in-flight communication buffers (memprobe.py).
+optimizer step, before they are cleared), optimizer state and in-flight communication buffers
+(ppll_ext/bench/probes.py).
 
-Each method runs a few steps in fresh processes through the throughput benchmarks' workers with `--memory`
-(runtime_bench.py: bp, sequential, threads, processes; pipelining_bench.py: SchedulePPLL, GPipe, 1F1B;
-deepspeed_bench.py: DeepSpeed PPLL and stock 1F1B), at K = 2 and 4 stages (one process each, the same profiled
+Each method runs a few steps in fresh processes through the benchmarks' workers with `--memory`
+(`python -m ppll_ext.bench.worker`: bp, sequential, threads, processes; SchedulePPLL, GPipe, 1F1B under torchrun;
+DeepSpeed PPLL and stock 1F1B under the deepspeed launcher), at K = 2 and 4 stages (one process each, the same profiled
 cut for every method) and M = 4 micro-batches; the peaks are taken after one warm-up step. Bytes do not depend
 on machine load, so one run each. "processes+ckpt" is PPLL processes with local.checkpoint_activations=true;
 its time cost is measured separately (samples/s without and with, interleaved, median of 3, K = 2, no meter).
@@ -22,13 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, run_json, torchrun_cmd
-from deepspeed_bench import ds_cmd
-from runtime_bench import ALL_MODELS, LM_MODELS, profiled_partition, run_method
-
+from ppll_ext.bench.driver import Work, machine, measure
+from ppll_ext.bench.models import ALL_MODELS, LM_MODELS, profiled_partition
 from ppll_ext.memory import MiB
 
-HERE = Path(__file__).resolve().parent
+RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {
     "bp": "end-to-end backprop, the whole model in one process (its one 'stage' is the model)",
     "sequential": "sequential local learning, one process, blocks in turn",
@@ -48,29 +47,24 @@ TOTAL_SHARE = 0.40
 """Target (b): PPLL's largest stage total at most this share of BP's whole-model total at K = 4."""
 
 
-def measure(method: str, model: str, k: int, partition: str, batch: int, micro: int, warmup: int, steps: int
-            ) -> dict:
-    """One method's worker run with the memory probe; returns its JSON (with "memory": one dict per stage)."""
-    if method in ("bp", "sequential", "threads", "processes", "processes+ckpt"):
-        name = "processes" if method == "processes+ckpt" else method
-        return run_method(model, name, k, batch, warmup, steps, partition, micro, memory=True,
-                          checkpoint=method == "processes+ckpt")
-    if method in ("ppll-torch", "gpipe", "1f1b"):
-        args = ["--worker", "ppll" if method == "ppll-torch" else method, "--model", model, "--batch-size",
-                str(batch), "--microbatches", str(micro), "--warmup", str(warmup), "--steps", str(steps),
-                "--partition", partition, "--memory"]
-        return run_json(torchrun_cmd(k, str(HERE / "pipelining_bench.py"), *args), what=f"{model}/{method}")[0]
-    return run_json(ds_cmd(model, method, batch, micro, warmup, steps, partition, nproc=k, memory=True),
-                    what=f"{model}/{method}")[0]
+WORKER_METHOD = {"processes+ckpt": "processes"}
+"""Methods that are another worker method with a setting (the rest have the worker's name)."""
+
+
+def measure_memory(method: str, model: str, k: int, partition: str, batch: int, micro: int, warmup: int, steps: int
+                   ) -> dict:
+    """One method's worker run with the memory probe; returns its result (with "memory": one dict per stage)."""
+    return measure(WORKER_METHOD.get(method, method), Work(model, k, batch, partition, micro, warmup, steps),
+                   memory=True, checkpoint=method == "processes+ckpt")
 
 
 def time_checkpointing(model: str, partition: str, batch: int, micro: int, repeats: int, steps: int) -> dict:
     """samples/s of PPLL processes (K = 2) without and with activation checkpointing, interleaved, no meter."""
     runs: dict[str, list[float]] = {"off": [], "on": []}
+    work = Work(model, 2, batch, partition, micro, 2, steps)
     for _ in range(repeats):
         for mode in runs:
-            r = run_method(model, "processes", 2, batch, 2, steps, partition, micro, checkpoint=mode == "on")
-            runs[mode].append(r["samples_per_s"])
+            runs[mode].append(measure("processes", work, checkpoint=mode == "on")["samples_per_s"])
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
     return {"model": model, "K": 2, "samples_per_s_off": off, "samples_per_s_on": on, "runs_off": runs["off"],
             "runs_on": runs["on"], "slowdown": off / on}
@@ -250,7 +244,7 @@ def main() -> None:
     for model in a.models:
         batch = a.lm_batch_size if model in LM_MODELS else a.batch_size
         if "bp" in a.methods:
-            r = measure("bp", model, 1, "0", batch, a.microbatches, a.warmup, a.steps)
+            r = measure_memory("bp", model, 1, "0", batch, a.microbatches, a.warmup, a.steps)
             results["bp"][model] = r["memory"]
             print(f"{model:9s} bp: total {mib(r['memory'][0]['total'])} MiB", flush=True)
         results["runs"][model] = {}
@@ -261,7 +255,7 @@ def main() -> None:
             for method in a.methods:
                 if method == "bp":
                     continue
-                r = measure(method, model, k, partition, batch, a.microbatches, a.warmup, a.steps)
+                r = measure_memory(method, model, k, partition, batch, a.microbatches, a.warmup, a.steps)
                 by_method[method] = r["memory"]
                 print(f"{model:9s} K={k} {method:15s} saved peak per stage (MiB): "
                       f"{', '.join(mib(s['saved_peak']) for s in r['memory'])}; largest total "

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import RESULTS, machine
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from ppll_ext import checkpoint as ckpt
+from ppll_ext.bench.driver import machine
 from ppll_ext.build import make_optimizer, make_scheduler, stage_boundaries
 from ppll_ext.config import load_config
 from ppll_ext.core import make_loss
@@ -63,6 +63,7 @@ from ppll_ext.train.metrics import MetricsLog, read_metrics
 log = logging.getLogger("tta_bench")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
 TARBALL = "cifar10-jpeg.tar.gz"
 METHODS = {

@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="run folders (or their metrics.jsonl): loss and accuracy (perplexity) against step and time")
     plot.add_argument("--out", required=True, help="output PNG file")
     plot.add_argument("--window", help="zoom into START:END milliseconds of the traces")
-    sub.add_parser("bench", add_help=False, help="run benchmarks/bench.py (see ppll bench --help)")
+    sub.add_parser("bench", add_help=False, help="every training method side by side: throughput, accuracy, "
+                   "language-model quality; results in --out (see ppll bench --help)")
     return parser
 
 
@@ -227,14 +228,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    import subprocess
-    from pathlib import Path
+    from ppll_ext.bench.suite import main as bench
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
-    if not script.is_file():
-        raise ConfigError(f"ppll bench runs benchmarks/bench.py of a source checkout, and {script} does not exist "
-                          f"(an installed wheel has no benchmarks): clone the repository and pip install -e .")
-    return subprocess.call([sys.executable, str(script), *argv])
+    return bench(argv)
 
 
 def _import_deepspeed(args: argparse.Namespace) -> int:

@@ -42,6 +42,10 @@ class PipelineError(PPLLError, RuntimeError):
     """A pipeline stage failed, timed out or received data it cannot use."""
 
 
+class BenchError(PPLLError, RuntimeError):
+    """A benchmark run failed or wrote no result."""
+
+
 class _Short(reprlib.Repr):
     """reprlib with room for one whole setting but few nested items, so a repr costs little whatever the value."""
 

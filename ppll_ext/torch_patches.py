@@ -12,11 +12,15 @@
   (`before_destroy_default_group`; runtime/shutdown.py closes the open links of SchedulePPLL and
   LocalPipelineEngine there). The module attribute is wrapped: a script that took a reference to the function before
   the first link owner registered calls torch's own (its links are then closed at interpreter exit).
+- `torch.distributed.pipelining.schedules._wait_batch_p2p` (where torch's stock schedules wait for their
+  point-to-point work) reports each wait's start and end to the hooks given to `on_p2p_wait` (the benchmarks' probe of
+  GPipe / 1F1B stages times them); installed on the first hook, a no-op otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -82,3 +86,28 @@ def before_destroy_default_group(hook: Callable[[], None]) -> None:
 
         dist.destroy_process_group = destroy_process_group
     _destroy_hooks.append(hook)
+
+
+_p2p_wait_hooks: list[Callable[[float, float], None]] = []
+
+
+def on_p2p_wait(hook: Callable[[float, float], None]) -> None:
+    """Call `hook(start, end)` (time.perf_counter() seconds) after each wait of torch's stock schedules for their
+    point-to-point work (the wrap of schedules._wait_batch_p2p is installed once, on the first hook)."""
+    if not _p2p_wait_hooks:
+        from torch.distributed.pipelining import schedules
+
+        original = schedules._wait_batch_p2p
+
+        @functools.wraps(original)
+        def _wait_batch_p2p(work: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(work)
+            finally:
+                end = time.perf_counter()
+                for each in _p2p_wait_hooks:
+                    each(start, end)
+
+        schedules._wait_batch_p2p = _wait_batch_p2p
+    _p2p_wait_hooks.append(hook)

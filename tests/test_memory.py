@@ -4,9 +4,7 @@ training, fewer saved bytes) and the benchmark workers' per-stage figures (PPLL 
 from __future__ import annotations
 
 import copy
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,6 @@ from ppll_ext.memory import (
 )
 from ppll_ext.runtime import SequentialRunner
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 F32 = 4
 
 
@@ -154,16 +151,11 @@ def test_checkpointed_sequential_is_plain_without_gradients() -> None:
 def test_ppll_processes_stage_saves_less_than_1f1b_first_stage() -> None:
     """Real runs of the benchmark workers (2 processes each, a small ResNet, M = 4): every PPLL stage's saved peak
     is below 1F1B's first stage, and every figure is reported per stage."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from common import run_json, torchrun_cmd
-    finally:
-        sys.path.remove(str(BENCH))
-    common = ["--model", "resnet8", "--batch-size", "16", "--microbatches", "4", "--warmup", "1", "--steps", "2",
-              "--partition", "0,3", "--memory"]
-    ppll, f1b = (r["memory"] for r in run_json(  # both at once: mostly start-up time
-        torchrun_cmd(2, str(BENCH / "runtime_bench.py"), "--worker", "processes", "--stages", "2", *common),
-        torchrun_cmd(2, str(BENCH / "pipelining_bench.py"), "--worker", "1f1b", *common), what="memory workers"))
+    from ppll_ext.bench.driver import Work, command, run_workers
+
+    work = Work("resnet8", 2, 16, "0,3", 4, 1, 2)
+    ppll, f1b = (r["memory"] for r in run_workers(  # both at once: mostly start-up time
+        command("processes", work, memory=True), command("1f1b", work, memory=True), what="memory workers"))
     assert [s["stage"] for s in ppll] == [s["stage"] for s in f1b] == [0, 1]
     for s in ppll + f1b:
         assert s["saved_peak"] > 0 and s["parameters"] > 0 and s["gradients"] == s["parameters"]

@@ -171,13 +171,9 @@ def test_plot_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 @pytest.fixture
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench
+    from ppll_ext.bench import report
 
-        yield bench
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return report
 
 
 def test_bench_summary_and_targets(bench) -> None:
@@ -218,18 +214,26 @@ def test_bench_shows_predicted_stage_times_beside_measured_busy(bench) -> None:
     assert bench.predicted_stages({}, rows) == []
 
 
-def test_bench_parses_the_training_summary(bench) -> None:
-    text = ("summary: method=local runtime=processes stages=4 boundaries=[0, 5, 9, 13, 17] epochs=1\n"
-            "  test accuracy 0.4120 | aux heads (early exit) 0.3010 0.3500 0.4000\n"
-            "  throughput 180.2 samples/s (last epoch) | total 60.5 s\n")
-    assert bench.parse_summary(text) == {"accuracy": 0.412, "aux_accuracy": [0.301, 0.35, 0.4],
-                                         "samples_per_s": 180.2, "seconds": 60.5}
+def test_bench_reads_the_training_summary_from_metrics() -> None:
+    from ppll_ext.bench.suite import accuracy_result
+
+    records = [{"kind": "step", "step": 1, "epoch": 0, "time_s": 30.0, "loss": [2.1] * 4, "lr": [0.1] * 4,
+                "samples_per_s": 175.0},
+               {"kind": "eval", "step": 1, "epoch": 0, "time_s": 31.0, "loss": 1.9, "accuracy": 0.3,
+                "aux_loss": [2.0] * 3, "aux_accuracy": [0.2] * 3},
+               {"kind": "step", "step": 2, "epoch": 1, "time_s": 59.0, "loss": [1.8] * 4, "lr": [0.05] * 4,
+                "samples_per_s": 180.2},
+               {"kind": "eval", "step": 2, "epoch": 1, "time_s": 60.5, "loss": 1.6, "accuracy": 0.412,
+                "aux_loss": [1.9, 1.8, 1.7], "aux_accuracy": [0.301, 0.35, 0.4]}]
+    assert accuracy_result(records) == {"accuracy": 0.412, "aux_accuracy": [0.301, 0.35, 0.4],
+                                        "samples_per_s": 180.2, "seconds": 60.5}
 
 
-def test_bench_help(bench, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
-        bench.main(["--help"])
-    assert stop.value.code == 0 and "--quick" in capsys.readouterr().out
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "--quick" in out and "bench-results" in out
 
 
 def test_plot_bench_bars(tmp_path: Path) -> None:
@@ -247,7 +251,7 @@ def test_schedule_ppll_trace_has_the_runtime_events(tmp_path: Path) -> None:
     send, backward, step per stage, and the last stage's waits for input as "wait-in"."""
     out = tmp_path / "torch.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "benchmarks" / "pipelining_bench.py"), "--worker", "ppll", "--model", "resnet8",
+           "-m", "ppll_ext.bench.worker", "--method", "ppll-torch", "--model", "resnet8",
            "--batch-size", "16", "--microbatches", "2", "--warmup", "1", "--steps", "3", "--partition", "0,3",
            "--trace", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,

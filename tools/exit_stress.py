@@ -7,8 +7,8 @@ a row, keeps every rank's stderr apart (torchrun's --log-dir/--redirects, the de
 --enable_each_rank_log; `ppll train` runs torchrun itself, so its ranks share one stream) and reports, per entry
 point, the runs that failed and which rank aborted.
 
-    python benchmarks/exit_stress.py                     # 20 runs of each entry point (about 25 min here)
-    python benchmarks/exit_stress.py --runs 3 --entries ppll-torch,script
+    python tools/exit_stress.py                     # 20 runs of each entry point (about 25 min here)
+    python tools/exit_stress.py --runs 3 --entries ppll-torch,script
 
 Not part of the test suite (it takes long and measures a rate); results in benchmarks/results/exit_stress.{json,md}.
 """
@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import RESULTS, machine
+from ppll_ext.bench.driver import WORKER, machine
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 ABORT = re.compile(r"terminate called|SIGABRT|core dumped|Signal 6 ")
 BENCH = ["--model", "vit", "--batch-size", "32", "--microbatches", "4", "--warmup", "1", "--steps", "3",
          "--partition", "0,4"]
@@ -38,35 +38,35 @@ TINY = ["model.name=resnet8", "model.width=8", "data.name=digits", "data.train_s
         "train.epochs=1", "train.batch_size=64", "local.micro_batches=2", "train.progress=false"]
 
 
-def _torchrun(logs: Path, script: str, *args: str) -> list[str]:
-    """torchrun on 2 processes, each rank's stdout and stderr in its own file under `logs`."""
+def _torchrun(logs: Path, target: list[str], *args: str) -> list[str]:
+    """torchrun on 2 processes, each rank's stdout and stderr in its own file under `logs` (`target`: [script] or
+    ["-m", module])."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "--log-dir", str(logs), "--redirects", "3", script, *args]
+            "--log-dir", str(logs), "--redirects", "3", *target, *args]
 
 
-def _deepspeed(logs: Path, script: str, *args: str) -> list[str]:
-    """The deepspeed launcher on 2 processes, each rank's output in its own file under `logs`."""
+def _deepspeed(logs: Path, module: str, *args: str) -> list[str]:
+    """The deepspeed launcher on 2 processes running `module`, each rank's output in its own file under `logs`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(port), "--enable_each_rank_log", str(logs), script, *args]
+            "--master_port", str(port), "--enable_each_rank_log", str(logs), "--module", module, *args]
 
 
 ENTRIES: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
     "train": ("`ppll train` (processes runtime, 2 stages, tiny digits job)",
               lambda logs: [sys.executable, "-c", "from ppll_ext.cli import entry; entry()", "train", "--runtime",
                             "processes", *[a for o in TINY for a in ("--set", o)]]),
-    "processes": ("PPLL processes benchmark worker (runtime_bench.py, vit)",
-                  lambda logs: _torchrun(logs, str(HERE / "runtime_bench.py"), "--worker", "processes", "--stages",
-                                         "2", *BENCH)),
-    "ppll-torch": ("SchedulePPLL benchmark worker (pipelining_bench.py, vit)",
-                   lambda logs: _torchrun(logs, str(HERE / "pipelining_bench.py"), "--worker", "ppll", *BENCH)),
-    "ds-ppll": ("DeepSpeed PPLL benchmark worker (deepspeed_bench.py, vit)",
-                lambda logs: _deepspeed(logs, str(HERE / "deepspeed_bench.py"), "--worker", "ds-ppll", *BENCH)),
+    "processes": (f"PPLL processes benchmark worker ({WORKER}, vit)",
+                  lambda logs: _torchrun(logs, ["-m", WORKER], "--method", "processes", "--stages", "2", *BENCH)),
+    "ppll-torch": (f"SchedulePPLL benchmark worker ({WORKER}, vit)",
+                   lambda logs: _torchrun(logs, ["-m", WORKER], "--method", "ppll-torch", *BENCH)),
+    "ds-ppll": (f"DeepSpeed PPLL benchmark worker ({WORKER}, vit)",
+                lambda logs: _deepspeed(logs, WORKER, "--method", "ds-ppll", *BENCH)),
     "script": ("SchedulePPLL user script (tests/dist/pipelining_ppll.py)",
-               lambda logs: _torchrun(logs, str(REPO / "tests" / "dist" / "pipelining_ppll.py"), "--steps", "6",
-                                      "--microbatches", "2")),
+               lambda logs: _torchrun(logs, [str(REPO / "tests" / "dist" / "pipelining_ppll.py")], "--steps",
+                                      "6", "--microbatches", "2")),
 }
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 EQUIVALENCE = ["tests/test_runtime.py::test_reference_actually_trains",
                "tests/test_runtime.py::test_threads_equal_sequential"]
 HOT_PATH = ("import io, sys; sys.path.insert(0, 'tests'); import syncs; from ppll_ext.config import load_config; "
@@ -54,7 +54,7 @@ def _run(title: str, cmd: list[str], timeout: float, env: dict[str, str] | None 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(HERE / "results" / "gpu.md"), help="the Markdown report")
+    p.add_argument("--out", default=str(RESULTS / "gpu.md"), help="the Markdown report")
     p.add_argument("--steps", type=int, default=20, help="timed steps per bench repeat")
     args = p.parse_args()
     if not torch.cuda.is_available():

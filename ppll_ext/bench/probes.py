@@ -1,5 +1,7 @@
-"""Per-stage memory inside a benchmark worker (`--memory`): a SavedTensorMeter and a StateWatch per stage, and the
-peak bytes of the stage's in-flight communication buffers, sampled where they change.
+"""What benchmark workers measure besides throughput: peak memory per process, busy time of torch's stock schedules
+and their pipeline traces (the same Chrome-trace format as `ppll train --trace`), and per-stage memory (`--memory`):
+a SavedTensorMeter and a StateWatch per stage, and the peak bytes of the stage's in-flight communication buffers,
+sampled where they change.
 
 Buffers are read from the objects that hold them (ppll_ext's links, the threads runtime's queues, torch
 pipelining's stage caches, DeepSpeed's pipe buffers); storages that autograd holds for backward at the moment of
@@ -11,13 +13,61 @@ has no hook for it.
 from __future__ import annotations
 
 import collections
+import resource
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ppll_ext import trace
 from ppll_ext.memory import SavedTensorMeter, StageMemory, StateWatch, unique_bytes
+from ppll_ext.torch_patches import on_p2p_wait
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gather(value: Any, group: dist.ProcessGroup | None = None) -> list | None:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
+    out: list | None = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0, group=group)
+    return out
+
+
+class TorchStageProbe:
+    """Times a torch.distributed.pipelining stage (ScheduleGPipe / Schedule1F1B): every forward and backward
+    chunk, every wait on point-to-point communication and the optimizer step, as busy seconds and as
+    trace events of this stage when tracing is on."""
+
+    def __init__(self, stage: Any, index: int) -> None:
+        self.index = index
+        self.busy_s = 0.0
+        self._micro = {"forward": 0, "backward": 0, "step": 0}
+        stage.forward_one_chunk = self._timed("forward", stage.forward_one_chunk)
+        stage.backward_one_chunk = self._timed("backward", stage.backward_one_chunk)
+        on_p2p_wait(lambda start, end: trace.current().complete("wait", self.index, start, end))
+
+    def _timed(self, kind: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.record(kind, start)
+
+        return timed
+
+    def record(self, kind: str, start: float) -> None:
+        """Count `kind` work from perf_counter `start` until now."""
+        end = time.perf_counter()
+        self.busy_s += end - start
+        trace.current().complete(kind, self.index, start, end, self._micro[kind])
+        self._micro[kind] += 1
 
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
