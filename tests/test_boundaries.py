@@ -65,7 +65,7 @@ def test_threads_equal_sequential(name: str, k: int) -> None:
     torch.set_num_threads(1)
     runner = ThreadRunner(blocks, cases.MICRO)
     try:
-        runner.train_epoch(cases.build(name).batches)
+        runner.train_segment(cases.build(name).batches)
     finally:
         runner.close()
         torch.set_num_threads(threads)

@@ -213,9 +213,9 @@ def test_sequential_local_learning_lowers_every_stage_loss() -> None:
     ds = load_dataset(cfg.data, "train")
     loader = BatchLoader(ds, 32, shuffle=True, augment=False, seed=0)
     runner = SequentialRunner(blocks)
-    first = runner.train_epoch(loader)
+    first = runner.train_segment(loader)
     loader.set_epoch(1)
-    second = runner.train_epoch(loader)
+    second = runner.train_segment(loader)
     for a, b in zip(first.stages, second.stages):
         assert b.mean_loss < a.mean_loss
     assert all(s.steps == 2 * len(loader) for s in second.stages)

@@ -124,7 +124,7 @@ def _tiny_resnet_run(checkpoint: bool) -> tuple[list[float], dict[str, torch.Ten
     runner = SequentialRunner(ordered, 2)
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(3)]
-    stats = runner.train_epoch(data)
+    stats = runner.train_segment(data)
     losses = [loss for st in stats.stages for loss in st.step_loss]  # each stage's loss per step
     state = {f"{k}.{n}": t.detach().clone() for k, b in enumerate(ordered) for n, t in b.state_dict().items()}
     return losses, state, [m.peak for m in meters]

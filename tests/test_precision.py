@@ -60,7 +60,7 @@ def train(runner_cls: type, autocast: str = "fp16", fault: str | None = None) ->
     blocks = make_blocks(autocast)
     runner = runner_cls(blocks, MICRO)
     try:
-        runner.train_epoch(digits())
+        runner.train_segment(digits())
     finally:
         if isinstance(runner, ThreadRunner):
             runner.close()

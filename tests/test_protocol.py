@@ -53,5 +53,5 @@ def test_run_training_raises_inside_a_multi_process_run_instead_of_exiting(raise
 
 
 def test_the_adapters_name_their_own_calls() -> None:
-    assert CALLS == {"native": "train_epoch / evaluate / checkpoint / close", "schedule": "step() / eval()",
+    assert CALLS == {"native": "train_segment / evaluate / checkpoint / close", "schedule": "step() / eval()",
                      "deepspeed": "train_batch / eval_batch"}

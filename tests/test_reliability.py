@@ -501,6 +501,6 @@ def test_stages_that_do_not_fit_name_the_stage_and_shape() -> None:
     try:
         with pytest.raises(PipelineError, match=r"stage 1 failed: PipelineError: stage 1: the forward pass failed on "
                                                 r"an input of shape \(5, 8\) torch.float32: .*built from different"):
-            runner.train_epoch([(torch.randn(5, 4), torch.zeros(5, dtype=torch.int64))])
+            runner.train_segment([(torch.randn(5, 4), torch.zeros(5, dtype=torch.int64))])
     finally:
         runner.close()

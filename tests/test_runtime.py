@@ -176,7 +176,7 @@ def test_threads_runtime_keeps_token_and_soft_targets_whole() -> None:
                 blocks.append(LocalBlock(mod, aux, lm.loss_fn, index=k, optimizer=torch.optim.AdamW(params, lr=3e-3)))
             runner = runner_cls(blocks, 2)
             try:
-                runner.train_epoch(lm.batches(3, 8, soft))
+                runner.train_segment(lm.batches(3, 8, soft))
             finally:
                 runner.close()
             trained.append([b.state_dict() for b in blocks])

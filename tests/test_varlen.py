@@ -80,11 +80,11 @@ def test_sequential_and_threads_runtimes_train_on_changing_lengths(model: str, s
     torch.set_num_threads(1)
     try:
         seq_blocks = build(model, stages, micro)
-        SequentialRunner(list(seq_blocks.values()), micro).train_epoch(batches())
+        SequentialRunner(list(seq_blocks.values()), micro).train_segment(batches())
         thr_blocks = build(model, stages, micro)
         runner = ThreadRunner(list(thr_blocks.values()), micro, timeout_s=120)
         try:
-            runner.train_epoch(batches())
+            runner.train_segment(batches())
             got_eval = runner.evaluate(eval_batches())
         finally:
             runner.close()

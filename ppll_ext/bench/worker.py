@@ -110,10 +110,10 @@ def native(model: str, method: str, stages: int, batch: int, warmup: int, steps:
         title = f"{model}: {method}, K={len(boundaries) - 1}, M={micro}"
         first = synthetic_batches(warmup, batch, seed=2, model=model) if rank == 0 else None
         later = synthetic_batches(steps, batch, seed=3, model=model) if rank == 0 else None
-        runner.train_epoch(first)
+        runner.train_segment(first)
         for probe in probes:
             probe.reset()
-        timed = runner.train_epoch(later)
+        timed = runner.train_segment(later)
         runner.close()
         mem = [p.result() for p in probes]
         if method == "processes" and memory:

@@ -103,8 +103,8 @@ class ProcessRunner:
         self.worker.serve(lambda r: reports.extend(self._gather(r)), until)
         return reports
 
-    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
-                    on_batch: Callable[[int], None] | None = None) -> EpochStats | None:
+    def train_segment(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+                      on_batch: Callable[[int], None] | None = None) -> EpochStats | None:
         """Stream a stretch of training (rank 0 reads `batches`); returns all stages' stats on rank 0."""
         start = time.perf_counter()
         stats = self._drive(train_messages(batches or [], self.micro_batches, on_batch), Kind.EPOCH_END)

@@ -52,8 +52,9 @@ class SequentialRunner:
             st.steps = block.steps
             st.busy_s += time.perf_counter() - start
 
-    def train_epoch(self, batches: Batches, on_batch: OnBatch | None = None) -> EpochStats:
-        """Train on every batch of `batches`; `on_batch(batch_size)` after each (progress bars)."""
+    def train_segment(self, batches: Batches, on_batch: OnBatch | None = None) -> EpochStats:
+        """Train on every batch of `batches` (an epoch, or the segment of it up to a checkpoint); `on_batch(batch_size)`
+        after each (progress bars)."""
         stats = [StageStats(b.index) for b in self.blocks]
         for b in self.blocks:
             b.train()

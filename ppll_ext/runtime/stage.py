@@ -26,7 +26,7 @@ from ppll_ext.errors import PipelineError
 from ppll_ext.runtime.base import EvalCounts, Report, SaveRequest, StageStats, current_lr
 from ppll_ext.transport import DATA, Kind, LinkReceiver, LinkSender, Msg, end_stream
 
-NATIVE_CALLS = "train_epoch / evaluate / checkpoint / close"
+NATIVE_CALLS = "train_segment / evaluate / checkpoint / close"
 """The calls every rank of a native runtime makes alike (named in protocol errors)."""
 _LOGGING_POINTS = (Kind.EPOCH_END, Kind.EVAL_END, Kind.CHECKPOINT)
 """Markers at which a stage reads its device-side state back (non-finite flag, losses): the only host reads of

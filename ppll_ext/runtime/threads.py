@@ -157,9 +157,10 @@ class ThreadRunner:
                 self._check("waiting for the stages' reports", started)
         return sorted(reports, key=lambda r: r.index)
 
-    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    on_batch: Callable[[int], None] | None = None) -> EpochStats:
-        """Stream one epoch through the pipeline; returns once every stage has finished it."""
+    def train_segment(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      on_batch: Callable[[int], None] | None = None) -> EpochStats:
+        """Stream a stretch of training (an epoch, or the segment of it up to a checkpoint) through the pipeline;
+        returns once every stage has finished it."""
         start = time.perf_counter()
         self._feed(train_messages(batches, self.micro_batches, on_batch))
         stats = self._collect()

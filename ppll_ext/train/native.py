@@ -25,7 +25,7 @@ class NativeEngine:
     def train(self, loader: BatchLoader, first: int, steps: int, on_batch: OnBatch | None) -> EpochStats | None:
         """Batches first .. first+steps-1 of the current epoch through the pipeline."""
         batches = itertools.islice(loader.iter_from(first), steps) if self.is_driver else None
-        return self.runner.train_epoch(batches, on_batch)
+        return self.runner.train_segment(batches, on_batch)
 
     def evaluate(self, loader: BatchLoader) -> EvalResult | None:
         """Pipelined evaluation; the driver reads the test set."""

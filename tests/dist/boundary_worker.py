@@ -34,7 +34,7 @@ def processes(out: Path, name: str, k: int) -> None:
 
     block = cases.blocks(name, k, stages=[dist.get_rank()])[0]
     runner = ProcessRunner(block, micro_batches=cases.MICRO)
-    runner.train_epoch(cases.build(name).batches if dist.get_rank() == 0 else None)
+    runner.train_segment(cases.build(name).batches if dist.get_rank() == 0 else None)
     runner.close()
     save(out, "processes", name, k, cases.stage_tensors(name, k, block))
 

@@ -50,13 +50,13 @@ def caught(run: Callable[[], None]) -> str | None:
 
 
 def native(rank: int, calls: int) -> None:
-    """ProcessRunner: rank 0 makes STEPS train_epoch calls of one batch each, rank 1 `calls`."""
+    """ProcessRunner: rank 0 makes STEPS train_segment calls of one batch each, rank 1 `calls`."""
     from ppll_ext.runtime import ProcessRunner
 
     runner = ProcessRunner(block(rank), micro_batches=MICRO)
     try:
         for batch in data()[:STEPS if rank == 0 else calls]:
-            runner.train_epoch([batch] if rank == 0 else None)
+            runner.train_segment([batch] if rank == 0 else None)
     finally:
         runner.close()
 

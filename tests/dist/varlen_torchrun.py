@@ -34,7 +34,7 @@ from ppll_ext.runtime import ProcessRunner  # noqa: E402
 def run_runtime(block: torch.nn.Module, micro: int, rank: int, out: Path) -> None:
     """Train and evaluate through the processes runtime (rank 0 feeds the batches)."""
     runner = ProcessRunner(block, micro_batches=micro, timeout_s=120)
-    runner.train_epoch(batches() if rank == 0 else None)
+    runner.train_segment(batches() if rank == 0 else None)
     result = runner.evaluate(eval_batches() if rank == 0 else None)
     runner.close()
     if rank == 0:
