@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
+from ppll_ext.config.placement import check_placement
 from ppll_ext.core.aux_heads import AUX_KINDS
 from ppll_ext.core.block import AUTOCAST, ON_NAN
 from ppll_ext.core.tasks import TASKS
@@ -29,7 +30,7 @@ from ppll_ext.models import ModelConfig
 RUNTIMES: tuple[str, ...] = ("sequential", "threads", "processes")
 """Allowed values of local.runtime: where the stages of the native engine run (in turn in one thread, one thread
 each, one process each)."""
-ENGINES: tuple[str, ...] = ("native", "deepspeed")
+ENGINES: tuple[str, ...] = ("native", "deepspeed", "torch")
 """Allowed values of local.engine: who runs the stages with runtime=processes."""
 
 AuxKind = Literal.__getitem__(AUX_KINDS)
@@ -63,7 +64,16 @@ class LocalConfig:
     """Longest wait for a neighbour stage before the run stops with an error."""
     engine: Engine = "native"
     """Who runs the stages with runtime=processes: native (ppll_ext's stage loop) | deepspeed (the DeepSpeed
-    adapter, LocalPipelineEngine, configured by local.deepspeed_config)."""
+    adapter, LocalPipelineEngine, configured by local.deepspeed_config) | torch (a torch.distributed.pipelining
+    schedule, local.schedule)."""
+    schedule: str = "PPLL"
+    """engine=torch: the schedule, by a name torch's get_schedule_class knows (GPipe, 1F1B, Interleaved1F1B,
+    InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, ...; any case), which train end to end without aux heads, or
+    PPLL (ppll_ext.pipelining.SchedulePPLL: local learning)."""
+    stages_per_rank: int = 0
+    """engine=torch: pipeline stages each process holds (processes = local.stages / this); 0 = the schedule's: 1,
+    or 2 for the schedules that take several (Interleaved*, LoopedBFS looped: rank r holds r, r + R, ...;
+    ZBVZeroBubble, DualPipeV V-shaped: rank r holds r and 2R - 1 - r)."""
     deepspeed_config: str | None = None
     """engine=deepspeed: a ds_config JSON (None: ZeRO stage 0, nothing else). Its optimizer/scheduler sections, if
     any, replace optim.*; batch sizes, accumulation and clipping always come from train.batch_size,
@@ -80,6 +90,7 @@ class LocalConfig:
         _check_fields(self, "local.")
         for name in ("stages", "micro_batches", "queue_depth", "data_parallel", "aux_hidden", "aux_next_blocks"):
             _at_least(self, "local.", name, 1)
+        _at_least(self, "local.", "stages_per_rank", 0)
         if not self.timeout_s > 0:
             raise ConfigError(f"local.timeout_s={self.timeout_s} must be positive", key="local.timeout_s")
 
@@ -238,6 +249,7 @@ class Config:
         self.optim.check()
         self.train.check()
         self._check_task()
+        check_placement(self)
         if self.train.batch_size % self.local.micro_batches:
             raise ConfigError(
                 f"train.batch_size={quote(self.train.batch_size)} is not divisible by local.micro_batches="
