@@ -3,8 +3,8 @@ the same process group.
 
 Per schedule (tests/torch_engine_cases.py): the default job with a checkpoint every 3 steps into OUT/<schedule>/run
 (its final checkpoint copied to OUT/<schedule>/uninterrupted), the same run resumed in that folder from its step-3
-checkpoint, and the GPT-2 job into OUT/<schedule>/gpt2. Rank 0 writes each run's summary and printed lines to
-OUT/<schedule>/<run>.json.
+checkpoint, and the GPT-2 job into OUT/<schedule>/gpt2; then the GPT-2 job under ZBVZeroBubble in bf16. Rank 0
+writes each run's summary and printed lines to OUT/<schedule>/<run>.json.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
               folder / "resumed.json")
         train(gpt2_job(stages, micro, *torch_engine(schedule), f"train.save_dir={folder / 'gpt2'}"),
               folder / "gpt2.json")
+    train(gpt2_job(*SCHEDULES["ZBVZeroBubble"], *torch_engine("ZBVZeroBubble"), "train.autocast=bf16"),
+          out / "ZBVZeroBubble" / "gpt2-bf16.json")
     dist.barrier()
     dist.destroy_process_group()
 
