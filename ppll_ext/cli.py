@@ -177,9 +177,7 @@ def processes(cfg: Config) -> int:
     """Processes a multi-process `ppll train` starts: one per stage (x local.data_parallel with the DeepSpeed engine;
     local.stages / stages per rank with the torch engine)."""
     if cfg.local.engine == "torch":
-        from ppll_ext.config.placement import placement
-
-        return placement(cfg.local).ranks
+        return cfg.local.placement().ranks
     return cfg.local.stages * (cfg.local.data_parallel if cfg.local.engine == "deepspeed" else 1)
 
 

@@ -1,6 +1,6 @@
 """local.engine=torch: the torch.distributed.pipelining schedule that local.schedule names, how many of the
 local.stages pipeline stages each process holds and which ones, and the combinations that cannot run, refused when
-the config is checked (before any process starts).
+the config is checked (before any process starts; LocalConfig.placement and Config.check use this module).
 
 Stages are placed as torch's schedules expect them (`torch.distributed.pipelining._utils`, the mapping the schedules
 themselves use): one per rank for single-stage schedules (GPipe, 1F1B, PPLL); looped for the other multi-stage ones
@@ -11,12 +11,8 @@ and DualPipeV (rank r holds r and 2R - 1 - r, so rank 0 holds the first and the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ppll_ext.errors import ConfigError
-
-if TYPE_CHECKING:
-    from ppll_ext.config.schema import Config, LocalConfig
 
 PPLL = "PPLL"
 """local.schedule of local learning: ppll_ext.pipelining.SchedulePPLL (one stage per rank, aux heads)."""
@@ -61,9 +57,10 @@ class Placement:
         return sorted(s for s, r in self.owners().items() if r == rank)
 
 
-def placement(local: LocalConfig) -> Placement:
-    """local.schedule resolved and placed: ConfigError (key local.schedule or local.stages_per_rank) for an unknown
-    schedule or a number of stages per rank the schedule cannot take."""
+def placement(name: str, stages: int, stages_per_rank: int = 0) -> Placement:
+    """Schedule `name` (local.schedule) resolved and its `stages` placed, `stages_per_rank` each (0: the schedule's
+    own number): ConfigError (key local.schedule, local.stages_per_rank or local.stages) for an unknown schedule or a
+    number of stages the schedule cannot take."""
     from torch.distributed.pipelining.schedules import (
         PipelineScheduleMulti,
         PipelineScheduleSingle,
@@ -72,7 +69,6 @@ def placement(local: LocalConfig) -> Placement:
         get_schedule_class,
     )
 
-    name = local.schedule
     if name.lower() == PPLL.lower():
         cls = None
     else:
@@ -86,7 +82,7 @@ def placement(local: LocalConfig) -> Placement:
                               f"{PPLL} or one of {', '.join(STOCK)}", key="local.schedule")
     multi = cls is not None and issubclass(cls, PipelineScheduleMulti)
     v_shaped = cls is not None and issubclass(cls, (ScheduleZBVZeroBubble, ScheduleDualPipeV))
-    per_rank = local.stages_per_rank or (2 if multi else 1)
+    per_rank = stages_per_rank or (2 if multi else 1)
     wrong = None
     if not multi and per_rank != 1:
         wrong = "runs one stage per rank"
@@ -97,45 +93,14 @@ def placement(local: LocalConfig) -> Placement:
     if wrong:
         raise ConfigError(f"local.schedule={name} {wrong}, not local.stages_per_rank={per_rank}; set "
                           f"local.stages_per_rank to 0 (chosen from the schedule)", key="local.stages_per_rank")
-    if local.stages % per_rank:
-        raise ConfigError(f"local.stages={local.stages} does not split into {per_rank} stages per rank "
+    if stages % per_rank:
+        raise ConfigError(f"local.stages={stages} does not split into {per_rank} stages per rank "
                           f"(local.schedule={name}); set local.stages to a multiple of {per_rank}",
                           key="local.stages")
-    return Placement(name, cls, local.stages, local.stages // per_rank, per_rank, "v" if v_shaped else "loop")
+    return Placement(name, cls, stages, stages // per_rank, per_rank, "v" if v_shaped else "loop")
 
 
-def check_placement(cfg: Config) -> None:
-    """ConfigError for a local.engine=torch combination that cannot run (local.schedule or local.stages_per_rank
-    without that engine too), naming the key to change."""
-    local = cfg.local
-    if local.engine != "torch":
-        for key, value, default in (("schedule", local.schedule, PPLL), ("stages_per_rank", local.stages_per_rank, 0)):
-            if value != default:
-                raise ConfigError(f"local.{key}={value} is used by local.engine=torch only (local.engine="
-                                  f"{local.engine} here); add --engine torch or drop local.{key}", key=f"local.{key}")
-        return
-    if cfg.train.method != "local":
-        raise ConfigError("local.engine=torch: the schedule decides what is trained (PPLL local learning, the stock "
-                          "schedules end-to-end backprop through the stages); drop train.method=bp",
-                          key="train.method")
-    for key, value, allowed in (("local.runtime", local.runtime, "processes"), ("local.data_parallel",
-                                                                              local.data_parallel, 1)):
-        if value != allowed:
-            raise ConfigError(f"local.engine=torch runs one process per rank of one pipeline: {key}={value} must be "
-                              f"{allowed}", key=key)
-    if cfg.train.trace:
-        raise ConfigError("train.trace is recorded by the native engine; drop train.trace or use local.engine=native",
-                          key="train.trace")
-    p = placement(local)
-    if not p.end_to_end:
-        return
-    if cfg.train.autocast == "fp16":
-        raise ConfigError("local.engine=torch with a stock schedule runs train.autocast=none or bf16: fp16 loss "
-                          "scaling would need one scale across all stages; use bf16", key="train.autocast")
-    _check_micro_batches(p, local.micro_batches)
-
-
-def _check_micro_batches(p: Placement, m: int) -> None:
+def check_micro_batches(p: Placement, m: int) -> None:
     """ConfigError (key local.micro_batches) for a number of micro-batches `p`'s torch schedule refuses."""
     from torch.distributed.pipelining.schedules import (
         Schedule1F1B,

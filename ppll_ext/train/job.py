@@ -17,7 +17,6 @@ import torch.distributed as dist
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.build import build_layered
 from ppll_ext.config import Config, check_device
-from ppll_ext.config.placement import placement
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of, tokenizer_digest
@@ -175,7 +174,7 @@ def loop_settings(cfg: Config, job: Job) -> LoopSettings:
     """The loop's share of `cfg`; a language model's checkpoints also get its config.json and tokenizer files."""
     t = cfg.train
     lm = cfg.task == "lm"
-    end_to_end = cfg.local.engine == "torch" and placement(cfg.local).end_to_end  # a stock torch schedule
+    end_to_end = cfg.local.engine == "torch" and cfg.local.placement().end_to_end  # a stock torch schedule
     return LoopSettings("bp" if end_to_end else t.method, cfg.model.name, cfg.data.name, t.epochs, t.save_dir,
                         t.save_every, t.keep, t.stop_at_step, t.progress, cfg.to_dict(), cfg.task,
                         cfg.data.seq_len if lm else 0, hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None,

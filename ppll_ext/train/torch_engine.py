@@ -34,7 +34,7 @@ from torch.distributed.pipelining import PipelineStage
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.build import build_blocks, stage_boundaries
 from ppll_ext.config import Config
-from ppll_ext.config.placement import Placement, placement
+from ppll_ext.config.placement import Placement
 from ppll_ext.core import LocalBlock, make_loss
 from ppll_ext.core.block import AUTOCAST
 from ppll_ext.data import BatchLoader
@@ -393,7 +393,7 @@ class PPLLEngine(TorchEngine):
 
 def setup_torch(cfg: Config) -> Setup:
     """Build the job, this rank's stages and its schedule; resume if asked."""
-    place = placement(cfg.local)
+    place = cfg.local.placement()
     rank, owns_group, device = init_distributed(cfg.local.stages, cfg.train.device, cfg.local.timeout_s,
                                                 stages_per_rank=place.per_rank)
     check_same_config(cfg.to_dict())
