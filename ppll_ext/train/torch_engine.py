@@ -5,8 +5,10 @@ summary as the native engine).
 - torch's stock schedules (GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, ...)
   train end to end: the schedule runs forward and backward of a mini-batch's M micro-batches through every stage
   (no aux heads), then every stage steps its own optimizer, which is the update of one optimizer over the whole
-  model (optim.grad_clip clips the norm over all stages). Stages are placed per rank as the schedule needs them
-  (ppll_ext.config.placement). The model's loss, computed on the last stage, is the one loss reported.
+  model (optim.grad_clip clips the norm over all stages; one all-reduce per step tells every rank that norm and
+  whether the loss was finite, so all ranks apply, skip or stop alike). Stages are placed per rank as the
+  schedule needs them (ppll_ext.config.placement). The model's loss, computed on the last stage, is the one loss
+  reported.
 - PPLL: ppll_ext.pipelining.SchedulePPLL, local learning with the aux heads, one stage per rank, streaming.
 
 Micro-batches are cut as the native engine cuts them (runtime.base.split_micro). A stock schedule's stages receive
@@ -176,14 +178,6 @@ class TorchEngine:
         self.stage_group = dist.new_group(list(range(dist.get_world_size())))
         """The schedule's own group: its messages never meet the engine's on the default group."""
 
-    def _targets(self, y: torch.Tensor | None) -> torch.Tensor | None:
-        """The batch's targets on the rank holding the last stage (rank 0 sends them there)."""
-        if self.last_owner == 0:
-            return y
-        if self.rank == 0:
-            _send(y, self.last_owner)
-        return _recv(0, self.device) if self.rank == self.last_owner else None
-
     def _segment(self, st: StageStats, began: float, samples: int) -> EpochStats | None:
         """Every rank's stats of a trained segment on rank 0, after every rank has finished it."""
         gathered: list[StageStats | None] = [None] * dist.get_world_size()
@@ -192,6 +186,7 @@ class TorchEngine:
         return EpochStats(seconds, samples, self._merge(gathered, seconds)) if self.is_driver else None
 
     def _merge(self, gathered: list[StageStats | None], seconds: float) -> list[StageStats]:
+        """The stats the loop reports, from every rank's (by stage)."""
         return sorted((s for s in gathered if s is not None), key=lambda s: s.index)
 
     def evaluate(self, loader: BatchLoader) -> EvalResult | None:
@@ -296,6 +291,14 @@ class StockEngine(TorchEngine):
         st.steps = next(iter(self.blocks.values())).steps
         return self._segment(st, began, samples)
 
+    def _targets(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """The batch's targets on the rank holding the last stage (rank 0 sends them there)."""
+        if self.last_owner == 0:
+            return y
+        if self.rank == 0:
+            _send(y, self.last_owner)
+        return _recv(0, self.device) if self.rank == self.last_owner else None
+
     def _merge(self, gathered: list[StageStats | None], seconds: float) -> list[StageStats]:
         """One entry: the model's loss (from the last stage's rank) at the times rank 0 finished each step."""
         model = gathered[self.last_owner]
@@ -383,6 +386,7 @@ class PPLLEngine(TorchEngine):
         return self._segment(st, began, samples)
 
     def _sync_steps(self) -> None:
+        """The schedule's block counts the steps: the block that is saved takes its count."""
         self.block.steps = self.schedule.block.steps
 
     def close(self) -> None:
