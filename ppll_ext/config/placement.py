@@ -109,15 +109,15 @@ def check_micro_batches(p: Placement, m: int) -> None:
         ScheduleInterleavedZeroBubble,
     )
 
-    need = None
+    need = fix = None
     if issubclass(p.schedule, Schedule1F1B) and m < p.ranks:
-        need = f"at least as many micro-batches as stages ({p.ranks})"
+        need, fix = f"at least as many micro-batches as stages ({p.ranks})", f"{p.ranks} or more"
     elif issubclass(p.schedule, ScheduleDualPipeV) and m < p.stages:
-        need = f"at least as many micro-batches as stages ({p.stages})"
+        need, fix = f"at least as many micro-batches as stages ({p.stages})", f"{p.stages} or more"
     elif issubclass(p.schedule, (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)):
         rounds = max(1, m // p.ranks)
         if m % rounds:
-            need = f"a multiple of its {rounds} rounds (M // ranks) of micro-batches, e.g. {p.ranks * rounds}"
+            need, fix = f"a multiple of its {rounds} rounds (M // ranks) of micro-batches", f"{p.ranks * rounds}"
     if need:
-        raise ConfigError(f"local.schedule={p.name} needs {need}, not local.micro_batches={m}",
-                          key="local.micro_batches")
+        raise ConfigError(f"local.schedule={p.name} needs {need}, not local.micro_batches={m}; set "
+                          f"local.micro_batches={fix}", key="local.micro_batches")

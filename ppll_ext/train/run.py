@@ -121,7 +121,7 @@ def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], 
 
                 setup = setup_deepspeed(cfg)
             elif cfg.local.engine == "torch":
-                from ppll_ext.train.torch_engine import setup_torch
+                from ppll_ext.train.torch_engine import setup_torch  # imports torch.distributed.pipelining
 
                 setup = setup_torch(cfg)
             else:
