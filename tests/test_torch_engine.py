@@ -30,9 +30,11 @@ from ppll_ext.train.loop import steps_per_epoch
 from ppll_ext.train.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import faults  # noqa: E402
 from procs import communicate, env  # noqa: E402
 from torch_engine_cases import (  # noqa: E402
     EPOCHS,
+    NAN_STEP,
     REPO,
     SCHEDULES,
     STEPS,
@@ -106,6 +108,24 @@ def test_every_schedule_trains_the_default_and_the_gpt2_job(runs: Path) -> None:
         assert sorted(p.name for p in final.glob("model-*.safetensors")) == [
             ckpt.shard_name(k, stages) for k in range(stages)], schedule
         assert bool(ckpt.load_aux(final)) == (schedule == "PPLL"), schedule
+
+
+def test_a_nan_loss_with_on_nan_skip_skips_that_step_on_every_stage(runs: Path) -> None:
+    """A NaN loss at one step (a fault in the last stage's loss) with train.on_nan=skip: every stage skips that update
+    and training goes on, as single-process end-to-end backprop with the same fault does."""
+    stages, micro = SCHEDULES["1F1B"]
+    faults.install(f"0:{NAN_STEP}:nan")  # the one block of end-to-end backprop is stage 0
+    try:
+        ref = end_to_end(default_job(stages, micro, "train.method=bp", "train.on_nan=skip"))
+    finally:
+        faults.clear()
+    got = model_state(ckpt.checkpoints(runs / "nan")[-1])
+    clean = model_state(runs / "1F1B" / "uninterrupted")
+    assert all(torch.isfinite(t).all() for t in got.values())
+    assert not all(torch.allclose(got[k], clean[k]) for k in got), "the skipped step left no trace"
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert report(runs, "1F1B", "nan")["summary"]["stage_stats"][0]["steps"] == STEPS
 
 
 def test_a_stock_schedule_trains_in_bf16(runs: Path) -> None:

@@ -15,6 +15,8 @@ SCHEDULES = {"GPipe": (2, 2), "1F1B": (2, 2), "Interleaved1F1B": (4, 2), "Interl
 """schedule -> (local.stages, local.micro_batches) on 2 ranks: 2 stages per rank for the multi-stage schedules."""
 EPOCHS, STEPS, SAVE_EVERY = 2, 8, 3
 """The default job's run: 2 epochs of 4 steps, a checkpoint every 3 steps (3, 6 and the end, 8)."""
+NAN_STEP = 2
+"""The step (0-based) whose loss a fault makes NaN in the train.on_nan=skip run."""
 
 
 def default_job(stages: int, micro: int, *extra: str) -> Config:

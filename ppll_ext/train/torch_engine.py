@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,10 +33,11 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from ppll_ext import checkpoint as ckpt
+from ppll_ext import hooks
 from ppll_ext.build import build_blocks, stage_boundaries
 from ppll_ext.config import Config
 from ppll_ext.config.placement import Placement
-from ppll_ext.core import LocalBlock, make_loss
+from ppll_ext.core import LocalBlock
 from ppll_ext.core.block import AUTOCAST
 from ppll_ext.data import BatchLoader
 from ppll_ext.errors import ConfigError, PipelineError
@@ -86,6 +86,11 @@ def _recv(peer: int, device: torch.device) -> torch.Tensor:
     return t
 
 
+def _autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """train.autocast's context on `device_type` (none: a context that does nothing)."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def micro_sizes(n: int, m: int) -> list[int]:
     """Rows of each micro-batch split_micro cuts a batch of `n` rows into."""
     return [len(part) for part in torch.arange(n).tensor_split(min(m, n))]
@@ -106,9 +111,7 @@ class _Padded(nn.Module):
 
     def forward(self, h: torch.Tensor, count: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         n = int(count[0]) if self.ragged else h.shape[0]
-        context = (torch.autocast(self.device_type, dtype=self.autocast) if self.autocast is not None
-                   else contextlib.nullcontext())
-        with context:
+        with _autocast(self.device_type, self.autocast):
             out = self.body(h[:n])
         if self.last:
             return out
@@ -127,9 +130,8 @@ def stage_examples(layered: LayeredModel, boundaries: list[int], example: torch.
     model = layered.model
     was = model.training
     model.eval()
-    context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     shapes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad(), torch.random.fork_rng(), context:
+    with torch.no_grad(), torch.random.fork_rng(), _autocast("cpu", autocast):
         h = example[:1]
         for s in range(max(stages) + 1):
             out = layered.sequential(boundaries[s], boundaries[s + 1])(h)
@@ -148,17 +150,15 @@ def stage_examples(layered: LayeredModel, boundaries: list[int], example: torch.
 
 
 class _Loss:
-    """The task's loss as the native engine computes it (under the block's autocast)."""
+    """The last stage's loss (its block's `loss_fn`, which a test hook may replace) as the native engine computes it,
+    under the block's autocast; torch's schedules call it on the rank holding the last stage only."""
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], autocast: torch.dtype | None,
-                 device: torch.device) -> None:
-        self.loss_fn, self.autocast, self.device_type = loss_fn, autocast, device.type
+    def __init__(self, last: LocalBlock | None, autocast: torch.dtype | None, device: torch.device) -> None:
+        self.last, self.autocast, self.device_type = last, autocast, device.type
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.autocast is None:
-            return self.loss_fn(output, target)
-        with torch.autocast(self.device_type, dtype=self.autocast):
-            return self.loss_fn(output, target)
+        with _autocast(self.device_type, self.autocast):
+            return self.last.loss_fn(output, target)
 
 
 class TorchEngine:
@@ -247,7 +247,9 @@ class StockEngine(TorchEngine):
         self.modules = {s: _Padded(b.body, rows, s == self.k - 1, autocast, device) for s, b in blocks.items()}
         stages = [PipelineStage(self.modules[s], s, self.k, device, input_args=examples[s][0],
                                 output_args=examples[s][1], group=self.stage_group) for s in sorted(blocks)]
-        loss = _Loss(make_loss(cfg.task), autocast, device)
+        for block in blocks.values():
+            hooks.stage_started(block)
+        loss = _Loss(blocks.get(self.k - 1), autocast, device)
         try:
             self.schedule = place.schedule(stages if place.multi else stages[0], n_microbatches=self.m, loss_fn=loss)
         except ValueError as exc:

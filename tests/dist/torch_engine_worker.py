@@ -3,8 +3,9 @@ the same process group.
 
 Per schedule (tests/torch_engine_cases.py): the default job with a checkpoint every 3 steps into OUT/<schedule>/run
 (its final checkpoint copied to OUT/<schedule>/uninterrupted), the same run resumed in that folder from its step-3
-checkpoint, and the GPT-2 job into OUT/<schedule>/gpt2; then the GPT-2 job under ZBVZeroBubble in bf16. Rank 0
-writes each run's summary and printed lines to OUT/<schedule>/<run>.json.
+checkpoint, and the GPT-2 job into OUT/<schedule>/gpt2; then the GPT-2 job under ZBVZeroBubble in bf16, and 1F1B
+with a NaN loss at step NAN_STEP and train.on_nan=skip into OUT/nan. Rank 0 writes each run's summary and printed
+lines to OUT/<schedule>/<run>.json.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import faults  # noqa: E402
 from torch_engine_cases import (  # noqa: E402
+    NAN_STEP,
     SAVE_EVERY,
     SCHEDULES,
     STEPS,
@@ -59,6 +62,11 @@ def main() -> None:
               folder / "gpt2.json")
     train(gpt2_job(*SCHEDULES["ZBVZeroBubble"], *torch_engine("ZBVZeroBubble"), "train.autocast=bf16"),
           out / "ZBVZeroBubble" / "gpt2-bf16.json")
+    stages, micro = SCHEDULES["1F1B"]
+    faults.install(f"{stages - 1}:{NAN_STEP}:nan")
+    train(default_job(stages, micro, *torch_engine("1F1B"), "train.on_nan=skip", f"train.save_dir={out / 'nan'}"),
+          out / "1F1B" / "nan.json")
+    faults.clear()
     dist.barrier()
     dist.destroy_process_group()
 
