@@ -7,8 +7,8 @@ test set:
 
     bp                end-to-end backprop, 1 process x 2 torch threads (`ppll train --set train.method=bp`)
     1f1b              torch.distributed.pipelining Schedule1F1B, 2 processes (gloo) x 1 thread, end-to-end
-                      backprop through the same 2 stages (the worker below; ppll_ext's model, data, optimizer,
-                      schedule, evaluation scoring and metrics file)
+                      backprop through the same 2 stages (`ppll train --set local.engine=torch --set
+                      local.schedule=1F1B`)
     ppll-conv         PPLL, processes runtime, 2 processes x 1 thread, conv aux head (`ppll train`)
     ppll-next-blocks  the same with next-blocks aux head (a copy of the next stage's first block before the head)
 
@@ -40,25 +40,18 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from ppll_ext import checkpoint as ckpt
 from ppll_ext.bench.driver import machine
-from ppll_ext.build import make_optimizer, make_scheduler, stage_boundaries
+from ppll_ext.build import stage_boundaries
 from ppll_ext.config import load_config
-from ppll_ext.core import make_loss
-from ppll_ext.core.tasks import score
-from ppll_ext.data import BatchLoader
 from ppll_ext.errors import CheckpointError, ConfigError
-from ppll_ext.runtime.base import EpochStats, EvalCounts, StageStats, eval_result
-from ppll_ext.runtime.guard import die_with_parent, watch_launchers
+from ppll_ext.runtime.guard import die_with_parent
 from ppll_ext.train.job import prepare
-from ppll_ext.train.metrics import MetricsLog, read_metrics
+from ppll_ext.train.metrics import read_metrics
 
 log = logging.getLogger("tta_bench")
 HERE = Path(__file__).resolve().parent
@@ -121,12 +114,13 @@ class Settings:
                 f"train.epochs={self.epochs}", f"train.seed={self.seed}"]
 
 
-def method_overrides(method: str) -> list[str]:
-    """What sets `method` apart (the 1F1B worker takes the shared values and trains end to end itself)."""
+def method_overrides(method: str, microbatches: int) -> list[str]:
+    """What sets `method` apart (1F1B: `microbatches` micro-batches per mini-batch)."""
     if method == "bp":
         return ["train.method=bp", "train.threads=2"]
     if method == "1f1b":
-        return ["train.threads=1"]
+        return ["train.method=local", "local.runtime=processes", "local.engine=torch", "local.schedule=1F1B",
+                f"local.micro_batches={microbatches}", "train.threads=1"]
     return ["train.method=local", "local.runtime=processes", f"local.aux={method.removeprefix('ppll-')}",
             "local.micro_batches=1", "train.threads=0"]
 
@@ -191,149 +185,6 @@ def evaluations(records: list[dict], n_train: int, batch_size: int) -> list[dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The torch Schedule1F1B worker (one per rank, started by torchrun)
-
-
-def label_batches(loader: BatchLoader) -> Iterator[torch.Tensor]:
-    """The labels of the loader's batches of its current epoch, without loading or augmenting the images."""
-    order = loader.order()
-    labels = loader.dataset.labels
-    for i in range(len(loader)):
-        lo, hi = i * loader.batch_size, min((i + 1) * loader.batch_size, len(loader.dataset))
-        yield labels[lo:hi].clone() if order is None else labels[order[lo:hi]]
-
-
-def evaluate_pipeline(stage_mod: torch.nn.Module, rank: int, loader: BatchLoader, loss_fn: torch.nn.Module
-                      ) -> EvalCounts | None:
-    """Forward-only pass of the test set through both stages (eval mode, point-to-point); rank 1's tally."""
-    stage_mod.eval()
-    counts = EvalCounts(0) if rank == 1 else None
-    header = torch.zeros(8, dtype=torch.int64)
-    with torch.no_grad():
-        for x, y in loader:
-            if rank == 0:
-                h = stage_mod(x).contiguous()
-                header.zero_()
-                header[0] = h.dim()
-                header[1:1 + h.dim()] = torch.tensor(h.shape)
-                dist.send(header, 1)
-                dist.send(h, 1)
-            else:
-                dist.recv(header, 0)
-                h = torch.empty(header[1:1 + int(header[0])].tolist())
-                dist.recv(h, 0)
-                counts.add(score(loss_fn, stage_mod(h), y), len(y))
-    stage_mod.train()
-    return counts
-
-
-def worker(run_dir: Path, overrides: list[str], microbatches: int) -> None:
-    """One rank of end-to-end backprop through torch's Schedule1F1B on the cut of `overrides`: ppll_ext's data
-    loaders (same order and augmentation), model, optimizer and schedule; a checkpoint per epoch, resumed from."""
-    dist.init_process_group("gloo")
-    watch_launchers()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world != 2:
-        raise ConfigError(f"the 1F1B worker runs on 2 ranks, not {world}")
-    torch.set_num_threads(1)
-    cfg = load_config(None, overrides)
-    job = prepare(cfg)
-    bounds = stage_boundaries(cfg, job.layered, job.example)
-    stage_mod = job.layered.sequential(bounds[rank], bounds[rank + 1])
-    loss_fn = make_loss(cfg.task)
-    loader = job.train_loader
-    per_epoch = len(loader)
-    optimizer = make_optimizer(cfg.optim, stage_mod.parameters())
-    scheduler = make_scheduler(cfg.optim, optimizer, cfg.train.epochs * per_epoch)
-    schedules: dict[int, Schedule1F1B] = {}
-
-    def schedule(n: int) -> Schedule1F1B:
-        # A PipelineStage fixes its micro-batch shapes at its first step: the epoch's smaller last batch gets its
-        # own stage object over the same module.
-        if n % microbatches:
-            raise ConfigError(f"a batch of {n} does not split into {microbatches} equal micro-batches; choose a "
-                              f"batch size and train subset that --microbatches divides")
-        if n not in schedules:
-            stage = PipelineStage(stage_mod, stage_index=rank, num_stages=world, device=torch.device("cpu"))
-            schedules[n] = Schedule1F1B(stage, n_microbatches=microbatches, loss_fn=loss_fn)
-        return schedules[n]
-
-    start, step = 0, 0
-    position = run_dir / "position.json"
-    if position.is_file():
-        start, step = (json.loads(position.read_text())[k] for k in ("epoch", "step"))
-        state = torch.load(run_dir / f"stage{rank}-epoch{start}.pt", weights_only=True)
-        stage_mod.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if rank == 0:
-            log.info("1f1b: resuming after epoch %d (step %d)", start, step)
-    metrics = MetricsLog(run_dir, step, cfg.task) if rank == 0 else None
-    try:
-        for epoch in range(start, cfg.train.epochs):
-            loader.set_epoch(epoch)
-            stats = StageStats(rank)
-            samples = 0
-            dist.barrier()
-            began = time.perf_counter()
-            for batch in (loader if rank == 0 else label_batches(loader)):
-                lr = scheduler.get_last_lr()[0]
-                if rank == 0:
-                    schedule(len(batch[1])).step(batch[0])
-                    samples += len(batch[1])
-                else:
-                    losses: list[torch.Tensor] = []
-                    schedule(len(batch)).step(target=batch, losses=losses)
-                    stats.add_loss(float(torch.stack(losses).detach().mean()), len(batch))
-                optimizer.step()
-                optimizer.zero_grad()
-                scheduler.step()
-                stats.end_step(lr)
-            dist.barrier()
-            seconds = time.perf_counter() - began
-            gathered: list[StageStats | None] = [None, None]
-            dist.all_gather_object(gathered, stats.settle())
-            counts = evaluate_pipeline(stage_mod, rank, job.test_loader, loss_fn)
-            tallies: list[EvalCounts | None] = [None, None]
-            dist.all_gather_object(tallies, counts)
-            first, last = gathered
-            if metrics is not None:
-                last.step_end_s = first.step_end_s  # the step's time is when stage 0 finished it, as in ppll train
-                metrics.steps(step, epoch, EpochStats(seconds, samples, [last]))
-                metrics.evaluation(step + per_epoch, epoch, eval_result([tallies[1]]))
-                log.info("1f1b: epoch %d/%d | loss %.3f | test acc %.4f | %.0f samples/s", epoch + 1,
-                         cfg.train.epochs, last.mean_loss, tallies[1].correct / max(1, tallies[1].predictions),
-                         samples / seconds)
-            step += per_epoch
-            save_stage(run_dir, rank, epoch + 1, step, stage_mod, optimizer, scheduler)
-    finally:
-        if metrics is not None:
-            metrics.close()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def save_stage(run_dir: Path, rank: int, epoch: int, step: int, stage_mod: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """Both ranks write their stage state after `epoch`, then rank 0 commits position.json (the file a resume
-    reads); older stage files go only after the commit, so an interrupted save leaves the previous epoch usable."""
-    path = run_dir / f"stage{rank}-epoch{epoch}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": stage_mod.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp)
-    os.replace(tmp, path)
-    dist.barrier()
-    if rank == 0:
-        tmp = run_dir / "position.tmp"
-        tmp.write_text(json.dumps({"epoch": epoch, "step": step}))
-        os.replace(tmp, run_dir / "position.json")
-    dist.barrier()
-    for old in run_dir.glob(f"stage{rank}-epoch*.pt"):
-        if old != path:
-            old.unlink()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Driving the methods
 
 
@@ -349,10 +200,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def has_checkpoint(method: str, run_dir: Path) -> bool:
-    """Whether an interrupted run of `method` left a complete epoch checkpoint to resume from."""
-    if method == "1f1b":
-        return (run_dir / "position.json").is_file()
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether an interrupted run left a complete epoch checkpoint to resume from."""
     try:
         return bool(ckpt.checkpoints(run_dir))
     except CheckpointError:
@@ -361,11 +210,7 @@ def has_checkpoint(method: str, run_dir: Path) -> bool:
 
 def command(method: str, s: Settings, overrides: list[str], run_dir: Path, resume: bool) -> list[str]:
     """The process that trains `method` (resuming from `run_dir` if `resume`)."""
-    sets = [a for o in overrides + method_overrides(method) for a in ("--set", o)]
-    if method == "1f1b":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(Path(__file__).resolve()), "--worker", "--run-dir", str(run_dir), "--microbatches",
-                str(s.microbatches), *sets]
+    sets = [a for o in overrides + method_overrides(method, s.microbatches) for a in ("--set", o)]
     per_epoch = -(-n_train_of(s) // s.batch_size)
     cmd = [sys.executable, "-m", "ppll_ext", "train", *sets, "--save-dir", str(run_dir), "--save-every",
            str(per_epoch), "--keep", "1"]
@@ -390,7 +235,7 @@ def read_evals(run_dir: Path, s: Settings) -> list[dict]:
 def run_method(method: str, s: Settings, overrides: list[str], run_dir: Path, result_file: Path,
                result: dict) -> dict:
     """Train `method` to the end (resuming where it stopped), saving its results after every evaluation."""
-    resume = has_checkpoint(method, run_dir)
+    resume = has_checkpoint(run_dir)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # nothing resumable: an interruption before the first epoch's checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -634,7 +479,7 @@ def load_result(path: Path, method: str, s: Settings) -> dict:
 
 
 def main() -> None:
-    """Parse arguments; as the 1F1B worker train one rank, otherwise run the methods and write the report."""
+    """Parse arguments, run the methods and write the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--epochs", type=int, default=None, help=f"epochs for every method (default {DEFAULT_EPOCHS})")
@@ -657,15 +502,9 @@ def main() -> None:
                    help=f"smoke run: {QUICK['train_subset']} train / {QUICK['test_subset']} test images, 1 epoch, "
                         f"files named *-quick*")
     p.add_argument("--out", help="results stem under benchmarks/results/ (default tta, or tta-quick with --quick)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="tta: %(message)s")
     try:
-        if a.worker:
-            worker(Path(a.run_dir), a.overrides, a.microbatches)
-            return
         bench(a)
     except (ConfigError, CheckpointError) as exc:
         print(f"tta_bench: error: {exc}", file=sys.stderr)
@@ -692,11 +531,12 @@ def bench(a: argparse.Namespace) -> None:
     s = Settings(a.model, a.epochs or DEFAULT_EPOCHS, a.batch_size, a.microbatches, a.lr, a.weight_decay, a.seed,
                  a.train_subset, a.test_subset, partition)
     overrides = s.overrides(data_root, cache_dir)
-    load_config(None, overrides)  # bad values fail here, once, before any process starts
+    for m in a.methods:  # bad values fail here, once, before any process starts
+        load_config(None, overrides + method_overrides(m, s.microbatches))
     last = n_train_of(s) - (-(-n_train_of(s) // s.batch_size) - 1) * s.batch_size
-    if "1f1b" in a.methods and (s.batch_size % s.microbatches or last % s.microbatches):
-        raise ConfigError(f"1F1B needs batches that --microbatches {s.microbatches} divides: batch {s.batch_size}, "
-                          f"last batch of the epoch {last}; change --batch-size, --microbatches or --train-subset")
+    if "1f1b" in a.methods and last < s.microbatches:
+        raise ConfigError(f"1F1B takes {s.microbatches} micro-batches every step but the epoch's last batch has {last} "
+                          f"image(s); change --batch-size, --microbatches or --train-subset")
     results = {m: load_result(folder / f"{m}.json", m, s) for m in METHODS if (folder / f"{m}.json").is_file()
                or m in a.methods}
     todo = [m for m in a.methods if results[m]["status"] != "done"]

@@ -102,8 +102,10 @@ def build_blocks(
     total_steps: int,
     boundaries: list[int] | None = None,
     stages: Iterable[int] | None = None,
+    aux_heads: bool = True,
 ) -> tuple[list[int], dict[int, LocalBlock]]:
-    """Cut the model at `boundaries` (computed if None) and build the blocks listed in `stages` (default all).
+    """Cut the model at `boundaries` (computed if None) and build the blocks listed in `stages` (default all);
+    `aux_heads=False` for end-to-end stages (torch's stock schedules), which train on the model's loss only.
 
     Each aux head is seeded by its stage index (core.aux_seed), so building a subset gives the same weights as
     building all, in every engine. With local.checkpoint_activations each body recomputes its layers in backward
@@ -117,7 +119,7 @@ def build_blocks(
     blocks: dict[int, LocalBlock] = {}
     for s in sorted(set(range(k) if stages is None else stages)):
         aux = None
-        if s < k - 1:
+        if aux_heads and s < k - 1:
             aux = build_stage_aux_head(layered.layers, s, boundaries, cfg.local.aux, example, num_classes=num_classes,
                                        hidden=cfg.local.aux_hidden, seed=cfg.train.seed,
                                        next_blocks=cfg.local.aux_next_blocks)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ppll_ext import logs
-from ppll_ext.config import ENGINES, RUNTIMES, config_keys, load_config
+from ppll_ext.config import ENGINES, RUNTIMES, Config, config_keys, load_config
 from ppll_ext.core.block import ON_NAN
 from ppll_ext.errors import EXIT_ERROR, ConfigError, PPLLError
 from ppll_ext.launchers import apply_launcher_env, is_secondary_rank
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--keep", type=int, help="keep the N newest checkpoints (= --set train.keep=N)")
     train.add_argument("--resume", help="checkpoint or run directory to resume from (= --set train.resume=...)")
     train.add_argument("--engine", choices=ENGINES,
-                       help="run the stages with ppll_ext's loop or the DeepSpeed adapter (= --set local.engine=...)")
+                       help="run the stages with ppll_ext's loop, the DeepSpeed adapter or a torch.distributed."
+                       "pipelining schedule, local.schedule (= --set local.engine=...)")
     train.add_argument("--on-nan", choices=ON_NAN, help="NaN/inf loss: stop or skip the step (= --set "
                        "train.on_nan=...)")
     train.add_argument("--trace", help="write a Chrome-trace JSON of every stage here (= --set train.trace=...)")
@@ -169,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.train.method == "local" and cfg.local.runtime == "processes" and not under_launcher():
         preflight(cfg)
         forwarded = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
-        return spawn_torchrun(cfg.local.stages * (cfg.local.data_parallel if deepspeed else 1), forwarded)
+        return spawn_torchrun(processes(cfg), forwarded)
     try:
         run_training(cfg)
     except BaseException as exc:
@@ -180,6 +181,14 @@ def _train(args: argparse.Namespace) -> int:
             fail_fast(rank, rank // (cfg.local.data_parallel if deepspeed else 1), exc)
         raise
     return 0
+
+
+def processes(cfg: Config) -> int:
+    """Processes a multi-process `ppll train` starts: one per stage (x local.data_parallel with the DeepSpeed engine;
+    local.stages / stages per rank with the torch engine)."""
+    if cfg.local.engine == "torch":
+        return cfg.local.placement().ranks
+    return cfg.local.stages * (cfg.local.data_parallel if cfg.local.engine == "deepspeed" else 1)
 
 
 def _partition(args: argparse.Namespace) -> int:

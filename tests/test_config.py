@@ -123,7 +123,7 @@ def test_choice_fields_are_literals_of_the_owners_constants(key: str, allowed: t
 
 def test_constants() -> None:
     assert OPTIMIZERS == ("sgd", "adam", "adamw") and SCHEDULES == ("cosine", "constant")
-    assert RUNTIMES == ("sequential", "threads", "processes") and ENGINES == ("native", "deepspeed")
+    assert RUNTIMES == ("sequential", "threads", "processes") and ENGINES == ("native", "deepspeed", "torch")
     assert DEVICES == ("cpu", "cuda")
     assert METHODS == ("local", "bp") and AUTOCAST_MODES == tuple(AUTOCAST)
 

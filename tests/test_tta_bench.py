@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import io
-import math
-import subprocess
 import sys
 from pathlib import Path
 
-import procs
 import pytest
 
 from ppll_ext.config import load_config
@@ -62,29 +59,18 @@ def test_missing_data_is_one_clear_error(tmp_path: Path, tta) -> None:
         tta.find_data(str(tmp_path), tmp_path / "cache")
 
 
-def test_1f1b_worker_writes_curves_and_resumes(tmp_path: Path) -> None:
-    """The benchmark's own 1F1B worker under torchrun (2 ranks, digits, 4 steps per epoch): one step record per
-    optimizer step with the last stage's loss, one evaluation per epoch (0-based epoch, as the
-    shared metrics writer records it); run again with one more epoch it resumes
-    from its epoch checkpoint and appends only the new epoch."""
-    script = str(REPO / "benchmarks" / "tta_bench.py")
-    sets = ["model.name=resnet8", "model.width=4", "data.train_subset=256", "data.test_subset=128",
-            "train.batch_size=64", "train.progress=false", "local.stages=2", "local.partition=0,3"]
-
-    def run(epochs: int) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-               "--worker", "--run-dir", str(tmp_path), "--microbatches", "2",
-               *[a for o in [*sets, f"train.epochs={epochs}"] for a in ("--set", o)]]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=procs.env())
-        assert res.returncode == 0, res.stderr[-3000:]
-
-    run(1)
-    first = read_metrics(tmp_path)
-    assert [r["step"] for r in first if r["kind"] == "step"] == [1, 2, 3, 4]
-    assert all(len(r["loss"]) == 1 and math.isfinite(r["loss"][0]) for r in first if r["kind"] == "step")
-    assert [(r["kind"], r["epoch"]) for r in first if r["kind"] == "eval"] == [("eval", 0)]
-    run(2)
-    both = read_metrics(tmp_path)
-    assert both[:len(first)] == first
-    assert [r["step"] for r in both if r["kind"] == "step"] == list(range(1, 9))
-    assert [r["epoch"] for r in both if r["kind"] == "eval"] == [0, 1]
+def test_1f1b_is_ppll_train_with_torchs_1f1b_schedule(tmp_path: Path, tta) -> None:
+    """The 1f1b method runs `ppll train --set local.engine=torch --set local.schedule=1F1B` like the other methods (its
+    curves, checkpoints and resume are the training loop's: tests/test_torch_engine.py): 2 processes, end to end,
+    --microbatches micro-batches, a checkpoint per epoch, resumed from the run folder."""
+    s = tta.Settings("resnet20", 2, 128, 4, 0.1, 5e-4, 0, 1000, 500, "0,4")
+    overrides = s.overrides(tmp_path / "cifar10", tmp_path / "cache")
+    for resume in (False, True):
+        cmd = tta.command("1f1b", s, overrides, tmp_path / "run", resume)
+        assert cmd[:4] == [sys.executable, "-m", "ppll_ext", "train"]
+        sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        assert {"local.engine=torch", "local.schedule=1F1B", "local.micro_batches=4"} <= set(sets)
+        assert cmd[cmd.index("--save-every") + 1] == "8" and ("--resume" in cmd) == resume
+        cfg = load_config(None, sets)
+        assert cfg.local.placement().ranks == 2 and cfg.local.placement().end_to_end
+    assert not tta.has_checkpoint(tmp_path / "run")

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
+from ppll_ext.config.placement import PPLL, Placement, check_micro_batches, placement
 from ppll_ext.core.aux_heads import AUX_KINDS
 from ppll_ext.core.block import AUTOCAST, ON_NAN
 from ppll_ext.core.tasks import TASKS
@@ -29,7 +30,7 @@ from ppll_ext.models import ModelConfig
 RUNTIMES: tuple[str, ...] = ("sequential", "threads", "processes")
 """Allowed values of local.runtime: where the stages of the native engine run (in turn in one thread, one thread
 each, one process each)."""
-ENGINES: tuple[str, ...] = ("native", "deepspeed")
+ENGINES: tuple[str, ...] = ("native", "deepspeed", "torch")
 """Allowed values of local.engine: who runs the stages with runtime=processes."""
 
 AuxKind = Literal.__getitem__(AUX_KINDS)
@@ -63,7 +64,16 @@ class LocalConfig:
     """Longest wait for a neighbour stage before the run stops with an error."""
     engine: Engine = "native"
     """Who runs the stages with runtime=processes: native (ppll_ext's stage loop) | deepspeed (the DeepSpeed
-    adapter, LocalPipelineEngine, configured by local.deepspeed_config)."""
+    adapter, LocalPipelineEngine, configured by local.deepspeed_config) | torch (a torch.distributed.pipelining
+    schedule, local.schedule)."""
+    schedule: str = PPLL
+    """engine=torch: the schedule, by a name torch's get_schedule_class knows (GPipe, 1F1B, Interleaved1F1B,
+    InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, ...; any case), which train end to end without aux heads, or
+    PPLL (ppll_ext.pipelining.SchedulePPLL: local learning)."""
+    stages_per_rank: int = 0
+    """engine=torch: pipeline stages each process holds (processes = local.stages / this); 0 = the schedule's: 1,
+    or 2 for the schedules that take several (Interleaved*, LoopedBFS looped: rank r holds r, r + R, ...;
+    ZBVZeroBubble, DualPipeV V-shaped: rank r holds r and 2R - 1 - r)."""
     deepspeed_config: str | None = None
     """engine=deepspeed: a ds_config JSON (None: ZeRO stage 0, nothing else). Its optimizer/scheduler sections, if
     any, replace optim.*; batch sizes, accumulation and clipping always come from train.batch_size,
@@ -80,8 +90,14 @@ class LocalConfig:
         _check_fields(self, "local.")
         for name in ("stages", "micro_batches", "queue_depth", "data_parallel", "aux_hidden", "aux_next_blocks"):
             _at_least(self, "local.", name, 1)
+        _at_least(self, "local.", "stages_per_rank", 0)
         if not self.timeout_s > 0:
             raise ConfigError(f"local.timeout_s={self.timeout_s} must be positive", key="local.timeout_s")
+
+    def placement(self) -> Placement:
+        """engine=torch: the schedule and where its stages live (ConfigError for a schedule or a number of stages per
+        rank that cannot run)."""
+        return placement(self.schedule, self.stages, self.stages_per_rank)
 
 
 # --- optim -----------------------------------------------------------------------------------------------------------
@@ -238,6 +254,7 @@ class Config:
         self.optim.check()
         self.train.check()
         self._check_task()
+        self._check_torch_engine()
         if self.train.batch_size % self.local.micro_batches:
             raise ConfigError(
                 f"train.batch_size={quote(self.train.batch_size)} is not divisible by local.micro_batches="
@@ -252,6 +269,38 @@ class Config:
         if self.train.task != "auto":
             return self.train.task
         return "lm" if self.model.is_lm else "classification"
+
+    def _check_torch_engine(self) -> None:
+        """A local.engine=torch combination that cannot run (local.schedule or local.stages_per_rank without that
+        engine too): ConfigError naming the key to change."""
+        local = self.local
+        if local.engine != "torch":
+            for key, value, default in (("schedule", local.schedule, PPLL),
+                                        ("stages_per_rank", local.stages_per_rank, 0)):
+                if value != default:
+                    raise ConfigError(f"local.{key}={value} is used by local.engine=torch only (local.engine="
+                                      f"{local.engine} here); add --engine torch or drop local.{key}",
+                                      key=f"local.{key}")
+            return
+        if self.train.method != "local":
+            raise ConfigError("local.engine=torch: the schedule decides what is trained (PPLL local learning, the "
+                              "stock schedules end-to-end backprop through the stages); drop train.method=bp",
+                              key="train.method")
+        for key, value, allowed in (("local.runtime", local.runtime, "processes"),
+                                    ("local.data_parallel", local.data_parallel, 1)):
+            if value != allowed:
+                raise ConfigError(f"local.engine=torch runs one process per rank of one pipeline: {key}={value} must "
+                                  f"be {allowed}", key=key)
+        if self.train.trace:
+            raise ConfigError("train.trace is recorded by the native engine; drop train.trace or use "
+                              "local.engine=native", key="train.trace")
+        p = local.placement()
+        if not p.end_to_end:
+            return
+        if self.train.autocast == "fp16":
+            raise ConfigError("local.engine=torch with a stock schedule runs train.autocast=none or bf16: fp16 loss "
+                              "scaling would need one scale across all stages; use bf16", key="train.autocast")
+        check_micro_batches(p, local.micro_batches)
 
     def _check_task(self) -> None:
         """The model, the data and the task must belong together (ConfigError naming the key to change)."""

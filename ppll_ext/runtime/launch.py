@@ -55,17 +55,19 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
     return code if code >= 0 else 128 - code
 
 
-def init_distributed(stages: int, device: str, timeout_s: float,
-                     data_parallel: int = 1) -> tuple[int, bool, torch.device]:
-    """Join the launcher's process group (gloo on CPU, NCCL on CUDA); check world size == stages x replicas.
+def init_distributed(stages: int, device: str, timeout_s: float, data_parallel: int = 1,
+                     stages_per_rank: int = 1) -> tuple[int, bool, torch.device]:
+    """Join the launcher's process group (gloo on CPU, NCCL on CUDA); check world size == stages x replicas /
+    stages per rank.
 
     Returns (rank, whether this call created the process group, this rank's device).
     """
-    world, expected = int(os.environ.get("WORLD_SIZE", "1")), stages * data_parallel
+    world, expected = int(os.environ.get("WORLD_SIZE", "1")), stages * data_parallel // stages_per_rank
     if world != expected:
         replicas = f" x local.data_parallel={data_parallel}" if data_parallel > 1 else ""
-        raise ConfigError(f"the launcher started {world} processes but local.stages={stages}{replicas} needs "
-                          f"{expected}; start {expected} processes (e.g. torchrun --nproc_per_node {expected}) "
+        per_rank = f" / local.stages_per_rank={stages_per_rank}" if stages_per_rank > 1 else ""
+        raise ConfigError(f"the launcher started {world} processes but local.stages={stages}{replicas}{per_rank} "
+                          f"needs {expected}; start {expected} processes (e.g. torchrun --nproc_per_node {expected}) "
                           f"or change local.stages")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":

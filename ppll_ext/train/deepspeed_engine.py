@@ -31,9 +31,17 @@ from ppll_ext.data import BatchLoader
 from ppll_ext.deepspeed import LocalPipelineEngine, LocalPipelineModule, PipeDataParallelTopology, initialize
 from ppll_ext.errors import ConfigError
 from ppll_ext.runtime import EpochStats, EvalResult, StageStats, eval_result, split_micro
-from ppll_ext.runtime.base import SaveFailure, attempt_save, current_lr, first_failure
+from ppll_ext.runtime.base import attempt_save, current_lr
 from ppll_ext.runtime.launch import check_same_config, init_distributed
-from ppll_ext.train.job import Setup, check_save_space, prepare, restore_checkpoint, resume_position
+from ppll_ext.train.job import (
+    Setup,
+    batch_len,
+    check_save_space,
+    collect_saves,
+    prepare,
+    restore_checkpoint,
+    resume_position,
+)
 from ppll_ext.train.loop import OnBatch, steps_per_epoch
 
 
@@ -71,11 +79,6 @@ def ds_config(cfg: Config) -> dict[str, Any]:
     return conf
 
 
-def _batch_len(loader: BatchLoader, index: int) -> int:
-    """Samples in batch `index` of an epoch (the last one may be short), known without reading the data."""
-    return min(loader.batch_size, len(loader.dataset) - index * loader.batch_size)
-
-
 class DeepSpeedLoopEngine:
     """The loop's interface over LocalPipelineEngine: which replica trains which batch, stats, eval, saving."""
 
@@ -99,7 +102,7 @@ class DeepSpeedLoopEngine:
         for i in range(steps):
             start = first + i * d
             present = min(d, n - start)
-            sizes = [_batch_len(loader, b) for b in range(start, start + present)]
+            sizes = [batch_len(loader, b) for b in range(start, start + present)]
             lr = current_lr(self.block)
             if self.replica < present:
                 engine.grad_weight = d / present
@@ -136,24 +139,15 @@ class DeepSpeedLoopEngine:
     def checkpoint(self, step: int) -> list[ckpt.StageManifest] | None:
         """Replica 0 of every stage writes its shard and state (ZeRO-1: the optimizer states gathered from all the
         stage's replicas); the manifests reach rank 0."""
-        manifest = None
+        reports = []
         opt_state = self.engine.optimizer_state_dict() if self.engine.zero_sharded else None  # every replica
         if self.replica == 0:
             self.block.steps = self.engine.global_steps
-            manifest = attempt_save(lambda: ckpt.write_stage(ckpt.step_folder(self.cfg.train.save_dir, step),
-                                                             self.block, self.cfg.local.stages, self.key_map,
-                                                             optimizer_state=opt_state),
-                                    self.stage, f"stage {self.stage} (rank {self.rank})")
-        # every rank learns whether all parts were written before any raises: no stage still writes into the step's
-        # folder when rank 0 discards it
-        failures: list[SaveFailure | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, manifest if isinstance(manifest, SaveFailure) else None)
-        failure = first_failure(failures)
-        if failure is not None:
-            raise failure.error(every_rank=True)
-        gathered: list[ckpt.StageManifest | None] = [None] * dist.get_world_size()
-        dist.gather_object(manifest, gathered if self.is_driver else None, dst=0)
-        return [g for g in gathered if g is not None] if self.is_driver else None
+            reports.append(attempt_save(lambda: ckpt.write_stage(ckpt.step_folder(self.cfg.train.save_dir, step),
+                                                                 self.block, self.cfg.local.stages, self.key_map,
+                                                                 optimizer_state=opt_state),
+                                        self.stage, f"stage {self.stage} (rank {self.rank})"))
+        return collect_saves(reports, self.is_driver)
 
     def close(self) -> None:
         """End the stage's links (every activation sent is received, no receive left posted), then meet the other

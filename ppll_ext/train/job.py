@@ -20,9 +20,10 @@ from ppll_ext.config import Config, check_device
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.partition import check_stages
 from ppll_ext.data import BatchLoader, load_dataset, load_tokenizer, shape_of, tokenizer_digest
-from ppll_ext.errors import EXIT_ERROR, CheckpointError, PPLLError
+from ppll_ext.errors import EXIT_ERROR, CheckpointError, ConfigError, PPLLError
 from ppll_ext.models import LayeredModel
 from ppll_ext.paths import check_output_file, free_bytes
+from ppll_ext.runtime.base import SaveFailure, first_failure
 from ppll_ext.train.loop import Engine, LoopSettings, check_stop_at, steps_per_epoch
 from ppll_ext.train.metrics import check_log_dir
 
@@ -80,6 +81,37 @@ class Setup:
     title: str = ""
 
 
+def batch_len(loader: BatchLoader, index: int) -> int:
+    """Samples in batch `index` of an epoch (the last one may be short), known on every rank without reading data."""
+    return min(loader.batch_size, len(loader.dataset) - index * loader.batch_size)
+
+
+def check_last_batch(cfg: Config, loader: BatchLoader) -> None:
+    """local.engine=torch: ConfigError (on every rank) when the epoch's last batch has fewer samples than
+    local.micro_batches, since torch's schedules take the same number of micro-batches at every step."""
+    m = cfg.local.micro_batches
+    last = batch_len(loader, len(loader) - 1)
+    if last < m:
+        raise ConfigError(f"the epoch's last batch has {last} sample(s), fewer than local.micro_batches={m}, and "
+                          f"torch's schedules take {m} micro-batches every step (local.engine=torch); choose a "
+                          f"train.batch_size or data.train_subset that leaves at least {m}", key="local.micro_batches",
+                          every_rank=True)
+
+
+def collect_saves(reports: list[object], is_driver: bool) -> list[ckpt.StageManifest] | None:
+    """Every rank's part of a checkpoint (`reports`: what attempt_save returned for each stage it wrote) gathered:
+    every rank learns whether all parts were written before any raises (so no stage still writes into the step's
+    folder when rank 0 discards it), and rank 0 gets every manifest."""
+    failures: list[SaveFailure | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, first_failure(reports))
+    failure = first_failure(failures)
+    if failure is not None:
+        raise failure.error(every_rank=True)
+    gathered: list[list[ckpt.StageManifest]] | None = [[] for _ in failures] if is_driver else None
+    dist.gather_object(reports, gathered, dst=0)
+    return [m for part in gathered for m in part] if is_driver else None
+
+
 def resume_position(cfg: Config, batches: int, replicas: int, layers: int
                     ) -> tuple[ckpt.Position, Path | None, dict | None]:
     """Where training starts (train.resume's position or the beginning), checked against the epoch's `batches`
@@ -114,6 +146,8 @@ def preflight(cfg: Config) -> Job:
     """Everything that can be checked before processes are started: data, model, outputs, resume point, stop step,
     and the run directory (a writable folder that no live run holds)."""
     job = prepare(cfg)
+    if cfg.local.engine == "torch":
+        check_last_batch(cfg, job.train_loader)
     replicas = cfg.local.data_parallel if cfg.train.method == "local" and cfg.local.engine == "deepspeed" else 1
     resume_position(cfg, len(job.train_loader), replicas, len(job.layered.layers))
     if cfg.train.save_dir:
@@ -140,9 +174,11 @@ def loop_settings(cfg: Config, job: Job) -> LoopSettings:
     """The loop's share of `cfg`; a language model's checkpoints also get its config.json and tokenizer files."""
     t = cfg.train
     lm = cfg.task == "lm"
-    return LoopSettings(t.method, cfg.model.name, cfg.data.name, t.epochs, t.save_dir, t.save_every, t.keep,
-                        t.stop_at_step, t.progress, cfg.to_dict(), cfg.task, cfg.data.seq_len if lm else 0,
-                        hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None, t.log_dir or t.save_dir,
+    end_to_end = cfg.local.engine == "torch" and cfg.local.placement().end_to_end  # a stock torch schedule
+    return LoopSettings("bp" if end_to_end else t.method, cfg.model.name, cfg.data.name, t.epochs, t.save_dir,
+                        t.save_every, t.keep, t.stop_at_step, t.progress, cfg.to_dict(), cfg.task,
+                        cfg.data.seq_len if lm else 0, hf_files_writer(job.layered, cfg.data.tokenizer) if lm else None,
+                        t.log_dir or t.save_dir,
                         fingerprints(cfg))
 
 

@@ -1,7 +1,7 @@
 """The one training loop: epochs, segments between checkpoints, evaluation, progress, epoch lines, summary.
 
-Every engine (the native runtimes and the DeepSpeed adapter) is driven through the small `Engine`
-interface below, and every rank of a multi-process run runs this same loop: engines decide which rank
+Every engine (the native runtimes, the DeepSpeed adapter, torch's pipelining schedules) is driven through the
+small `Engine` interface below, and every rank of a multi-process run runs this same loop: engines decide which rank
 reads data, and only the driving rank prints and commits checkpoints.
 
 A training step is one optimizer step of every stage: it consumes `engine.replicas` mini-batches (one
@@ -36,7 +36,8 @@ class Engine(Protocol):
     """What the loop needs from an engine; every rank calls the same methods in the same order."""
 
     name: str
-    """How the stages run, for the banner and the summary (e.g. "processes", "processes (deepspeed)")."""
+    """How the stages run, for the banner and the summary (e.g. "processes", "processes (deepspeed)",
+    "processes (torch 1F1B)")."""
     is_driver: bool
     """True on the one rank that prints, shows progress and commits checkpoints."""
     replicas: int

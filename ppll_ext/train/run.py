@@ -120,6 +120,10 @@ def _run(cfg: Config, out: TextIO, on_finish: Callable[[dict[int, LocalBlock]], 
             from ppll_ext.train.deepspeed_engine import setup_deepspeed  # imports DeepSpeed: only for this engine
 
             setup = setup_deepspeed(cfg)
+        elif cfg.local.engine == "torch":
+            from ppll_ext.train.torch_engine import setup_torch  # imports torch.distributed.pipelining
+
+            setup = setup_torch(cfg)
         else:
             setup = setup_native(cfg)
         if commits:  # an earlier run's checkpoints after this run's start are moved aside, not pruned
