@@ -80,7 +80,7 @@ def end_to_end(cfg: Config) -> dict[str, torch.Tensor]:
         runner = SequentialRunner([block], cfg.local.micro_batches)
         for epoch in range(cfg.train.epochs):
             job.train_loader.set_epoch(epoch)
-            runner.train_epoch(job.train_loader.iter_from(0))
+            runner.train_segment(job.train_loader.iter_from(0))
     finally:
         torch.set_num_threads(threads)
     return job.layered.model.state_dict()
