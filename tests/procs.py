@@ -278,10 +278,12 @@ class CaseRun:
 
 class Family:
     """The cases of one launch of tests/dist/family.py, by name; a case that failed or never ran fails the test that
-    asks for it, with the output that says why."""
+    asks for it, with the output that says why. `root`: the folder the cases wrote their files to."""
 
-    def __init__(self, names: list[str], folder: Path, nproc: int, launch: subprocess.CompletedProcess) -> None:
+    def __init__(self, names: list[str], folder: Path, nproc: int, launch: subprocess.CompletedProcess,
+                 root: Path | None = None) -> None:
         self.names, self.folder, self.nproc, self.launch = names, folder, nproc, launch
+        self.root = root or folder
 
     def ok(self, *names: str) -> None:
         """Fail the test unless every one of `names` ran and exited 0 on every rank."""
@@ -311,11 +313,81 @@ class Family:
 
 
 def family(launcher: list[str], nproc: int, cases: list[dict], folder: Path, timeout: float = 600,
-           **extra: str) -> Family:
+           root: Path | None = None, **extra: str) -> Family:
     """Run `cases` ({"name", "script" or "module", "args"}) in one launch of tests/dist/family.py by `launcher`
-    (which starts `nproc` processes), one after another in every process; their results by name."""
+    (which starts `nproc` processes), one after another in every process, their output kept in `folder`; their
+    results by name."""
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / "family.json"
     plan.write_text(json.dumps({"out": str(folder), "cases": cases}))
     res = run([*launcher, str(FAMILY), str(plan)], timeout=timeout, what=f"family {folder.name}", **extra)
-    return Family([c["name"] for c in cases], folder, nproc, res)
+    return Family([c["name"] for c in cases], folder, nproc, res, root)
+
+
+LATE, LAST = 1, 2
+"""Plan.add orders: cases that change the process for the cases after them run late; a case whose end must be the
+process's end (a script that returns without leaving the process group, or reports at exit) runs last."""
+
+
+class Plan:
+    """A family of multi-process cases gathered from every collected test module, run in ONE launch the first time a
+    test asks for it (`launch`). Modules add their cases when they are imported (collection precedes every test);
+    "{root}" in a case's arguments stands for the family's folder, where the cases write what the tests read.
+    `launcher`: "torchrun" (torchrun --standalone) or "deepspeed" (launch/deepspeed.sh, the shipped wrapper of the
+    deepspeed launcher, on a free port; no DeepSpeed shared-memory buffer may be left behind)."""
+
+    def __init__(self, launcher: str, nproc: int) -> None:
+        self.launcher, self.nproc = launcher, nproc
+        self.cases: list[tuple[int, int, dict]] = []
+        self.files: dict[str, str] = {}
+        self._ran: Family | None = None
+        self._failure: str | None = None
+
+    def add(self, name: str, *args: object, script: Path | str | None = None, module: str | None = None,
+            order: int = 0) -> None:
+        """Add case `name`: `script` (a path) or `module` (run as `python -m`) with `args`, in `order` (0, LATE or
+        LAST; a family has at most one LAST case)."""
+        assert name not in {c["name"] for _, _, c in self.cases}, f"two cases named {name!r}"
+        assert order != LAST or all(o != LAST for o, _, _ in self.cases), f"{name}: the family has a last case"
+        target = {"script": str(script)} if script is not None else {"module": module}
+        self.cases.append((order, len(self.cases), {"name": name, **target, "args": [str(a) for a in args]}))
+
+    def write(self, name: str, text: str) -> None:
+        """Have file `name` (relative to "{root}") hold `text` when the family starts."""
+        self.files[name] = text
+
+    def launch(self, tmp_path_factory: pytest.TempPathFactory) -> Family:
+        """The family's results: launched at the first call, the same ones afterwards."""
+        if self._failure is not None:
+            pytest.fail(self._failure)
+        if self._ran is None:
+            try:
+                self._ran = self._launch(tmp_path_factory)
+            except BaseException as exc:  # a launch that failed or timed out fails every test asking for it at once
+                self._failure = f"the {self.launcher} family of {self.nproc} processes failed: {exc}"
+                raise
+        return self._ran
+
+    def _launch(self, tmp_path_factory: pytest.TempPathFactory) -> Family:
+        root = tmp_path_factory.mktemp(f"{self.launcher}{self.nproc}")
+        for name, text in self.files.items():
+            (root / name).write_text(text)
+        cases = [json.loads(json.dumps(c).replace("{root}", str(root)))
+                 for _, _, c in sorted(self.cases, key=lambda c: c[:2])]
+        port = free_port()
+        if self.launcher == "deepspeed":
+            cmd, extra = [str(REPO / "launch" / "deepspeed.sh"), str(self.nproc)], {"MASTER_PORT": str(port)}
+        else:
+            cmd, extra = torchrun_cmd(self.nproc), {}
+        ran = family(cmd, self.nproc, cases, root / "logs", root=root, **extra)
+        if self.launcher == "deepspeed":
+            assert_no_shm_left(port)
+        return ran
+
+
+PLANS: dict[tuple[str, int], Plan] = {}
+
+
+def plan(launcher: str, nproc: int) -> Plan:
+    """The one family of `launcher` (torchrun, deepspeed) with `nproc` processes that every test module adds to."""
+    return PLANS.setdefault((launcher, nproc), Plan(launcher, nproc))

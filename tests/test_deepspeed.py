@@ -32,35 +32,15 @@ DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import deepspeed_lm as lm_script  # noqa: E402
 import deepspeed_train as script  # noqa: E402
-from procs import Family, assert_no_shm_left, family, free_port  # noqa: E402
+from procs import LAST, LATE, Family, plan  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("deepspeed_cpu_ops")
 
-TRAIN = str(DIST / "deepspeed_train.py")
-FAULTS = str(REPO / "tests" / "faults.py")
+TRAIN = DIST / "deepspeed_train.py"
+FAULTS = REPO / "tests" / "faults.py"
 CONFIGS = REPO / "configs" / "deepspeed"
-
-
-def case(name: str, *args: str, script: str = TRAIN) -> dict:
-    """A case of a family launch: `script` (deepspeed_train.py unless given) with `args`."""
-    return {"name": name, "script": script, "args": [str(a) for a in args]}
-
-
-def ppll_train(name: str, *args: str) -> dict:
-    """A case of a family launch: `ppll train --engine deepspeed args` (python -m ppll_ext.train, as the deepspeed
-    launcher's --module starts it)."""
-    return {"name": name, "module": "ppll_ext.train", "args": ["--engine", "deepspeed", *map(str, args)]}
-
-
-def launch_family(nproc: int, root: Path, cases: list[dict]) -> Family:
-    """`launch/deepspeed.sh nproc` (the shipped wrapper of the deepspeed launcher) on a free port, running `cases`
-    one after another in each of its processes; no shared-memory buffer may be left behind."""
-    port = free_port()
-    ran = family([str(REPO / "launch" / "deepspeed.sh"), str(nproc)], nproc, cases, root / "family",
-                 MASTER_PORT=str(port))
-    assert_no_shm_left(port)
-    return ran
-
+D2, D3, D4 = plan("deepspeed", 2), plan("deepspeed", 3), plan("deepspeed", 4)
+"""The launches (launch/deepspeed.sh, one per process count) that run this module's cases, with other modules'."""
 
 Runs = dict[int, tuple[dict, dict[str, torch.Tensor]]]
 
@@ -73,6 +53,12 @@ def runs(out: Path, nproc: int) -> Runs:
 
 def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
+
+
+def ppll_train(*args: object) -> list[object]:
+    """Arguments of `ppll train --engine deepspeed args` (python -m ppll_ext.train, as the deepspeed launcher's
+    --module starts it)."""
+    return ["--engine", "deepspeed", *args]
 
 
 NATIVE_COMMON = ["--on-nan", "skip", *sets("train.epochs=2", "train.progress=false", "local.micro_batches=2",
@@ -88,6 +74,17 @@ UNEVEN_SETS = ["model.name=vit", "model.hidden_dim=16", "model.mlp_dim=32", "mod
 FP16_ARGS = ("--stages", "2", "--micro", "2", "--size", "8", "--steps", "5", "--aux", "list", "--clip", "0.5", "--fp16")
 ACT_PARAMS = [(2, True, None), (3, False, 0.5)]
 """test_activation_checkpointing_clipping_and_nan_skip_equal_sequential: (stages, reentrant, clip)."""
+LM_RUNS = [(2, 2, False, 6), (3, 1, True, 4)]
+"""deepspeed_lm.py runs (stages, micro-batches, soft targets, steps), each the last case of its launch."""
+ZERO_RUN = ("--stages", "2", "--micro", "2", "--aux", "conv", "--clip", "1.0")
+"""K = 2 stages x D = 2 replicas (4 processes), 2 micro-batches, per-stage clipping (ZeRO-1 computes the norm from
+its shards)."""
+PPLL_ZERO_SETS = ["model.name=resnet8", "model.width=8", "data.train_subset=128", "data.test_subset=16",
+                  "train.batch_size=16", "train.epochs=1", "train.progress=false", "local.stages=2",
+                  "local.data_parallel=2", "local.micro_batches=2", "optim.lr=0.05", "optim.grad_clip=1.0"]
+"""`ppll train --engine deepspeed`, K = 2 stages x D = 2 replicas (4 processes), 4 steps of 2 x 16 digits, with the
+default optimizer (SGD with Nesterov momentum, which DeepSpeed's ZeRO runs only when the ds_config allows untested
+optimizers: ppll train does)."""
 
 
 def act_args(stages: int, reentrant: bool, clip: float | None) -> list[str]:
@@ -96,52 +93,73 @@ def act_args(stages: int, reentrant: bool, clip: float | None) -> list[str]:
             "skip", *(["--clip", str(clip)] if clip else [])]
 
 
-LM_RUNS = [(2, 2, False, 6), (3, 1, True, 4)]
-"""deepspeed_lm.py runs (stages, micro-batches, soft targets, steps), each the last case of its launch."""
+def add_cases() -> None:
+    """This module's cases. With 2 processes the fp16 cases run late (they let DeepSpeed's accelerator claim fp16
+    for the rest of the process) and deepspeed_lm.py last (it returns right after its last train_batch, with no
+    barrier or flush, as stock scripts do); so with 3. With 4 (K = 2 x D = 2), deepspeed_train.py with ZeRO-1 for
+    6 steps, DeepSpeed's checkpoint written after 3 ("zero"), and `ppll train --engine deepspeed` with ZeRO-1 in
+    local.deepspeed_config (a one-line ds_config: ppll train adds the rest), a checkpoint every 2 steps
+    ("ppll_zero")."""
+    native = ["1:4:nan", "train", *ppll_train(*NATIVE_COMMON, "--save-dir", "{root}/native")]
+    D2.add("two_a", "--out", "{root}/two_a", "--stages", 2, "--micro", 2, "--steps", 12, "--aux", "auto",
+           "--save-ckpt", "{root}/two_ckpt", "--save-at", 6, "--eval", script=TRAIN)
+    D2.add("two_b", "--out", "{root}/two_b", "--stages", 2, "--micro", 2, "--steps", 6, "--start", 6, "--aux", "auto",
+           "--load-ckpt", "{root}/two_ckpt", script=TRAIN)
+    D2.add("act2", "--out", "{root}/act2", *act_args(*ACT_PARAMS[0]), script=TRAIN)
+    D3.add("act3", "--out", "{root}/act3", *act_args(*ACT_PARAMS[1]), script=TRAIN)
+    D2.add("bf16", "--out", "{root}/bf16", "--model", "resnet8", "--stages", 2, "--steps", 4, "--config",
+           CONFIGS / "ppll_bf16.json", "--save-ckpt", "{root}/bf16_ckpt", "--save-at", 4, script=TRAIN)
+    D2.add("stock", "--out", "{root}/stock", "--model", "resnet8", "--stages", 2, "--steps", 3, "--engine", "stock",
+           "--config", CONFIGS / "stock_1f1b.json", "--save-ckpt", "{root}/stock_ckpt", "--save-at", 3, script=TRAIN)
+    D2.add("native_a", *native, "--set", "train.stop_at_step=30", script=FAULTS)
+    D2.add("native_b", *native, "--resume", "{root}/native", script=FAULTS)
+    D2.add("gpt2", *ppll_train("--save-dir", "{root}/gpt2", *sets(*GPT2_SETS)), module="ppll_ext.train")
+    D2.add("uneven", *ppll_train("--save-dir", "{root}/uneven", *sets(*UNEVEN_SETS)), module="ppll_ext.train")
+    D2.add("errors", script=DIST / "deepspeed_errors.py")
+    D2.add("fp16_clean", "--out", "{root}/fp16_clean", *FP16_ARGS, script=TRAIN, order=LATE)
+    D2.add("fp16_faulty", "--out", "{root}/fp16_faulty", *FP16_ARGS, "--overflow", "1:2", script=TRAIN, order=LATE)
+    for run, (stages, micro, soft, steps) in enumerate(LM_RUNS):
+        plan("deepspeed", stages).add(f"lm{run}", "--out", f"{{root}}/lm{run}", "--steps", steps, "--micro", micro,
+                                      *(["--soft"] if soft else []), script=DIST / "deepspeed_lm.py", order=LAST)
+
+    D4.write("zero1.json", json.dumps({"zero_optimization": {"stage": 1}}))
+    zero1 = ["--set", "local.deepspeed_config={root}/zero1.json"]
+    ppll = ["--keep", 5, *sets(*PPLL_ZERO_SETS)]
+    D4.add("dp", "--out", "{root}/dp", "--stages", 2, "--micro", 2, "--steps", 6, "--aux", "conv", script=TRAIN)
+    D4.add("zero", "--out", "{root}/zero", *ZERO_RUN, "--steps", 6, "--zero", 1, "--save-ckpt", "{root}/zero_ckpt",
+           "--save-at", 3, script=TRAIN)
+    D4.add("zero_plain", "--out", "{root}/zero_plain", *ZERO_RUN, "--steps", 6, script=TRAIN)
+    D4.add("zero_resumed", "--out", "{root}/zero_resumed", *ZERO_RUN, "--steps", 3, "--start", 3, "--zero", 1,
+           "--load-ckpt", "{root}/zero_ckpt", script=TRAIN)
+    D4.add("zero_bf16", "--out", "{root}/zero_bf16", "--stages", 2, "--steps", 2, "--aux", "conv", "--config",
+           CONFIGS / "ppll_zero1_bf16.json", script=TRAIN)
+    D4.add("ppll_zero", *ppll_train(*ppll, "--save-dir", "{root}/ppll_zero", *zero1, "--save-every", 2),
+           module="ppll_ext.train")
+    D4.add("ppll_plain", *ppll_train(*ppll, "--save-dir", "{root}/ppll_plain", *sets("train.stop_at_step=2")),
+           module="ppll_ext.train")
+    D4.add("ppll_resumed", *ppll_train(*ppll, "--save-dir", "{root}/ppll_resumed", *zero1, "--resume",
+                                       "{root}/ppll_zero/step-000002"), module="ppll_ext.train")
+    D4.add("zero_fp16", "--out", "{root}/zero_fp16", "--stages", 2, "--micro", 2, "--size", 8, "--steps", 5, "--aux",
+           "conv", "--clip", 0.5, "--zero", 1, "--fp16", "--overflow", "1:2:1", "--nan-step", 3, "--on-nan", "skip",
+           script=TRAIN, order=LATE)
 
 
-def lm_case(root: Path, run: int) -> dict:
-    stages, micro, soft, steps = LM_RUNS[run]
-    return case(f"lm{run}", "--out", root / f"lm{run}", "--steps", steps, "--micro", micro,
-                *(["--soft"] if soft else []), script=str(DIST / "deepspeed_lm.py"))
+add_cases()
 
 
-@pytest.fixture(scope="module")
-def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
-    """Every 2-process case of this module in one launch (launch/deepspeed.sh 2), in this order: the fp16 cases
-    late (they let DeepSpeed's accelerator claim fp16 for the rest of the process), deepspeed_lm.py last (it returns
-    right after its last train_batch, with no barrier or flush, as stock scripts do). The family folder and its
-    launch."""
-    root = tmp_path_factory.mktemp("ds2")
-    native = ["1:4:nan", "train", "--engine", "deepspeed", *NATIVE_COMMON, "--save-dir", root / "native"]
-    cases = [
-        case("two_a", "--out", root / "two_a", "--stages", "2", "--micro", "2", "--steps", "12", "--aux", "auto",
-             "--save-ckpt", root / "two_ckpt", "--save-at", "6", "--eval"),
-        case("two_b", "--out", root / "two_b", "--stages", "2", "--micro", "2", "--steps", "6", "--start", "6", "--aux",
-             "auto", "--load-ckpt", root / "two_ckpt"),
-        case("act2", "--out", root / "act2", *act_args(*ACT_PARAMS[0])),
-        case("bf16", "--out", root / "bf16", "--model", "resnet8", "--stages", "2", "--steps", "4", "--config",
-             CONFIGS / "ppll_bf16.json", "--save-ckpt", root / "bf16_ckpt", "--save-at", "4"),
-        case("stock", "--out", root / "stock", "--model", "resnet8", "--stages", "2", "--steps", "3", "--engine",
-             "stock", "--config", CONFIGS / "stock_1f1b.json", "--save-ckpt", root / "stock_ckpt", "--save-at", "3"),
-        {"name": "native_a", "script": FAULTS, "args": [*map(str, native), "--set", "train.stop_at_step=30"]},
-        {"name": "native_b", "script": FAULTS, "args": [*map(str, native), "--resume", str(root / "native")]},
-        ppll_train("gpt2", "--save-dir", root / "gpt2", *sets(*GPT2_SETS)),
-        ppll_train("uneven", "--save-dir", root / "uneven", *sets(*UNEVEN_SETS)),
-        case("errors", script=str(DIST / "deepspeed_errors.py")),
-        case("fp16_clean", "--out", root / "fp16_clean", *FP16_ARGS),
-        case("fp16_faulty", "--out", root / "fp16_faulty", *FP16_ARGS, "--overflow", "1:2"),
-        lm_case(root, 0),
-    ]
-    return launch_family(2, root, cases), root
+@pytest.fixture
+def two(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return D2.launch(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
-    """The K = 3 cases in one launch (launch/deepspeed.sh 3), deepspeed_lm.py last."""
-    root = tmp_path_factory.mktemp("ds3")
-    return launch_family(3, root, [case("act3", "--out", root / "act3", *act_args(*ACT_PARAMS[1])),
-                                    lm_case(root, 1)]), root
+@pytest.fixture
+def three(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return D3.launch(tmp_path_factory)
+
+
+@pytest.fixture
+def four(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return D4.launch(tmp_path_factory)
 
 
 def reference(parts: list[int], micro: int, size: int, steps: int, replicas: int = 1,
@@ -228,8 +246,8 @@ def test_configs_are_consistent() -> None:
     assert {**cfg["ppll_zero1_bf16"], "zero_optimization": {"stage": 0}} == cfg["ppll_bf16"]
 
 
-def test_two_stages_equal_sequential_and_checkpoint_resumes(two: tuple[Family, Path]) -> None:
-    ran, root = two
+def test_two_stages_equal_sequential_and_checkpoint_resumes(two: Family) -> None:
+    ran, root = two, two.root
     ran.ok("two_a", "two_b")
     ckpt = root / "two_ckpt"
     first = runs(root / "two_a", 2)
@@ -265,7 +283,8 @@ def test_activation_checkpointing_clipping_and_nan_skip_equal_sequential(request
     on_nan="skip", a train_batch whose labels make every stage's loss NaN is skipped by every stage, as sequential
     local learning skips it. (BatchNorm running statistics are left out: checkpointing recomputes the forward pass,
     which updates them again.)"""
-    ran, root = request.getfixturevalue("two" if stages == 2 else "three")
+    ran = request.getfixturevalue("two" if stages == 2 else "three")
+    root = ran.root
     ran.ok(f"act{stages}")
     trained = runs(root / f"act{stages}", stages)
     ref = reference(trained[0][0]["parts"], micro=2, size=8, steps=6, nan_step=3, clip=clip)
@@ -275,8 +294,8 @@ def test_activation_checkpointing_clipping_and_nan_skip_equal_sequential(request
         assert_matches(params_only(tensors), params_only(ref[r]), f"stage {r} of {stages}", atol=1e-5)
 
 
-def test_data_parallel_replicas_stay_identical(four: tuple[Family, Path]) -> None:
-    ran, root = four
+def test_data_parallel_replicas_stay_identical(four: Family) -> None:
+    ran, root = four, four.root
     ran.ok("dp")
     trained = runs(root / "dp", 4)
     by_stage: dict[int, list[dict[str, torch.Tensor]]] = {}
@@ -320,8 +339,8 @@ def import_and_check(ckpt: Path, out: Path, runs: dict[int, tuple[dict, dict[str
 
 
 def test_bf16_config_trains_a_ppll_ext_model_and_its_checkpoint_imports(tmp_path: Path,
-                                                                        two: tuple[Family, Path]) -> None:
-    ran, root = two
+                                                                        two: Family) -> None:
+    ran, root = two, two.root
     ran.ok("bf16")
     trained = runs(root / "bf16", 2)
     for info, tensors in trained.values():
@@ -330,9 +349,9 @@ def test_bf16_config_trains_a_ppll_ext_model_and_its_checkpoint_imports(tmp_path
     import_and_check(root / "bf16_ckpt", tmp_path / "imported", trained)
 
 
-def test_stock_deepspeed_checkpoint_imports_and_bad_ones_are_refused(tmp_path: Path, two: tuple[Family, Path],
+def test_stock_deepspeed_checkpoint_imports_and_bad_ones_are_refused(tmp_path: Path, two: Family,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    ran, root = two
+    ran, root = two, two.root
     ran.ok("stock")
     shutil.copytree(root / "stock", tmp_path / "run")
     shutil.copytree(root / "stock_ckpt", tmp_path / "ckpt")  # a copy: the test breaks its files one by one
@@ -367,8 +386,8 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def test_bad_arguments_raise_config_error(two: tuple[Family, Path]) -> None:
-    res = two[0]["errors"]
+def test_bad_arguments_raise_config_error(two: Family) -> None:
+    res = two["errors"]
     lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
     assert len(lines) == 27 and all(line.startswith("ok ") for line in lines), "\n".join(lines)
     # the engine's arguments and calls: one line naming the argument, before any work
@@ -391,13 +410,13 @@ def test_bad_arguments_raise_config_error(two: tuple[Family, Path]) -> None:
         f"ok uneven calls: {fewer}", f"ok uneven calls: stage 0 stops too: {fewer}"}, lines
 
 
-def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path, two: tuple[Family, Path],
+def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path, two: Family,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """`ppll train --engine deepspeed --on-nan skip` under the deepspeed launcher, with a NaN loss on stage 1 at
     step 4, stopped at step 30 and resumed, ends with the same weights, aux heads and optimizer state as the native
     engine's uninterrupted run. 1409 training images in batches of 64 cut into M = 2 micro-batches: the last batch
     of each epoch holds one image (fewer than M), and both engines train on it."""
-    ran, root = two
+    ran, root = two, two.root
     first, second = ran["native_a"], ran["native_b"]
     assert "stopped at step 30" in first.stdout and "step-000030" in first.stdout, first.stdout
     assert "ppll: warning: stage 1: loss is nan at step 4; this stage skips the step's update" in first.stderr
@@ -425,11 +444,11 @@ def test_ppll_train_engine_deepspeed_equals_native_and_resumes(tmp_path: Path, t
             assert torch.equal(x[k], y[k]), (name, k)
 
 
-def test_gpt2_engine_deepspeed_equals_native(tmp_path: Path, two: tuple[Family, Path],
+def test_gpt2_engine_deepspeed_equals_native(tmp_path: Path, two: Family,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """`ppll train --engine deepspeed` on a GPT-2 language model (K = 2, token ids in, per-token aux head, M = 2)
     writes the same checkpoint as the native engine: weights, aux head, optimizer state, config.json."""
-    ran, root = two
+    ran, root = two, two.root
     res = ran["gpt2"]
     assert "validation perplexity" in res.stdout, res.stdout
     capsys.readouterr()  # the native engine's run in this process (the CLI's own code, sequential runtime)
@@ -449,11 +468,11 @@ def test_gpt2_engine_deepspeed_equals_native(tmp_path: Path, two: tuple[Family, 
             assert torch.equal(x[k], y[k]), (name, k)
 
 
-def test_data_parallel_trains_the_last_uneven_step(two: tuple[Family, Path]) -> None:
+def test_data_parallel_trains_the_last_uneven_step(two: Family) -> None:
     """`ppll train --engine deepspeed` with 2 data-parallel replicas and 3 batches per epoch (32, 32, 6 images):
     step 1 averages the replicas' batches, step 2 trains the 6-image batch on replica 0 alone (replica 1 only joins
     the all-reduce), as one process training on batches 0+1 together, then batch 2."""
-    ran, root = two
+    ran, root = two, two.root
     res = ran["uneven"]
     assert "| steps 4" in res.stdout and "(70 train / 50 test)" in res.stdout, res.stdout
     cfg = load_config(None, [*UNEVEN_SETS, "local.runtime=sequential", "local.engine=native", "local.data_parallel=1"])
@@ -513,12 +532,13 @@ def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> list[dict[s
 
 
 def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_cleanly(
-        two: tuple[Family, Path], three: tuple[Family, Path]) -> None:
+        two: Family, three: Family) -> None:
     """DeepSpeedExamples-style LM: (N, T) token ids (K=2, M=2) and soft (N, T, V) targets (K=3, M=1) reach every
     stage whole, aux_heads="auto" gives per-token heads; a fast first stage and a script that returns right after
     its last train_batch (no flush), the last case of its launch: every rank exits 0."""
     for run, (stages, micro, soft, steps) in enumerate(LM_RUNS):
-        ran, root = (two, three)[run]
+        ran = (two, three)[run]
+        root = ran.root
         res = ran[f"lm{run}"]
         assert ran.launch.returncode == 0, (run, ran.launch.stdout[-2000:], ran.launch.stderr[-3000:])
         stderr = res.stderr + ran.launch.stderr  # what the process printed while it ended lands in the launch's
@@ -531,52 +551,10 @@ def test_lm_from_layer_specs_with_token_targets_equals_sequential_and_exits_clea
                 assert torch.allclose(got[k], v, atol=1e-5, rtol=0), (run, s, k, (got[k] - v).abs().max())
 
 
-ZERO_RUN = ("--stages", "2", "--micro", "2", "--aux", "conv", "--clip", "1.0")
-"""K = 2 stages x D = 2 replicas (4 processes), 2 micro-batches, per-stage clipping (ZeRO-1 computes the norm from
-its shards)."""
-PPLL_ZERO_SETS = ["model.name=resnet8", "model.width=8", "data.train_subset=128", "data.test_subset=16",
-                  "train.batch_size=16", "train.epochs=1", "train.progress=false", "local.stages=2",
-                  "local.data_parallel=2", "local.micro_batches=2", "optim.lr=0.05", "optim.grad_clip=1.0"]
-"""`ppll train --engine deepspeed`, K = 2 stages x D = 2 replicas (4 processes), 4 steps of 2 x 16 digits, with the
-default optimizer (SGD with Nesterov momentum, which DeepSpeed's ZeRO runs only when the ds_config allows untested
-optimizers: ppll train does)."""
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
-    """Every K = 2 x D = 2 case (4 processes) in one launch (launch/deepspeed.sh 4), the fp16 one last. Among them
-    deepspeed_train.py with ZeRO-1 for 6 steps, DeepSpeed's checkpoint written after 3 ("zero"), and `ppll train
-    --engine deepspeed` with ZeRO-1 in local.deepspeed_config (a one-line ds_config: ppll train adds the rest), a
-    checkpoint every 2 steps ("ppll_zero"). The family folder and its launch."""
-    root = tmp_path_factory.mktemp("ds4")
-    zero1 = root / "zero1.json"
-    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    ppll = ["--keep", "5", *sets(*PPLL_ZERO_SETS)]
-    with_zero = sets(f"local.deepspeed_config={zero1}")
-    cases = [
-        case("dp", "--out", root / "dp", "--stages", "2", "--micro", "2", "--steps", "6", "--aux", "conv"),
-        case("zero", "--out", root / "zero", *ZERO_RUN, "--steps", "6", "--zero", "1", "--save-ckpt",
-             root / "zero_ckpt", "--save-at", "3"),
-        case("zero_plain", "--out", root / "zero_plain", *ZERO_RUN, "--steps", "6"),
-        case("zero_resumed", "--out", root / "zero_resumed", *ZERO_RUN, "--steps", "3", "--start", "3", "--zero", "1",
-             "--load-ckpt", root / "zero_ckpt"),
-        case("zero_bf16", "--out", root / "zero_bf16", "--stages", "2", "--steps", "2", "--aux", "conv", "--config",
-             CONFIGS / "ppll_zero1_bf16.json"),
-        ppll_train("ppll_zero", *ppll, "--save-dir", root / "ppll_zero", *with_zero, "--save-every", "2"),
-        ppll_train("ppll_plain", *ppll, "--save-dir", root / "ppll_plain", *sets("train.stop_at_step=2")),
-        ppll_train("ppll_resumed", *ppll, "--save-dir", root / "ppll_resumed", *with_zero, "--resume",
-                   root / "ppll_zero" / "step-000002"),
-        case("zero_fp16", "--out", root / "zero_fp16", "--stages", "2", "--micro", "2", "--size", "8", "--steps", "5",
-             "--aux", "conv", "--clip", "0.5", "--zero", "1", "--fp16", "--overflow", "1:2:1", "--nan-step", "3",
-             "--on-nan", "skip"),
-    ]
-    return launch_family(4, root, cases), root
-
-
-def test_zero1_shards_optimizer_states_within_each_stage(four: tuple[Family, Path]) -> None:
+def test_zero1_shards_optimizer_states_within_each_stage(four: Family) -> None:
     """ZeRO-1 over each stage's 2 replicas trains the same weights as the same run without ZeRO, its optimizer states
     gathered from the shards equal the unsharded ones, and each process holds half the optimizer-state bytes."""
-    ran, root = four
+    ran, root = four, four.root
     ran.ok("zero", "zero_plain")
     zero, plain = runs(root / "zero", 4), runs(root / "zero_plain", 4)
     for r in range(4):
@@ -598,11 +576,11 @@ def test_zero1_shards_optimizer_states_within_each_stage(four: tuple[Family, Pat
         assert zero[2 * stage][0]["grad_norms"] == zero[2 * stage + 1][0]["grad_norms"]
 
 
-def test_zero1_bf16_config_shards_optimizer_states_within_each_stage(four: tuple[Family, Path]) -> None:
+def test_zero1_bf16_config_shards_optimizer_states_within_each_stage(four: Family) -> None:
     """configs/deepspeed/ppll_zero1_bf16.json (K = 2 x D = 2): DeepSpeed picks its ZeRO-1 optimizer, which shards the
     fp32 optimizer states over the stage's replicas (each holds half of exp_avg + exp_avg_sq); replicas stay
     identical, the losses are finite and each stage clips by its own gradient norm (the same on both replicas)."""
-    ran, root = four
+    ran, root = four, four.root
     ran.ok("zero_bf16")
     trained = runs(root / "zero_bf16", 4)
     for r, (info, _) in trained.items():
@@ -616,11 +594,11 @@ def test_zero1_bf16_config_shards_optimizer_states_within_each_stage(four: tuple
     assert trained[0][0]["grad_norms"] != trained[2][0]["grad_norms"]
 
 
-def test_zero1_deepspeed_checkpoint_resumes_exactly(four: tuple[Family, Path]) -> None:
+def test_zero1_deepspeed_checkpoint_resumes_exactly(four: Family) -> None:
     """DeepSpeed's own save_checkpoint / load_checkpoint under ZeRO-1: one optimizer shard file per process, and a run
     resumed at step 3 ends with exactly the weights, optimizer states and losses of the uninterrupted run. (DeepSpeed
     saves a stage's module once, from replica 0: every replica resumes with replica 0's BatchNorm statistics.)"""
-    ran, root = four
+    ran, root = four, four.root
     ran.ok("zero", "zero_resumed")
     first = runs(root / "zero", 4)
     shards = sorted(p.name for p in (root / "zero_ckpt" / "step3").glob("*optim_states.pt"))
@@ -638,14 +616,14 @@ def test_zero1_deepspeed_checkpoint_resumes_exactly(four: tuple[Family, Path]) -
         assert all(torch.equal(tensors[k], v) for k, v in final.items()), ("resumed run differs", r)
 
 
-def test_fp16_loss_scale_is_per_stage(two: tuple[Family, Path]) -> None:
+def test_fp16_loss_scale_is_per_stage(two: Family) -> None:
     """DeepSpeed's fp16 optimizer with dynamic loss scaling, K = 2 (on this CPU with torch's fp16 kernels, see
     deepspeed_train.allow_fp16_on_cpu): infinite gradients on stage 1 at train_batch 2 skip stage 1's update only and
     halve its loss scale, with one warning; stage 0 keeps its scale and ends with exactly the weights of the run
     without the overflow (stock DeepSpeed reduces the overflow flag over all stages). Without an overflow the fp16
     weights follow fp32 sequential local learning with the same clipping, up to fp16 rounding (measured: within 8-18%
     of each tensor's fp32 displacement after 5 steps)."""
-    ran, root = two
+    ran, root = two, two.root
     ran.ok("fp16_clean")
     res = ran["fp16_faulty"]
     clean, faulty = runs(root / "fp16_clean", 2), runs(root / "fp16_faulty", 2)
@@ -666,12 +644,12 @@ def test_fp16_loss_scale_is_per_stage(two: tuple[Family, Path]) -> None:
             assert moved > 0 and err < 0.3 * moved, (r, k, float(err), float(moved))
 
 
-def test_zero1_fp16_overflow_on_one_replica_and_nan_skip_stay_within_the_stage(four: tuple[Family, Path]) -> None:
+def test_zero1_fp16_overflow_on_one_replica_and_nan_skip_stay_within_the_stage(four: Family) -> None:
     """ZeRO-1 with fp16 (K = 2 x D = 2): infinite gradients on replica 1 of stage 1 at train_batch 2 make both replicas
     of stage 1 (the overflow flag is reduced over the stage's replicas) and no replica of stage 0 skip that update
     and halve their loss scale; a NaN loss on every stage at train_batch 3 (on_nan="skip") drops ZeRO's reduced
     gradients on every rank. Replicas stay identical; the schedule advances over every skipped step."""
-    ran, root = four
+    ran, root = four, four.root
     ran.ok("zero_fp16")
     trained = runs(root / "zero_fp16", 4)
     for r, (info, tensors) in trained.items():
@@ -700,10 +678,10 @@ def assert_same_checkpoint(a: Path, b: Path, exact: bool) -> None:
             assert same, (name, k, (x[k] - y[k]).abs().max())
 
 
-def test_ppll_train_zero1_checkpoint_gathers_the_states(four: tuple[Family, Path]) -> None:
+def test_ppll_train_zero1_checkpoint_gathers_the_states(four: Family) -> None:
     """With ZeRO-1 the checkpoint holds each stage's optimizer states gathered whole from its replicas' shards, in
     ppll_ext's layout: the same files and tensors (up to rounding) as the same run without ZeRO."""
-    ran, root = four
+    ran, root = four, four.root
     ran.ok("ppll_zero", "ppll_plain")
     zero = root / "ppll_zero"
     assert_same_checkpoint(zero / "step-000002", root / "ppll_plain" / "step-000002", exact=False)
@@ -711,9 +689,9 @@ def test_ppll_train_zero1_checkpoint_gathers_the_states(four: tuple[Family, Path
     assert any(k.endswith("momentum_buffer") for k in state), sorted(state)
 
 
-def test_ppll_train_zero1_resumes_exactly(four: tuple[Family, Path]) -> None:
+def test_ppll_train_zero1_resumes_exactly(four: Family) -> None:
     """A ZeRO-1 run resumed from its step-2 checkpoint (the gathered states re-sharded over the replicas) ends with
     exactly the uninterrupted run's checkpoint."""
-    ran, root = four
+    ran, root = four, four.root
     ran.ok("ppll_zero", "ppll_resumed")
     assert_same_checkpoint(root / "ppll_zero" / "step-000004", root / "ppll_resumed" / "step-000004", exact=True)

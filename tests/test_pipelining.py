@@ -21,7 +21,7 @@ DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import pipelining_lm_ppll as lm_script  # noqa: E402
 import pipelining_ppll as script  # noqa: E402
-from procs import Family, communicate, env, family, free_port, run, torchrun_cmd  # noqa: E402
+from procs import LAST, Family, communicate, env, free_port, plan, run, torchrun_cmd  # noqa: E402
 
 PPLL_RUNS = [(2, 4), (3, 1)]
 """test_ppll_script_equals_sequential_local_learning: (stages, micro-batches), 12 steps."""
@@ -31,46 +31,32 @@ steps."""
 CKPT_ARGS = ["--steps", "12", "--microbatches", "2"]
 
 
-def case(name: str, script: str, *args: object) -> dict:
-    """A case of a family launch: tests/dist/`script` with `args`."""
-    return {"name": name, "script": str(DIST / script), "args": [str(a) for a in args]}
+T2, T3 = plan("torchrun", 2), plan("torchrun", 3)
+"""The torchrun launches (one per process count) that run this module's script runs, with other modules' cases."""
+T2.add("gpipe", "--steps", 3, script=DIST / "pipelining_gpipe.py")
+for stages, micro in PPLL_RUNS:
+    plan("torchrun", stages).add(f"ppll_{stages}_{micro}", "--steps", 12, "--microbatches", micro, "--save",
+                                 f"{{root}}/ppll_{stages}_{micro}", script=DIST / "pipelining_ppll.py")
+T2.add("ckpt_full", *CKPT_ARGS, "--save", "{root}/full", "--ckpt", "{root}/run", "--ckpt-at", 6,
+       script=DIST / "pipelining_ppll.py")
+T2.add("ckpt_resumed", *CKPT_ARGS, "--save", "{root}/resumed", "--resume", "{root}/run/step-000006",
+       script=DIST / "pipelining_ppll.py")
+T2.add("lm_gpipe", "--steps", 2, script=DIST / "pipelining_lm_gpipe.py")
+for stages, micro, soft in LM_RUNS:
+    plan("torchrun", stages).add(f"lm_{stages}_{micro}", "--steps", 6, "--microbatches", micro, "--save",
+                                 f"{{root}}/lm_{stages}_{micro}", *(["--soft"] if soft else []),
+                                 script=DIST / "pipelining_lm_ppll.py")
+T3.add("exit_return", "--steps", 6, "--end", "return", script=DIST / "pipelining_exit.py", order=LAST)
 
 
-def ppll_case(root: Path, stages: int, micro: int) -> dict:
-    return case(f"ppll_{stages}_{micro}", "pipelining_ppll.py", "--steps", 12, "--microbatches", micro, "--save",
-                root / f"ppll_{stages}_{micro}")
+@pytest.fixture
+def two(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return T2.launch(tmp_path_factory)
 
 
-def lm_case(root: Path, stages: int, micro: int, soft: bool) -> dict:
-    return case(f"lm_{stages}_{micro}", "pipelining_lm_ppll.py", "--steps", 6, "--microbatches", micro, "--save",
-                root / f"lm_{stages}_{micro}", *(["--soft"] if soft else []))
-
-
-@pytest.fixture(scope="module")
-def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
-    """Every 2-rank script run of this module in one torchrun launch; the family and its folder."""
-    root = tmp_path_factory.mktemp("torchrun2")
-    cases = [
-        case("gpipe", "pipelining_gpipe.py", "--steps", 3),
-        ppll_case(root, *PPLL_RUNS[0]),
-        case("ckpt_full", "pipelining_ppll.py", *CKPT_ARGS, "--save", root / "full", "--ckpt", root / "run",
-             "--ckpt-at", 6),
-        case("ckpt_resumed", "pipelining_ppll.py", *CKPT_ARGS, "--save", root / "resumed", "--resume",
-             root / "run" / "step-000006"),
-        case("lm_gpipe", "pipelining_lm_gpipe.py", "--steps", 2),
-        lm_case(root, *LM_RUNS[1]),
-    ]
-    return family(torchrun_cmd(2), 2, cases, root / "family"), root
-
-
-@pytest.fixture(scope="module")
-def three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
-    """Every 3-rank script run in one torchrun launch, pipelining_exit.py --end return last (the script's end is the
-    process's end); the family and its folder."""
-    root = tmp_path_factory.mktemp("torchrun3")
-    cases = [ppll_case(root, *PPLL_RUNS[1]), lm_case(root, *LM_RUNS[0]),
-             case("exit_return", "pipelining_exit.py", "--steps", 6, "--end", "return")]
-    return family(torchrun_cmd(3), 3, cases, root / "family"), root
+@pytest.fixture
+def three(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return T3.launch(tmp_path_factory)
 
 
 def test_conversion_changes_only_the_schedule_aux_head_and_optimizer() -> None:
@@ -85,8 +71,8 @@ def test_conversion_changes_only_the_schedule_aux_head_and_optimizer() -> None:
     ]
 
 
-def test_stock_gpipe_script_runs(two: tuple[Family, Path]) -> None:
-    two[0].ok("gpipe")
+def test_stock_gpipe_script_runs(two: Family) -> None:
+    two.ok("gpipe")
 
 
 def reference(stages: int, micro: int, steps: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -119,7 +105,8 @@ def reference(stages: int, micro: int, steps: int) -> dict[int, dict[str, torch.
 @pytest.mark.parametrize(("stages", "micro"), PPLL_RUNS)
 def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, request: pytest.FixtureRequest) -> None:
     steps = 12
-    ran, root = request.getfixturevalue("two" if stages == 2 else "three")
+    ran = request.getfixturevalue("two" if stages == 2 else "three")
+    root = ran.root
     res = ran[f"ppll_{stages}_{micro}"]
     assert "terminate called" not in res.stderr
     losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1} loss")]
@@ -173,10 +160,10 @@ def test_get_schedule_class_knows_ppll_whatever_the_import_order() -> None:
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
-def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(two: tuple[Family, Path]) -> None:
+def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(two: Family) -> None:
     """SchedulePPLL.save_checkpoint writes ppll_ext's layout under the unsplit model's names (via names=); a run
     resumed from the step-6 checkpoint with load_checkpoint ends with the uninterrupted run's weights."""
-    ran, root = two
+    ran, root = two, two.root
     ran.ok("ckpt_full")
     assert sorted(p.name for p in (root / "run").iterdir()) == ["step-000006", "step-000012"]
     model = nn.Sequential(*script.stage_modules(1)[0])
@@ -197,7 +184,7 @@ def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(two: 
             assert torch.equal(a[name], b[name]), (k, name)
 
 
-def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target(two: tuple[Family, Path]) -> None:
+def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target(two: Family) -> None:
     gpipe = (DIST / "pipelining_lm_gpipe.py").read_text().split('"""', 2)[2].splitlines()
     ppll = (DIST / "pipelining_lm_ppll.py").read_text().split('"""', 2)[2].splitlines()
     removed = [line[1:].strip() for line in difflib.unified_diff(gpipe, ppll, lineterm="", n=0)
@@ -209,7 +196,7 @@ def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target(two: 
         "schedule.step(x)",
         "schedule.eval(x)",
     ]
-    res = two[0]["lm_gpipe"]
+    res = two["lm_gpipe"]
     assert "rank 1 eval loss" in res.stdout, res.stdout
 
 
@@ -240,7 +227,8 @@ def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: i
     """(N, T) token ids (and (N, T, V) soft targets) reach every stage whole; torchtitan's loss form works there;
     eval() afterwards changes no weight."""
     steps = 6
-    ran, root = request.getfixturevalue("two" if stages == 2 else "three")
+    ran = request.getfixturevalue("two" if stages == 2 else "three")
+    root = ran.root
     res = ran[f"lm_{stages}_{micro}"]
     losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1} loss")]
     assert len(losses) == steps and losses[-1] < losses[0], losses
@@ -288,7 +276,7 @@ def test_a_script_ending_right_after_its_last_step_exits_0_on_every_rank(end: st
     trains every step and exits 0, with no abort at exit. (The "return" run is the last case of the 3-rank
     launch: its end is the end of the processes; the "destroy" run has a launch of its own.)"""
     if end == "return":
-        ran, _ = request.getfixturevalue("three")
+        ran = request.getfixturevalue("three")
         case_run, launch = ran["exit_return"], ran.launch
         stdout, stderr = case_run.stdout, case_run.stderr + launch.stderr
     else:
