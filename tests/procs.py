@@ -312,11 +312,12 @@ class Family:
                        {r: text(folder / f"rank{r}.err") for r in range(self.nproc)})
 
 
-def family(launcher: list[str], nproc: int, cases: list[dict], folder: Path, timeout: float = 600,
+def family(launcher: list[str], nproc: int, cases: list[dict], folder: Path, timeout: float = 480,
            root: Path | None = None, **extra: str) -> Family:
     """Run `cases` ({"name", "script" or "module", "args"}) in one launch of tests/dist/family.py by `launcher`
     (which starts `nproc` processes), one after another in every process, their output kept in `folder`; their
-    results by name."""
+    results by name. Past `timeout` (below pytest's 600 s per test, so that the whole process tree is killed here)
+    the test fails with the launch's output."""
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / "family.json"
     plan.write_text(json.dumps({"out": str(folder), "cases": cases}))
