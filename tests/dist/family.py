@@ -22,8 +22,6 @@ import sys
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def run_case(case: dict, local_rank: list[str]) -> int:
     """Run one case's script or module as `__main__`; its exit status (an uncaught exception prints its
@@ -51,9 +49,9 @@ def run_case(case: dict, local_rank: list[str]) -> int:
 def fresh_group_names(number: int) -> None:
     """Name the process groups case `number` creates apart from every earlier case's.
 
-    torch names groups by a counter that destroy_process_group() resets, while the rendezvous store outlives the
-    group (torchrun's agent keeps it): a second case's first new_group() would meet the first case's keys in the
-    store and wait for peers that left. A thousand names per case keeps them apart.
+    torch names groups by a counter that destroy_process_group() resets, while the rendezvous store can outlive the
+    group (torchrun's agent keeps its own): a second case's first new_group() met the first case's keys in the store
+    and waited for peers that had left (seen under both launchers). A thousand names per case keeps them apart.
     """
     from torch.distributed import distributed_c10d
 
