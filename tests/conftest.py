@@ -1,4 +1,5 @@
-"""Fixtures shared by the tests: DeepSpeed's CPU ops built once, small file systems that really fill up."""
+"""Fixtures shared by the tests: one torch thread, DeepSpeed's CPU ops built once, small file systems that really
+fill up."""
 
 from __future__ import annotations
 
@@ -9,10 +10,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 BUILD_SHM_OP = ("from deepspeed.accelerator import get_accelerator; "
                 "b = get_accelerator().create_op_builder('ShareMemCommBuilder'); "
                 "b is None or b.load()")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread in the tests' own process, as in every process they launch (tests/procs.py env()): the
+    models are tiny, and a second OpenMP thread on a busy 2-core machine spins more than it computes (a test of a few
+    hundred small steps took 3x as long with two)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 In a test's own process: `faults.install("1:4:nan")` (and `faults.clear()` afterwards). In processes a
 launcher starts: run this file instead of `-m ppll_ext.train`, e.g.
-`torchrun --nproc_per_node 2 tests/faults.py 1:5:raise train --set ...`; it installs the fault, then runs the
-`ppll` command line with the remaining arguments.
+`torchrun --nproc_per_node 2 tests/faults.py 1:5:raise train --set ...`; it installs the fault, runs the
+`ppll` command line with the remaining arguments, then removes the fault.
 
 SPEC = stage:step:kind with kind raise | kill | nan (while the stage trains step `step`: raise an error, SIGKILL
 its own process, or make its local loss NaN), kill-in-save (SIGKILL while the stage writes the checkpoint of
@@ -97,4 +97,7 @@ if __name__ == "__main__":
     install(argv[0])
     from ppll_ext.cli import main
 
-    sys.exit(main(argv[1:]))
+    try:
+        sys.exit(main(argv[1:]))
+    finally:
+        clear()  # tests/dist/family.py runs more cases in this process

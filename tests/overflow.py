@@ -3,8 +3,8 @@
 SPEC = stage:step: while stage `stage` trains step `step`, the gradient of its first parameter becomes infinite (its
 loss stays finite), as an fp16 overflow makes it. In a test's own process: `overflow.install("1:3")` (and
 `overflow.clear()` afterwards); in processes a launcher starts, run this file instead of `-m ppll_ext.train`, e.g.
-`torchrun --nproc_per_node 2 tests/overflow.py 1:3 train --set ...`; it installs the overflow, then runs the `ppll`
-command line with the remaining arguments.
+`torchrun --nproc_per_node 2 tests/overflow.py 1:3 train --set ...`; it installs the overflow, runs the `ppll`
+command line with the remaining arguments, then removes the overflow.
 """
 
 from __future__ import annotations
@@ -45,4 +45,7 @@ if __name__ == "__main__":
     install(argv[0])
     from ppll_ext.cli import main
 
-    sys.exit(main(argv[1:]))
+    try:
+        sys.exit(main(argv[1:]))
+    finally:
+        clear()  # tests/dist/family.py runs more cases in this process

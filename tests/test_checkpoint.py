@@ -8,11 +8,11 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -40,15 +40,18 @@ MODELS = {
 }
 
 
-def ppll(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The `ppll` command as a user runs it (processes runtime: it spawns torchrun itself)."""
-    full = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-c", "from ppll_ext.cli import entry; entry()", *args],
-                          capture_output=True, text=True, timeout=timeout, env=full)
-
-
 def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
+
+
+RESUME_PROCESSES = [*MODELS["resnet8"], *SMALL, "local.stages=2", "train.epochs=2"]
+"""test_exact_resume_processes: stopped at step 7 and resumed, in the torchrun launch of 2 processes (with other
+modules' cases)."""
+T2 = procs.plan("torchrun", 2)
+T2.add("ckpt_stop", "train", *sets(*RESUME_PROCESSES, "local.runtime=processes"), "--save-dir", "{root}/ckpt_b",
+       *sets("train.stop_at_step=7"), module="ppll_ext")
+T2.add("ckpt_resume", "train", *sets(*RESUME_PROCESSES, "local.runtime=processes"), "--save-dir", "{root}/ckpt_b",
+       "--resume", "{root}/ckpt_b", module="ppll_ext")
 
 
 def plain_accuracy(model: torch.nn.Module, cfg) -> float:
@@ -62,14 +65,18 @@ def plain_accuracy(model: torch.nn.Module, cfg) -> float:
 
 @pytest.mark.parametrize(("name", "runtime"), [("resnet8", "processes"), ("vit", "threads")])
 def test_k4_checkpoint_loads_into_the_plain_model(name: str, runtime: str, tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """K = 4 stages write one shard each (4 processes; the ViT in 4 threads, the same writer) that load strict into
-    the plain model with safetensors, accelerate and torch.distributed.checkpoint, giving the printed accuracy."""
+                                                  caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """K = 4 stages write one shard each (4 processes, which `ppll train` called in this process spawns under
+    torchrun; the ViT in 4 threads, the same writer) that load strict into the plain model with safetensors,
+    accelerate and torch.distributed.checkpoint, giving the printed accuracy."""
     caplog.set_level(logging.INFO, logger="ppll_ext")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the spawned processes import this tree's ppll_ext
     overrides = [*MODELS[name], *SMALL, "local.stages=4", "train.epochs=1"]
-    res = ppll("train", *sets(*overrides, f"local.runtime={runtime}"), "--save-dir", str(tmp_path / "run"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    printed = float([line for line in res.stdout.splitlines() if "test accuracy" in line][0].split()[2])
+    rc = cli_main(["train", *sets(*overrides, f"local.runtime={runtime}"), "--save-dir", str(tmp_path / "run")])
+    stdout, stderr = capfd.readouterr()  # what the stage processes printed too
+    assert rc == 0, stderr[-3000:]
+    printed = float([line for line in stdout.splitlines() if "test accuracy" in line][0].split()[2])
     folder = ckpt.resolve(tmp_path / "run")
     index = json.loads((folder / ckpt.INDEX).read_text())
     assert sorted(set(index["weight_map"].values())) == [ckpt.shard_name(k, 4) for k in range(4)]
@@ -133,19 +140,15 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_exact_resume_processes(tmp_path: Path) -> None:
-    """Stopped and resumed under the processes runtime, the run ends bit-identical to an uninterrupted one
-    (computed by sequential local learning in this process, which the processes runtime equals)."""
-    overrides = [*MODELS["resnet8"], *SMALL, "local.stages=2", "train.epochs=2"]
-    _final([*overrides, "local.runtime=sequential", f"train.save_dir={tmp_path / 'a'}"])
-    base = sets(*overrides, "local.runtime=processes")
-    res = ppll("train", *base, "--save-dir", str(tmp_path / "b"), *sets("train.stop_at_step=7"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "stopped at step 7" in res.stdout
-    res = ppll("train", *base, "--save-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming at epoch 1 batch 7 (step 7)" in res.stdout
-    a, b = _tensors(ckpt.resolve(tmp_path / "a")), _tensors(ckpt.resolve(tmp_path / "b"))
+def test_exact_resume_processes(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stopped and resumed under the processes runtime (2 stage processes under torchrun), the run ends
+    bit-identical to an uninterrupted one (computed by sequential local learning in this process, which the
+    processes runtime equals)."""
+    _final([*RESUME_PROCESSES, "local.runtime=sequential", f"train.save_dir={tmp_path / 'a'}"])
+    ran = T2.launch(tmp_path_factory)
+    assert "stopped at step 7" in ran["ckpt_stop"].stdout
+    assert "resuming at epoch 1 batch 7 (step 7)" in ran["ckpt_resume"].stdout
+    a, b = _tensors(ckpt.resolve(tmp_path / "a")), _tensors(ckpt.resolve(ran.root / "ckpt_b"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -206,11 +209,8 @@ def test_corrupt_truncated_missing_and_foreign_checkpoints(saved: Path, tmp_path
 
 def test_kill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None:
     base = sets(*MODELS["resnet32"], *SMALL, "local.stages=2", "local.runtime=processes", "train.epochs=1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "faults.py"), "1:8:kill-in-save", "train", *base, "--save-dir", str(tmp_path),
-           "--save-every", "4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    res = procs.run([*procs.torchrun_cmd(2), str(REPO / "tests" / "faults.py"), "1:8:kill-in-save", "train", *base,
+                     "--save-dir", str(tmp_path), "--save-every", "4"])
     assert res.returncode != 0
     assert (tmp_path / "step-000008.tmp").is_dir() and not (tmp_path / "step-000008").exists()
     folder = ckpt.resolve(tmp_path)
@@ -221,9 +221,10 @@ def test_kill_while_saving_leaves_previous_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("max_size, files", [("5GB", ["model.safetensors", ckpt.STATE_DIR]), ("20KB", None)])
-def test_export_consolidates(saved: Path, tmp_path: Path, max_size: str, files: list[str] | None) -> None:
-    res = ppll("export", str(saved.parent), str(tmp_path / "out"), "--max-shard-size", max_size, timeout=120)
-    assert res.returncode == 0, res.stderr
+def test_export_consolidates(saved: Path, tmp_path: Path, max_size: str, files: list[str] | None,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(["export", str(saved.parent), str(tmp_path / "out"), "--max-shard-size", max_size])
+    assert rc == 0, capsys.readouterr().err
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     if files is not None:
         assert written == files
@@ -445,8 +446,7 @@ def test_a_full_disk_in_a_stage_process_is_one_line_and_keeps_the_previous_check
     cmd = [sys.executable, "-m", "ppll_ext.runtime.torchrun", str(os.getpid()), "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "faults.py"), "1:8:full-in-save", "train", *base, "--save-dir", str(disk / "run"),
            "--save-every", "4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    res = procs.run(cmd)
     lines = res.stderr.splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
     # stage 0 may still have been writing when stage 1 filled the disk: then its failure is the first

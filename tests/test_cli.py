@@ -1,14 +1,15 @@
-"""The `ppll` command end to end, as a user runs it (real subprocesses)."""
+"""The `ppll` command end to end: its own code path in this process (main), and as a user runs it (real
+subprocesses) where the process's exit and output are the point."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import run
 
 from ppll_ext.cli import main
 from ppll_ext.config import ModelConfig
@@ -18,18 +19,26 @@ from ppll_ext.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ppll(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m ppll_ext.cli ...` (what the `ppll` script runs) and capture its output."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", "from ppll_ext.cli import entry; entry()", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+def ppll(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -c 'from ppll_ext.cli import entry; entry()' ...` (what the `ppll` script runs) and capture its
+    output."""
+    return run([sys.executable, "-c", "from ppll_ext.cli import entry; entry()", *args], timeout=timeout)
 
 
-def test_train_tiny_config_end_to_end(tmp_path: Path) -> None:
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """`ppll args` through the CLI's own code path in this process: (exit code, stdout, stderr) as a subprocess's
+    would be."""
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["ppll", *args], rc, out, err)
+
+
+def test_train_tiny_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("model: {name: resnet8, width: 8}\ndata: {name: digits, train_subset: 600}\n"
                    "local: {stages: 3, aux: mlp-sr, runtime: sequential}\ntrain: {epochs: 3, batch_size: 50}\n")
-    res = ppll("train", "--config", str(cfg), "--set", "optim.lr=0.1", "--set", "train.progress=false")
+    res = in_process(capsys, "train", "--config", str(cfg), "--set", "optim.lr=0.1", "--set", "train.progress=false")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert sum(line.startswith("epoch ") for line in lines) == 3
@@ -39,9 +48,9 @@ def test_train_tiny_config_end_to_end(tmp_path: Path) -> None:
     assert "aux heads (early exit)" in acc and float(acc.split()[-2]) > 0.5
 
 
-def test_train_bp_method(tmp_path: Path) -> None:
-    res = ppll("train", "--set", "train.method=bp", "--set", "train.epochs=1", "--set", "data.train_subset=300",
-               "--set", "train.progress=false")
+def test_train_bp_method(capsys: pytest.CaptureFixture[str]) -> None:
+    res = in_process(capsys, "train", "--set", "train.method=bp", "--set", "train.epochs=1", "--set",
+                     "data.train_subset=300", "--set", "train.progress=false")
     assert res.returncode == 0, res.stderr
     assert "summary: method=bp" in res.stdout
 
@@ -78,13 +87,13 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert ci in (REPO / "README.md").read_text()
 
 
-def test_partition_prints_and_writes_every_stage(tmp_path: Path) -> None:
-    """`ppll partition` as a user runs it: the profiled split of a small config, each stage's layers and times."""
+def test_partition_prints_and_writes_every_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ppll partition`: the profiled split of a small config, each stage's layers and times."""
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("model: {name: resnet8, width: 8}\ndata: {name: digits}\n"
                    "local: {stages: 3, partition: profile}\ntrain: {batch_size: 32}\n")
     out = tmp_path / "plans" / "split.json"
-    res = ppll("partition", "--config", str(cfg), "--set", "local.micro_batches=2", "--json", str(out), timeout=120)
+    res = in_process(capsys, "partition", "--config", str(cfg), "--set", "local.micro_batches=2", "--json", str(out))
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     assert doc["model"] == "resnet8" and doc["method"] == "profile" and doc["rows"] == 16

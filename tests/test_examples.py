@@ -5,10 +5,7 @@ torchrun) with falling losses."""
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +17,7 @@ EXAMPLES = REPO / "examples"
 MEGATRON = EXAMPLES / "megatron_gpt"
 TITAN = EXAMPLES / "torchtitan_llama"
 sys.path.insert(0, str(REPO / "tests"))
-from procs import communicate  # noqa: E402
+from procs import Family, deepspeed_cmd, family, free_port, torchrun_cmd  # noqa: E402
 
 # docs page and its section holding the pair's diff -> (stock script, PPLL twin)
 PAIRS = {("deepspeed.md", "A Megatron-DeepSpeed script"): (MEGATRON / "pretrain_gpt_stock.py",
@@ -62,38 +59,35 @@ def test_pair_differs_only_where_the_docs_say(page: str, section: str) -> None:
     assert removed and added
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def _run(cmd: list[str], what: str) -> str:
-    """Run a launcher in its own session (killed whole on timeout); its stdout, after checking it exited 0."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
-                            start_new_session=True)
-    res = communicate(proc, 240, what)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res.stdout
-
-
 def _falls(losses: list[float], steps: int) -> None:
     assert len(losses) == steps, losses
     head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert tail < head - 0.5, losses
 
 
-def megatron(script: Path, *extra: str, iters: int = 12) -> dict[int, list[float]]:
-    """Run a Megatron-style script under `deepspeed --num_gpus 2` (K = 2 stages); each stage's printed losses."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(script), "--pipeline-model-parallel-size", "2", "--train-iters",
-           str(iters), "--deepspeed", "--deepspeed_config", str(MEGATRON / "ds_config_zero1_bf16.json"), *extra]
+def example(script: Path, *args: str) -> dict:
+    """A case of a family launch: an example script with its arguments."""
+    return {"name": script.stem, "script": str(script), "args": list(args)}
+
+
+@pytest.fixture(scope="module")
+def megatron(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Both Megatron-style scripts, one after the other in one `deepspeed --num_gpus 2` launch (K = 2 stages), 12
+    iterations each with the pair's ds_config."""
+    port = free_port()
+    args = ["--pipeline-model-parallel-size", "2", "--train-iters", "12", "--deepspeed", "--deepspeed_config",
+            str(MEGATRON / "ds_config_zero1_bf16.json")]
     try:
-        out = _run(cmd, script.name)
+        return family(deepspeed_cmd(2, port), 2, [example(MEGATRON / f"pretrain_gpt_{kind}.py", *args)
+                                                   for kind in ("stock", "ppll")], tmp_path_factory.mktemp("megatron"))
     finally:
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             f.unlink()  # DeepSpeed's CPU comm op leaves them; a stock script has nobody to remove them
+
+
+def megatron_losses(ran: Family, script: str) -> dict[int, list[float]]:
+    """Each stage's printed losses of a Megatron-style script's run."""
+    out = ran[script].stdout
     losses: dict[int, list[float]] = {0: [], 1: []}
     # Not anchored to line starts: the ranks share the launcher's stdout, unbuffered, so one rank's line may follow
     # another's before its newline.
@@ -104,34 +98,39 @@ def megatron(script: Path, *extra: str, iters: int = 12) -> dict[int, list[float
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops")
-def test_megatron_stock_pair_runs_under_deepspeed_and_its_loss_falls() -> None:
+def test_megatron_stock_pair_runs_under_deepspeed_and_its_loss_falls(megatron: Family) -> None:
     """Stock DeepSpeed 1F1B with ZeRO-1 and bf16 (the ds_config as it is): the model's loss falls."""
-    losses = megatron(MEGATRON / "pretrain_gpt_stock.py")
+    losses = megatron_losses(megatron, "pretrain_gpt_stock")
     _falls(losses[1], 12)
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops")
-def test_megatron_ppll_pair_runs_under_deepspeed_and_its_losses_fall() -> None:
+def test_megatron_ppll_pair_runs_under_deepspeed_and_its_losses_fall(megatron: Family) -> None:
     """The PPLL twin with the same ds_config (ZeRO-1 within each stage's replicas, bf16): the model's loss (stage 1)
     and stage 0's aux-head loss fall."""
-    losses = megatron(MEGATRON / "pretrain_gpt_ppll.py")
+    losses = megatron_losses(megatron, "pretrain_gpt_ppll")
     _falls(losses[1], 12)
     _falls(losses[0], 12)
 
 
-def torchtitan(script: Path, steps: int = 12) -> list[float]:
-    """Run a torchtitan-style trainer under `torchrun --nproc_per_node 2`; the last stage's printed losses."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--training.steps", str(steps)]
-    out = _run(cmd, script.name)
-    return [float(v) for v in re.findall(r"^step: +\d+  loss: +(\S+)$", out, re.M)]
+@pytest.fixture(scope="module")
+def torchtitan(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Both torchtitan-style trainers, one after the other in one `torchrun --nproc_per_node 2` launch, 12 steps
+    each."""
+    return family(torchrun_cmd(2), 2, [example(TITAN / f"train_{kind}.py", "--training.steps", "12")
+                                       for kind in ("stock", "ppll")], tmp_path_factory.mktemp("torchtitan"))
 
 
-def test_torchtitan_stock_pair_runs_under_torchrun_and_its_loss_falls() -> None:
+def titan_losses(ran: Family, script: str) -> list[float]:
+    """The last stage's printed losses of a torchtitan-style trainer's run."""
+    return [float(v) for v in re.findall(r"^step: +\d+  loss: +(\S+)$", ran[script].stdout, re.M)]
+
+
+def test_torchtitan_stock_pair_runs_under_torchrun_and_its_loss_falls(torchtitan: Family) -> None:
     """Schedule1F1B chosen by name ("1F1B"): the model's loss falls."""
-    _falls(torchtitan(TITAN / "train_stock.py"), 12)
+    _falls(titan_losses(torchtitan, "train_stock"), 12)
 
 
-def test_torchtitan_ppll_pair_runs_under_torchrun_and_its_loss_falls() -> None:
+def test_torchtitan_ppll_pair_runs_under_torchrun_and_its_loss_falls(torchtitan: Family) -> None:
     """SchedulePPLL chosen by name ("PPLL"), the first stage given the targets: the model's loss falls."""
-    _falls(torchtitan(TITAN / "train_ppll.py"), 12)
+    _falls(titan_losses(torchtitan, "train_ppll"), 12)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import io
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import syncs
-from procs import env
+from procs import LAST, env, plan
 
 from ppll_ext.config import load_config
 from ppll_ext.train import run_training
@@ -50,13 +49,21 @@ def test_threads_stage_loop_reads_back_only_at_logging_points(check_every: int) 
     assert _checks(syncs.logging_calls) == stages * (STEPS // every + reports)
 
 
-def test_processes_stage_loop_reads_back_only_at_logging_points() -> None:
+T2 = plan("torchrun", 2)
+"""The torchrun launch of 2 processes that runs the stage loop under tests/syncs.py, with other modules' cases:
+last, since syncs.py counts until the process exits."""
+T2.add("syncs", "train", "--set", "local.stages=2", "--set", "train.epochs=1", "--set", "train.progress=false",
+       "--set", "train.check_every=8", "--set", "local.micro_batches=2", script=REPO / "tests" / "syncs.py",
+       order=LAST)
+
+
+def test_processes_stage_loop_reads_back_only_at_logging_points(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The same under torchrun with the processes runtime: links and stage loop of every rank make no hot call,
-    and both ranks did read back at their logging points (so the counter was live)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "syncs.py"), "train", "--set", "local.stages=2", "--set", "train.epochs=1",
-           "--set", "train.progress=false", "--set", "train.check_every=8", "--set", "local.micro_batches=2"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
+    and both ranks did read back at their logging points (so the counter was live). (The counts are printed when
+    each process exits, after its last case: they land in the launch's output.)"""
+    ran = T2.launch(tmp_path_factory)
+    ran.ok("syncs")
+    res = ran.launch
     assert res.returncode == 0, res.stderr[-3000:]
     counts = {int(r): (int(h), int(n)) for r, h, n in re.findall(r"syncs rank (\d): hot (\d+) logging (\d+)",
                                                                    res.stdout)}

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
+import procs
 import pytest
-from procs import communicate
+from procs import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.epochs=2", "--set", "train.progress=false", "--set", "data.train_subset=640"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a launcher to completion; on timeout every process below it is killed and the test fails."""
-    full = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
-                            start_new_session=True)
-    return communicate(proc, timeout, cmd[0])
+    """Run a launcher to completion (tests/procs.py run: on timeout every process below it is killed and the test
+    fails)."""
+    return procs.run(cmd, timeout=timeout, **(env or {}))
 
 
 def assert_trained(res: subprocess.CompletedProcess, stages: int, runtime: str = "processes") -> None:
@@ -55,9 +51,8 @@ def test_multinode_localhost(per_node: int) -> None:
 def test_nodes_started_with_different_settings_stop_with_one_line_each() -> None:
     """Two torchrun "nodes" whose --set differ (model.width) would train a silently inconsistent pipeline: every
     rank stops before training with the same one-line error naming the setting and both values."""
-    port = run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
-                "print(s.getsockname()[1])"]).stdout.strip()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    port = free_port()
+    env = procs.env()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
                                "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                                f"127.0.0.1:{port}", "--rdzv-id", f"mismatch-{port}", "-m", "ppll_ext.train", *TINY,

@@ -4,8 +4,6 @@ each stage's weights equal sequential local learning computed in one process."""
 from __future__ import annotations
 
 import difflib
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +21,42 @@ DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import pipelining_lm_ppll as lm_script  # noqa: E402
 import pipelining_ppll as script  # noqa: E402
-from procs import communicate  # noqa: E402
+from procs import LAST, Family, communicate, env, free_port, plan, run, torchrun_cmd  # noqa: E402
+
+PPLL_RUNS = [(2, 4), (3, 1)]
+"""test_ppll_script_equals_sequential_local_learning: (stages, micro-batches), 12 steps."""
+LM_RUNS = [(3, 1, False), (2, 2, True)]
+"""test_lm_script_with_token_targets_equals_sequential_local_learning: (stages, micro-batches, soft targets), 6
+steps."""
+CKPT_ARGS = ["--steps", "12", "--microbatches", "2"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+T2, T3 = plan("torchrun", 2), plan("torchrun", 3)
+"""The torchrun launches (one per process count) that run this module's script runs, with other modules' cases."""
+T2.add("gpipe", "--steps", 3, script=DIST / "pipelining_gpipe.py")
+for stages, micro in PPLL_RUNS:
+    plan("torchrun", stages).add(f"ppll_{stages}_{micro}", "--steps", 12, "--microbatches", micro, "--save",
+                                 f"{{root}}/ppll_{stages}_{micro}", script=DIST / "pipelining_ppll.py")
+T2.add("ckpt_full", *CKPT_ARGS, "--save", "{root}/full", "--ckpt", "{root}/run", "--ckpt-at", 6,
+       script=DIST / "pipelining_ppll.py")
+T2.add("ckpt_resumed", *CKPT_ARGS, "--save", "{root}/resumed", "--resume", "{root}/run/step-000006",
+       script=DIST / "pipelining_ppll.py")
+T2.add("lm_gpipe", "--steps", 2, script=DIST / "pipelining_lm_gpipe.py")
+for stages, micro, soft in LM_RUNS:
+    plan("torchrun", stages).add(f"lm_{stages}_{micro}", "--steps", 6, "--microbatches", micro, "--save",
+                                 f"{{root}}/lm_{stages}_{micro}", *(["--soft"] if soft else []),
+                                 script=DIST / "pipelining_lm_ppll.py")
+T3.add("exit_return", "--steps", 6, "--end", "return", script=DIST / "pipelining_exit.py", order=LAST)
 
 
-def torchrun(nproc: int, path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(path),
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+@pytest.fixture
+def two(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return T2.launch(tmp_path_factory)
+
+
+@pytest.fixture
+def three(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return T3.launch(tmp_path_factory)
 
 
 def test_conversion_changes_only_the_schedule_aux_head_and_optimizer() -> None:
@@ -48,9 +71,8 @@ def test_conversion_changes_only_the_schedule_aux_head_and_optimizer() -> None:
     ]
 
 
-def test_stock_gpipe_script_runs() -> None:
-    res = torchrun(2, DIST / "pipelining_gpipe.py", "--steps", "3")
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_stock_gpipe_script_runs(two: Family) -> None:
+    two.ok("gpipe")
 
 
 def reference(stages: int, micro: int, steps: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -80,12 +102,12 @@ def reference(stages: int, micro: int, steps: int) -> dict[int, dict[str, torch.
     return out
 
 
-@pytest.mark.parametrize(("stages", "micro"), [(2, 4), (3, 1)])
-def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stages", "micro"), PPLL_RUNS)
+def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, request: pytest.FixtureRequest) -> None:
     steps = 12
-    res = torchrun(stages, DIST / "pipelining_ppll.py", "--steps", str(steps), "--microbatches", str(micro),
-                   "--save", str(tmp_path))
-    assert res.returncode == 0, res.stderr[-3000:]
+    ran = request.getfixturevalue("two" if stages == 2 else "three")
+    root = ran.root
+    res = ran[f"ppll_{stages}_{micro}"]
     assert "terminate called" not in res.stderr
     losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1} loss")]
     assert len(losses) == steps and losses[-1] < losses[0]
@@ -93,7 +115,7 @@ def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, t
     assert f"rank {stages - 1} eval loss" in res.stdout, res.stdout
     ref = reference(stages, micro, steps)
     for k in range(stages):
-        got = load_file(str(tmp_path / f"stage{k}.safetensors"))
+        got = load_file(str(root / f"ppll_{stages}_{micro}" / f"stage{k}.safetensors"))
         assert got.keys() == ref[k].keys()
         for name, t in ref[k].items():
             assert torch.allclose(got[name].float(), t.float(), atol=1e-6, rtol=0), (stages, micro, k, name)
@@ -101,11 +123,8 @@ def test_ppll_script_equals_sequential_local_learning(stages: int, micro: int, t
 
 
 def test_argument_errors() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = subprocess.run([sys.executable, str(DIST / "pipelining_errors.py")], capture_output=True, text=True,
-                         timeout=120, env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    res = run([sys.executable, str(DIST / "pipelining_errors.py")], timeout=120, MASTER_ADDR="127.0.0.1",
+              MASTER_PORT=str(free_port()))
     assert res.returncode == 0, res.stderr[-3000:]
     oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
     assert len(oks) == 17, res.stdout
@@ -137,40 +156,35 @@ print("ok")
 
 def test_get_schedule_class_knows_ppll_whatever_the_import_order() -> None:
     """A script that imports torch's get_schedule_class before ppll_ext.pipelining gets SchedulePPLL for "PPLL"."""
-    res = subprocess.run([sys.executable, "-c", ORDER_SCRIPT], capture_output=True, text=True, timeout=120,
-                         env=_env(), cwd=REPO)
+    res = run([sys.executable, "-c", ORDER_SCRIPT], timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
-def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(tmp_path: Path) -> None:
+def test_schedule_checkpoints_load_into_the_plain_model_and_resume_exactly(two: Family) -> None:
     """SchedulePPLL.save_checkpoint writes ppll_ext's layout under the unsplit model's names (via names=); a run
     resumed from the step-6 checkpoint with load_checkpoint ends with the uninterrupted run's weights."""
-    args = ["--steps", "12", "--microbatches", "2"]
-    full = torchrun(2, DIST / "pipelining_ppll.py", *args, "--save", str(tmp_path / "full"),
-                    "--ckpt", str(tmp_path / "run"), "--ckpt-at", "6")
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step-000006", "step-000012"]
+    ran, root = two, two.root
+    ran.ok("ckpt_full")
+    assert sorted(p.name for p in (root / "run").iterdir()) == ["step-000006", "step-000012"]
     model = nn.Sequential(*script.stage_modules(1)[0])
-    merged = {k: v for f in sorted((tmp_path / "run" / "step-000012").glob("model-*.safetensors"))
+    merged = {k: v for f in sorted((root / "run" / "step-000012").glob("model-*.safetensors"))
               for k, v in load_file(str(f)).items()}
     model.load_state_dict(merged, strict=True)
     for k, cut in enumerate([0, 2]):
-        trained = load_file(str(tmp_path / "full" / f"stage{k}.safetensors"))
+        trained = load_file(str(root / "full" / f"stage{k}.safetensors"))
         stage = {key.removeprefix("stage."): v for key, v in trained.items() if key.startswith("stage.")}
         for key, v in stage.items():
             assert torch.equal(merged[script.checkpoint_names(cut)(key)], v), (k, key)
-    resumed = torchrun(2, DIST / "pipelining_ppll.py", *args, "--save", str(tmp_path / "resumed"),
-                       "--resume", str(tmp_path / "run" / "step-000006"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ran.ok("ckpt_resumed")
     for k in range(2):
-        a = load_file(str(tmp_path / "full" / f"stage{k}.safetensors"))
-        b = load_file(str(tmp_path / "resumed" / f"stage{k}.safetensors"))
+        a = load_file(str(root / "full" / f"stage{k}.safetensors"))
+        b = load_file(str(root / "resumed" / f"stage{k}.safetensors"))
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (k, name)
 
 
-def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target() -> None:
+def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target(two: Family) -> None:
     gpipe = (DIST / "pipelining_lm_gpipe.py").read_text().split('"""', 2)[2].splitlines()
     ppll = (DIST / "pipelining_lm_ppll.py").read_text().split('"""', 2)[2].splitlines()
     removed = [line[1:].strip() for line in difflib.unified_diff(gpipe, ppll, lineterm="", n=0)
@@ -182,8 +196,7 @@ def test_lm_conversion_changes_only_the_schedule_aux_head_and_first_target() -> 
         "schedule.step(x)",
         "schedule.eval(x)",
     ]
-    res = torchrun(2, DIST / "pipelining_lm_gpipe.py", "--steps", "2")
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = two["lm_gpipe"]
     assert "rank 1 eval loss" in res.stdout, res.stdout
 
 
@@ -208,15 +221,15 @@ def lm_reference(stages: int, micro: int, steps: int, soft: bool) -> dict[int, d
             for k, b in enumerate(blocks)}
 
 
-@pytest.mark.parametrize(("stages", "micro", "soft"), [(3, 1, False), (2, 2, True)])
+@pytest.mark.parametrize(("stages", "micro", "soft"), LM_RUNS)
 def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: int, micro: int, soft: bool,
-                                                                       tmp_path: Path) -> None:
+                                                                       request: pytest.FixtureRequest) -> None:
     """(N, T) token ids (and (N, T, V) soft targets) reach every stage whole; torchtitan's loss form works there;
     eval() afterwards changes no weight."""
     steps = 6
-    res = torchrun(stages, DIST / "pipelining_lm_ppll.py", "--steps", str(steps), "--microbatches", str(micro),
-                   "--save", str(tmp_path), *(["--soft"] if soft else []))
-    assert res.returncode == 0, res.stderr[-3000:]
+    ran = request.getfixturevalue("two" if stages == 2 else "three")
+    root = ran.root
+    res = ran[f"lm_{stages}_{micro}"]
     losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith(f"rank {stages - 1} loss")]
     assert len(losses) == steps and losses[-1] < losses[0], losses
     # a forward-only eval() after training: the last stage returns the (B, T, V) output, and (below) no weight moved
@@ -224,7 +237,7 @@ def test_lm_script_with_token_targets_equals_sequential_local_learning(stages: i
         res.stdout, res.stdout
     ref = lm_reference(stages, micro, steps, soft)
     for k in range(stages):
-        got = load_file(str(tmp_path / f"stage{k}.safetensors"))
+        got = load_file(str(root / f"lm_{stages}_{micro}" / f"stage{k}.safetensors"))
         assert got.keys() == ref[k].keys() and any(n.startswith("aux.") for n in got) == (k < stages - 1)
         for name, t in ref[k].items():
             assert torch.equal(got[name], t), (stages, micro, soft, k, name)
@@ -235,13 +248,11 @@ def test_ranks_that_make_different_step_counts_fail_on_every_rank() -> None:
     call fewer, then (on new schedules) one more: every rank's close() raises, then every process ends non-zero
     with one error line saying which stage made more calls: from step() on the last rank, from
     destroy_process_group() on the middle one, from the exit hook on the first (which just returns: exit code 2)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(DIST / "pipelining_exit.py"), "--steps", "3", "--end", "uneven"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                              env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
-                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "3"}) for r in range(3)]
+                              env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
+                                      WORLD_SIZE="3")) for r in range(3)]
     res = [communicate(proc, 120, f"rank {r}") for r, proc in enumerate(procs)]
     fewer = ("stage 2 ended while stage 1 still sent 2 micro-batch(es), which were never trained there: stage 2 made "
              "fewer step() / eval() calls than stage 1; every rank must make the same step() / eval() calls")
@@ -258,12 +269,20 @@ def test_ranks_that_make_different_step_counts_fail_on_every_rank() -> None:
 
 
 @pytest.mark.parametrize("end", ["return", "destroy"])
-def test_a_script_ending_right_after_its_last_step_exits_0_on_every_rank(end: str) -> None:
+def test_a_script_ending_right_after_its_last_step_exits_0_on_every_rank(end: str,
+                                                                         request: pytest.FixtureRequest) -> None:
     """A fast first stage ends its script while the slow last stage is steps behind: it just returns, or calls
     destroy_process_group(). SchedulePPLL closes its links first (end marker down the pipeline), so every rank
-    trains every step and exits 0, with no abort at exit."""
-    res = torchrun(3, DIST / "pipelining_exit.py", "--steps", "6", "--end", end)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(line for line in res.stdout.splitlines() if "trained" in line) == [
+    trains every step and exits 0, with no abort at exit. (The "return" run is the last case of the 3-rank
+    launch: its end is the end of the processes; the "destroy" run has a launch of its own.)"""
+    if end == "return":
+        ran = request.getfixturevalue("three")
+        case_run, launch = ran["exit_return"], ran.launch
+        stdout, stderr = case_run.stdout, case_run.stderr + launch.stderr
+    else:
+        launch = run([*torchrun_cmd(3), str(DIST / "pipelining_exit.py"), "--steps", "6", "--end", end])
+        stdout, stderr = launch.stdout, launch.stderr
+    assert launch.returncode == 0, stderr[-3000:]
+    assert sorted(line for line in stdout.splitlines() if "trained" in line) == [
         f"rank {r} trained 6 steps" for r in range(3)]
-    assert "terminate called" not in res.stderr
+    assert "terminate called" not in stderr

@@ -6,8 +6,6 @@ in tests/test_deepspeed.py.)"""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,13 +15,14 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from torch import nn
 
+from ppll_ext.cli import main as cli_main
 from ppll_ext.core import LocalBlock
 from ppll_ext.runtime import SequentialRunner, ThreadRunner
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import overflow  # noqa: E402
-from procs import communicate, free_port  # noqa: E402
+from procs import plan  # noqa: E402
 
 STEPS, BATCH, MICRO = 6, 32, 2
 
@@ -123,35 +122,41 @@ def test_bf16_trains_without_a_scaler() -> None:
         assert any(not torch.equal(state[k], init[k]) for k in state)
 
 
-def ppll_train(out: Path, *args: str, fault: str | None = None, nproc: int = 0) -> subprocess.CompletedProcess:
-    """`ppll train` (sequential runtime in one process, or nproc stage processes under torchrun) on 256 digits with
-    fp16 autocast, writing its final checkpoint to `out`; with `fault`, tests/overflow.py installs it first."""
-    sets = ["data.train_subset=256", "data.test_subset=64", "train.batch_size=32", "train.epochs=1",
-            "train.progress=false", "train.autocast=fp16", "local.micro_batches=2"]
-    entry = [str(REPO / "tests" / "overflow.py"), fault, "train"] if fault else ["-m", "ppll_ext.train"]
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                     f"--master_port={free_port()}"]
-    cmd = [*launcher, *entry, *args, *[a for s in sets for a in ("--set", s)], "--save-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
-    res = communicate(proc, 180, "ppll train")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return res
+FP16_SETS = ["data.train_subset=256", "data.test_subset=64", "train.batch_size=32", "train.epochs=1",
+             "train.progress=false", "train.autocast=fp16", "local.micro_batches=2"]
+"""`ppll train` on 256 digits with fp16 autocast (test_fp16_overflow_in_stage_processes_equals_sequential)."""
+T2 = plan("torchrun", 2)
+T2.add("fp16_overflow", "1:3", "train", "--runtime", "processes", *[a for s in FP16_SETS for a in ("--set", s)],
+       "--save-dir", "{root}/fp16_overflow", script=REPO / "tests" / "overflow.py")
 
 
-def test_fp16_overflow_in_stage_processes_equals_sequential(tmp_path: Path) -> None:
+def ppll_train(capsys: pytest.CaptureFixture[str], out: Path, *args: str, fault: str | None = None) -> str:
+    """`ppll train` (the CLI's code, sequential runtime, in this process) with FP16_SETS, writing its final
+    checkpoint to `out`, with the overflow `fault` (tests/overflow.py) installed; what it wrote to stderr."""
+    if fault:
+        overflow.install(fault)
+    try:
+        capsys.readouterr()
+        rc = cli_main(["train", *args, *[a for s in FP16_SETS for a in ("--set", s)], "--save-dir", str(out)])
+        out_text, err = capsys.readouterr()
+    finally:
+        overflow.clear()
+    assert rc == 0, out_text[-2000:] + err[-3000:]
+    return err
+
+
+def test_fp16_overflow_in_stage_processes_equals_sequential(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
     """`ppll train` with fp16 autocast and an overflow on stage 1 at step 3: one stage process per stage (torchrun)
     writes the same checkpoint as the sequential runtime, bit for bit; stage 0's shard equals a run without the
     overflow, stage 1's does not; the warning reaches the user as one `ppll: warning:` line."""
-    clean = ppll_train(tmp_path / "clean", "--runtime", "sequential")
-    seq = ppll_train(tmp_path / "seq", "--runtime", "sequential", fault="1:3")
-    procs = ppll_train(tmp_path / "procs", "--runtime", "processes", fault="1:3", nproc=2)
+    clean = ppll_train(capsys, tmp_path / "clean", "--runtime", "sequential")
+    seq = ppll_train(capsys, tmp_path / "seq", "--runtime", "sequential", fault="1:3")
+    ran = T2.launch(tmp_path_factory)
+    procs = ran["fp16_overflow"].stderr
     line = "ppll: warning: stage 1: gradients overflowed at step 3; this stage skips the step's update"
-    assert line in seq.stderr and line in procs.stderr and "overflowed" not in clean.stderr, procs.stderr[-2000:]
-    seq_step, procs_step = tmp_path / "seq" / "step-000008", tmp_path / "procs" / "step-000008"
+    assert line in seq and line in procs and "overflowed" not in clean, procs[-2000:]
+    seq_step, procs_step = tmp_path / "seq" / "step-000008", ran.root / "fp16_overflow" / "step-000008"
     files = sorted(str(p.relative_to(seq_step)) for p in seq_step.rglob("*.safetensors"))
     assert "training_state/stage-1.safetensors" in files
     for name in files:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,9 +13,10 @@ import faults
 import pytest
 import torch
 from equivalence_cases import DEPTHS, VARIANTS, case_config
-from procs import kill_tree
+from procs import env, kill_tree, plan, run
 from safetensors.torch import load_file
 
+from ppll_ext.cli import main as cli_main
 from ppll_ext.core import LocalBlock
 from ppll_ext.core.payload import Structure
 from ppll_ext.errors import PipelineError
@@ -74,12 +74,19 @@ def test_threads_equal_sequential(variant: str, stages: int, depth: int) -> None
     assert_same(reference(variant, stages), got, f"threads {variant} K={stages} depth={depth}")
 
 
-@pytest.mark.parametrize("stages", [3])
-def test_processes_equal_sequential(stages: int, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stages}",
-           str(REPO / "tests" / "dist" / "equivalence_worker.py"), str(tmp_path), str(stages)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
-    assert res.returncode == 0, res.stderr[-3000:]
+PROCESS_STAGES = [3]
+"""test_processes_equal_sequential: every case of equivalence_worker.py, run in the torchrun launch of this many
+processes (with other modules' cases)."""
+for _stages in PROCESS_STAGES:
+    plan("torchrun", _stages).add(f"equivalence_{_stages}", f"{{root}}/equivalence_{_stages}", _stages,
+                                  script=REPO / "tests" / "dist" / "equivalence_worker.py")
+
+
+@pytest.mark.parametrize("stages", PROCESS_STAGES)
+def test_processes_equal_sequential(stages: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+    ran = plan("torchrun", stages).launch(tmp_path_factory)
+    ran.ok(f"equivalence_{stages}")
+    tmp_path = ran.root / f"equivalence_{stages}"
     for variant in VARIANTS:
         for depth in DEPTHS:
             folder = tmp_path / f"{variant}-d{depth}"
@@ -103,10 +110,6 @@ def test_header_round_trip_keeps_target_shape_and_dtype() -> None:
         encode_header(Msg(Kind.TRAIN, x, torch.zeros(3, dtype=torch.complex64)))
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
-
-
 def test_threads_stage_exception_is_raised_with_stage() -> None:
     faults.install("1:3:raise")
     try:
@@ -122,8 +125,8 @@ def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
            str(REPO / "tests" / "faults.py"), f"1:5:{kind}", "train", "--set", "local.stages=3", "--set",
            "train.epochs=50", "--set", "train.progress=false", "--set", "local.runtime=processes"]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -139,17 +142,19 @@ def test_processes_fault_in_stage_1_of_3_stops_everyone(kind: str) -> None:
     assert "summary:" not in out
 
 
-def test_default_job_sequential_equals_processes(tmp_path: Path) -> None:
+def test_default_job_sequential_equals_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The promise of docs/training.md (Runtimes): with the default thread setting (one torch thread per stage for
-    local learning), `--runtime sequential` and the default processes runtime train the default job to bit-identical
-    weights."""
-    runs = {}
-    for runtime in ("sequential", "processes"):
-        res = subprocess.run([sys.executable, "-m", "ppll_ext", "train", "--runtime", runtime, "--set",
-                              "train.epochs=1", "--set", "train.progress=false", "--save-dir", str(tmp_path / runtime)],
-                             capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs[runtime] = res.stdout
+    local learning), `--runtime sequential` (the CLI's code in this process) and the default processes runtime
+    (`ppll train` as a user runs it, which spawns torchrun) train the default job to bit-identical weights."""
+    args = ["--set", "train.epochs=1", "--set", "train.progress=false"]
+    rc = cli_main(["train", "--runtime", "sequential", *args, "--save-dir", str(tmp_path / "sequential")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    runs = {"sequential": out}
+    res = run([sys.executable, "-m", "ppll_ext", "train", "--runtime", "processes", *args, "--save-dir",
+               str(tmp_path / "processes")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs["processes"] = res.stdout
     line = [x for x in runs["sequential"].splitlines() if "test accuracy" in x]
     assert line and line[0] in runs["processes"], runs
     curves = [[(r["loss"], r["lr"]) for r in map(json.loads, (tmp_path / rt / "metrics.jsonl").read_text().splitlines())

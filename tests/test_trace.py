@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import stat
-import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import faults
 import pytest
+from procs import plan, run
 
 from ppll_ext import cli, trace
 from ppll_ext.config import load_config
@@ -25,11 +25,11 @@ TINY = ["model.name=resnet8", "model.width=8", "data.name=digits", "data.train_s
         "train.epochs=1", "train.batch_size=64", "local.micro_batches=2", "train.progress=false"]
 
 
-def ppll(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`ppll ARGS` in a subprocess (what the console script runs)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", "from ppll_ext.cli import entry; entry()", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+T2 = plan("torchrun", 2)
+"""The torchrun launch of 2 processes that runs test_processes_trace_and_plot's training, with other modules'
+cases."""
+T2.add("trace_processes", "train", "--runtime", "processes", "--trace", "{root}/trace_processes.json",
+       *[a for o in TINY for a in ("--set", o)], module="ppll_ext")
 
 
 def check_trace(path: Path, stages: int, senders: int) -> list[dict]:
@@ -60,10 +60,12 @@ def check_trace(path: Path, stages: int, senders: int) -> list[dict]:
     return spans
 
 
-def test_processes_trace_and_plot(tmp_path: Path) -> None:
-    out = tmp_path / "pp.json"
-    res = ppll("train", "--runtime", "processes", "--trace", str(out), *[a for o in TINY for a in ("--set", o)])
-    assert res.returncode == 0, res.stderr
+def test_processes_trace_and_plot(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`ppll train --runtime processes --trace` with 2 stage processes (under torchrun): the trace of both, and its
+    plot."""
+    ran = T2.launch(tmp_path_factory)
+    out = ran.root / "trace_processes.json"
+    res = ran["trace_processes"]
     assert f"trace written: {out}" in res.stdout
     spans = check_trace(out, stages=2, senders=1)
     assert any(e["name"] == "wait-in" and e["pid"] == 1 for e in spans)
@@ -254,8 +256,7 @@ def test_schedule_ppll_trace_has_the_runtime_events(tmp_path: Path) -> None:
            "-m", "ppll_ext.bench.worker", "--method", "ppll-torch", "--model", "resnet8",
            "--batch-size", "16", "--microbatches", "2", "--warmup", "1", "--steps", "3", "--partition", "0,3",
            "--trace", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
+    res = run(cmd, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     spans = check_trace(out, stages=2, senders=1)
     assert any(e["name"] == "wait-in" and e["pid"] == 1 for e in spans)

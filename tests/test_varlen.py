@@ -6,9 +6,6 @@ sequential local learning (the header carries each message's shape)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from ppll_ext.runtime import SequentialRunner, ThreadRunner, evaluate_blocks
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
 sys.path.insert(0, str(REPO / "tests"))
-from procs import communicate  # noqa: E402
+from procs import Family, plan  # noqa: E402
 from varlen_cases import (  # noqa: E402
     LENGTHS,
     as_steps,
@@ -33,23 +30,23 @@ from varlen_cases import (  # noqa: E402
     weights,
 )
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+T2, D2 = plan("torchrun", 2), plan("deepspeed", 2)
+"""The launches that run this module's multi-process cases, with other modules' cases."""
+T2.add("varlen_runtime", "--mode", "runtime", "--model", "gpt2", "--micro", 2, "--out", "{root}/varlen_runtime",
+       script=DIST / "varlen_torchrun.py")
+T2.add("varlen_schedule", "--mode", "schedule", "--model", "llama", "--out", "{root}/varlen_schedule",
+       script=DIST / "varlen_torchrun.py")
+D2.add("varlen_deepspeed", "--out", "{root}/varlen_deepspeed", script=DIST / "deepspeed_varlen.py")
 
 
-def _launch(cmd: list[str], what: str) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
-                            start_new_session=True)
-    res = communicate(proc, 240, what)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res
+@pytest.fixture
+def torchrun2(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return T2.launch(tmp_path_factory)
+
+
+@pytest.fixture
+def deepspeed2(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return D2.launch(tmp_path_factory)
 
 
 def reference(model: str, stages: int, micro: int, steps: list) -> dict[int, dict[str, torch.Tensor]]:
@@ -98,13 +95,11 @@ def test_sequential_and_threads_runtimes_train_on_changing_lengths(model: str, s
     assert got_eval.aux_loss == pytest.approx(want_eval.aux_loss, rel=1e-6)
 
 
-def test_processes_runtime_trains_and_evaluates_on_changing_lengths(tmp_path: Path) -> None:
+def test_processes_runtime_trains_and_evaluates_on_changing_lengths(torchrun2: Family) -> None:
     """Over gloo links (shape guess wrong at every step, the header's shape wins) K = 2 stages train the sequential
     weights exactly and evaluate batches of other lengths as the sequential runtime does."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(DIST / "varlen_torchrun.py"), "--mode", "runtime", "--model", "gpt2", "--micro", "2", "--out",
-           str(tmp_path)]
-    _launch(cmd, "torchrun (processes runtime)")
+    torchrun2.ok("varlen_runtime")
+    tmp_path = torchrun2.root / "varlen_runtime"
     want = reference("gpt2", 2, 2, as_steps(batches(), 2))
     for k in range(2):
         assert_same(load_file(str(tmp_path / f"stage{k}.safetensors")), want[k], f"processes stage {k}")
@@ -116,30 +111,23 @@ def test_processes_runtime_trains_and_evaluates_on_changing_lengths(tmp_path: Pa
     assert got_eval["aux_loss"] == pytest.approx(want_eval.aux_loss, rel=1e-6)
 
 
-def test_schedule_ppll_trains_on_changing_lengths_and_micro_batches_of_different_lengths(tmp_path: Path) -> None:
+def test_schedule_ppll_trains_on_changing_lengths_and_micro_batches_of_different_lengths(torchrun2: Family) -> None:
     """SchedulePPLL (Llama, rotary positions, "lm-blocks" heads): whole batches of a new length every step, then
     steps given as arg_mbs / target_mbs whose two micro-batches differ in length; the sequential weights exactly."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(DIST / "varlen_torchrun.py"), "--mode", "schedule", "--model", "llama", "--out", str(tmp_path)]
-    _launch(cmd, "torchrun (SchedulePPLL)")
+    torchrun2.ok("varlen_schedule")
+    tmp_path = torchrun2.root / "varlen_schedule"
     want = reference("llama", 2, 2, as_steps(batches(), 2) + micro_steps())
     for k in range(2):
         assert_same(load_file(str(tmp_path / f"stage{k}.safetensors")), want[k], f"SchedulePPLL stage {k}")
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops")
-def test_deepspeed_adapter_trains_on_micro_batches_of_changing_lengths(tmp_path: Path) -> None:
+def test_deepspeed_adapter_trains_on_micro_batches_of_changing_lengths(deepspeed2: Family) -> None:
     """LocalPipelineModule under the deepspeed launcher: the first stage loads micro-batches of different lengths
     (within a step and across steps), the second receives them whole; both stages end with the sequential weights
-    (to DeepSpeed's optimizer's rounding)."""
-    port = _port()
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(DIST / "deepspeed_varlen.py"), "--out", str(tmp_path)]
-    res = _launch(cmd, "deepspeed launcher")
-    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    for f in left:
-        f.unlink()
-    assert not left, f"shared-memory buffers left behind: {[f.name for f in left]}"
+    (to DeepSpeed's optimizer's rounding). (The family's launch checks that no shared-memory buffer is left.)"""
+    res = deepspeed2["varlen_deepspeed"]
+    tmp_path = deepspeed2.root / "varlen_deepspeed"
     assert "lengths [32, 17]" in res.stdout and "lengths [5, 64]" in res.stdout, res.stdout[-2000:]
     blocks = build("gpt2", 2, 2)
     train_sequential(blocks, micro_steps() + as_steps(batches(), 2))

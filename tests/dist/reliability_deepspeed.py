@@ -9,16 +9,14 @@ Rank 0 prints `training` once the pipeline has trained a few steps. A stage whos
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import os
 import sys
-from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed_train import digits
 from torch import nn
 
 from ppll_ext.deepspeed import LocalPipelineModule, initialize
@@ -40,14 +38,6 @@ def layers() -> list[nn.Module]:
         nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
         nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 10)),
     ]
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits, read from its CSV without importing scikit-learn (seconds per rank)."""
-    root = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0])
-    data = np.loadtxt(root / "datasets" / "data" / "digits.csv.gz", delimiter=",", dtype=np.float32)
-    x = torch.from_numpy(data[:, :-1]).reshape(-1, 1, 8, 8) / 8.0 - 1.0
-    return x, torch.from_numpy(data[:, -1].astype(np.int64))
 
 
 def main() -> None:
