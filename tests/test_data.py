@@ -149,22 +149,6 @@ def test_digits_split_shapes_and_stats():
     assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
 
 
-def test_digits_are_scikit_learns_load_digits_and_train_test_split():
-    """The digits are read from scikit-learn's CSV and split without importing scikit-learn (seconds of CPU in every
-    stage process): the same images, labels, split and order as its load_digits + stratified train_test_split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    split = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=bunch.target)
-    for name, idx in zip(("train", "test"), split, strict=True):
-        got = load_dataset(DataConfig(name="digits"), name)
-        assert torch.equal(got.images, images[torch.from_numpy(idx)]), name
-        assert torch.equal(got.labels, labels[torch.from_numpy(idx)]), name
-
-
 def test_subsets_are_fixed_and_drawn_from_the_split():
     full = load_dataset(DataConfig(name="digits"), "train")
     cfg = DataConfig(name="digits", train_subset=100, test_subset=50)

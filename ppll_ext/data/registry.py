@@ -3,10 +3,7 @@ image folders in imagefolder.py, text in text.py), the shapes a model needs, and
 
 from __future__ import annotations
 
-import importlib.util
-import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,57 +75,13 @@ def _subset(ds: ArrayDataset, n: int | None, key: str) -> ArrayDataset:
 
 def _load_digits(cfg: DataConfig, split: str) -> ArrayDataset:
     """scikit-learn's bundled 8x8 digits (values 0..16 scaled to 0..255), split 80/20 stratified with a fixed seed."""
-    pixels, target = _digits_csv()
-    images = torch.from_numpy(np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(target.astype(np.int64))
-    train_idx, test_idx = _stratified_split(target, test_fraction=0.2, seed=0)
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=bunch.target)
     mean, std = channel_stats(images[torch.from_numpy(train_idx)])
     idx = torch.from_numpy(train_idx if split == "train" else test_idx)
     return ArrayDataset(images[idx].contiguous(), labels[idx].contiguous(), list(DIGIT_CLASSES), mean, std, flip=False)
-
-
-def _digits_csv() -> tuple[np.ndarray, np.ndarray]:
-    """The digits' pixels (N, 64) and labels, read from the file scikit-learn's load_digits reads, without importing
-    scikit-learn: that import costs each process (every stage of a run) about 1.6 s of CPU."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("data.name=digits reads the digits bundled with scikit-learn, which is not installed; "
-                        "pip install scikit-learn", key="data.name")
-    data = np.loadtxt(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz", delimiter=",")
-    return data[:, :-1], data[:, -1].astype(int)
-
-
-def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The train and test indices (in order) that scikit-learn's train_test_split(np.arange(len(labels)),
-    test_size=test_fraction, random_state=seed, stratify=labels) gives: its StratifiedShuffleSplit draw, in numpy."""
-    n_test = math.ceil(test_fraction * len(labels))
-    n_train = len(labels) - n_test
-    _, label_index, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    by_class = np.split(np.argsort(label_index, kind="stable"), np.cumsum(counts)[:-1])
-    rng = np.random.RandomState(seed)
-    n_train_of = _approximate_mode(counts, n_train, rng)
-    n_test_of = _approximate_mode(counts - n_train_of, n_test, rng)
-    train: list[int] = []
-    test: list[int] = []
-    for members, k_train, k_test in zip(by_class, n_train_of, n_test_of, strict=True):
-        shuffled = members.take(rng.permutation(len(members)), mode="clip")
-        train.extend(shuffled[:k_train])
-        test.extend(shuffled[k_train:k_train + k_test])
-    return rng.permutation(train), rng.permutation(test)
-
-
-def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
-    """Draws per class, summing to `draws`, proportional to `counts` (scikit-learn's _approximate_mode: the largest
-    remainders get one more, ties broken by `rng`)."""
-    continuous = counts / counts.sum() * draws
-    floored = np.floor(continuous)
-    need = int(draws - floored.sum())
-    remainder = continuous - floored
-    for value in np.sort(np.unique(remainder))[::-1] if need > 0 else []:
-        (tied,) = np.where(remainder == value)
-        now = min(len(tied), need)
-        floored[rng.choice(tied, size=now, replace=False)] += 1
-        need -= now
-        if need == 0:
-            break
-    return floored.astype(int)
