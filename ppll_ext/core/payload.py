@@ -69,7 +69,10 @@ def rebuild(tensors: list[torch.Tensor], structure: Structure) -> Payload:
 
 
 def apply(fn: Callable[[torch.Tensor], torch.Tensor], payload: Payload) -> Payload:
-    """The payload with `fn` applied to each of its tensors, same structure."""
+    """The payload with `fn` applied to each of its tensors, same structure (one tensor: no container built, as the
+    stage loop calls this per micro-batch)."""
+    if isinstance(payload, torch.Tensor):
+        return fn(payload)
     tensors, structure = flatten(payload)
     return rebuild([fn(t) for t in tensors], structure)
 
